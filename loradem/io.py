@@ -1,0 +1,119 @@
+"""Safe outputs and fingerprints.
+
+Every output folder or file is written aside (``.<name>.partial-<pid>``) and
+renamed into place only when complete, so an interrupted run leaves no half
+output behind and earlier results stay intact. Fingerprints are sha256 over
+file contents (safetensors has no checksum of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from loradem.errors import LorademError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """sha256 over (name, content hash) of each file, in name order."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def fingerprint_weights(folder: str | Path) -> str:
+    """Fingerprint of a model or adapter folder's safetensors files, cached in memory per (path, size, mtime)."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LorademError(f"{folder}: no .safetensors weights found")
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _FP_CACHE:
+        _FP_CACHE[key] = fingerprint_files(files)
+    return _FP_CACHE[key]
+
+
+_FP_CACHE: dict[tuple, str] = {}
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Short hash of a JSON-able object (sorted keys), for content-addressed folder names."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _partial_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial-{os.getpid()}"
+
+
+def clean_partials(parent: Path, name: str) -> None:
+    """Remove leftovers of interrupted writes of `name` in `parent`."""
+    if parent.is_dir():
+        for p in parent.glob(f".{name}.partial-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder that becomes `final` only if the block finishes.
+
+    On an exception the scratch folder is removed and `final` is untouched.
+    With overwrite=True an existing `final` is replaced (the old one is moved
+    away first and deleted only after the new one is in place).
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise LorademError(f"{final}: already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_partials(final.parent, final.name)
+    tmp = _partial_path(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LorademError(f"{path}: not found") from None
+    except json.JSONDecodeError as exc:
+        raise LorademError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None

@@ -1,0 +1,301 @@
+"""The recipe: one YAML file, one typed schema, the single source of truth of a run.
+
+    from loradem.recipe import load_recipe
+    recipe = load_recipe("recipes/demo.yaml")   # raises LorademError on any problem
+
+Every model here is frozen and forbids unknown keys (a typo is an error, never
+a silent default). Relative data paths resolve against the recipe's folder;
+output folders (``output_dir``, ``adapters_dir``) against the working
+directory. Per-source ``train:`` / ``lora:`` blocks override the recipe-wide
+defaults field by field; `Recipe.train_for` / `Recipe.lora_for` give the
+effective settings.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from loradem.errors import LorademError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME_HELP = "a safe folder name (letters, digits, '.', '_', '-'; starts with a letter or digit; at most 64 characters)"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BASE_ALIASES = ("smollm2-135m",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _safe_name(value: str) -> str:
+    if not SAFE_NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"expected {SAFE_NAME_HELP}, got {value!r}")
+    return value
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the delta's scale is alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout probability during training.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
+    )
+    use_rslora: bool = Field(False, description="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+
+
+class TrainSettings(_Strict):
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    max_steps: Optional[int] = Field(60, gt=0, description="Optimizer steps; when null, `epochs` decides.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (used when max_steps is null).")
+    batch_size: int = Field(8, gt=0, description="Rows per device batch.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps (effective batch = batch_size * grad_accum).")
+    max_length: int = Field(256, gt=0, description="Tokens per row; longer rows are truncated.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_steps: int = Field(20, gt=0, description="Evaluate on the validation split (and checkpoint) every N steps.")
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="'nf4': QLoRA on a 4-bit NF4 base (bitsandbytes); 'none': full-precision base."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (consumer GPUs).")
+    optimizer: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit.")
+    completion_only_loss: bool = Field(True, description="Loss on completions / assistant turns only.")
+
+
+def _partial(model: type[BaseModel]) -> type[BaseModel]:
+    """The same fields as `model`, each optional and defaulting to None (an override block)."""
+    fields: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        inner = Annotated[tuple([f.annotation, *f.metadata])] if f.metadata else f.annotation
+        fields[name] = (Optional[inner], Field(None, description=f.description))
+    return create_model(f"{model.__name__}Override", __base__=_Strict, **fields)
+
+
+LoraOverride = _partial(LoraSettings)
+TrainOverride = _partial(TrainSettings)
+
+def _split(value: Union[int, float]) -> Union[int, float]:
+    if isinstance(value, bool) or not (
+        (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0 < value < 1)
+    ):
+        raise ValueError(f"expected a row count (integer >= 0) or a fraction strictly between 0 and 1, got {value!r}")
+    return value
+
+
+Split = Annotated[Union[int, float], AfterValidator(_split)]
+
+
+class Source(_Strict):
+    name: str = Field(description=f"Source name: {SAFE_NAME_HELP}. Names the adapter folder.")
+    data: str = Field(description="Training data: a local .jsonl/.json/.csv/.parquet file (relative to the recipe) or a datasets hub id.")
+    hub_split: str = Field("train", description="Split to read when `data` is a hub dataset id.")
+    format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; 'auto' detects it from the first row and checks every row against it."
+    )
+    validation: Split = Field(0.1, description="Validation rows carved from `data` (int: rows, float: fraction), seeded.")
+    test: Split = Field(0.1, description="Held-out test rows carved from `data` when `test_data` is not given (never trained or searched on).")
+    test_data: Optional[str] = Field(None, description="Separate test file; when given, `test` is ignored.")
+    metric: Literal["exact_match", "loss"] = Field("exact_match", description="Per-source evaluation metric on the test rows.")
+    train: TrainOverride = Field(default_factory=TrainOverride, description="Overrides of the recipe's `train:` for this source.")  # type: ignore[valid-type]
+    lora: LoraOverride = Field(default_factory=LoraOverride, description="Overrides of the recipe's `lora:` for this source.")  # type: ignore[valid-type]
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("data", "test_data")
+    @classmethod
+    def _resolve_data(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        root = Path((info.context or {}).get("root", "."))
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = root / path
+        if value.lower().endswith(DATA_SUFFIXES) or path.exists():
+            if not path.is_file():
+                raise ValueError(f"expected an existing data file, {str(path)!r} does not exist")
+            return str(path.resolve())
+        if re.match(r"^[\w.-]+(/[\w.-]+)?$", value):
+            return value  # a datasets hub id, used as is
+        raise ValueError(f"expected a local {'/'.join(DATA_SUFFIXES)} file or a datasets hub id, got {value!r}")
+
+
+class SearchSettings(_Strict):
+    n_trials: int = Field(12, gt=0, description="Optuna trials (each costs one evaluation of the validation rows).")
+    sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = Field("tpe", description="Optuna sampler.")
+    low: float = Field(0.0, description="Lowest weight a source may get.")
+    high: float = Field(1.5, description="Highest weight a source may get.")
+    grid_points: int = Field(4, gt=1, description="Points per source for sampler: grid.")
+    objective: Literal["val_loss"] = Field("val_loss", description="Mean over sources of each source's validation loss.")
+    max_rows_per_source: int = Field(32, gt=0, description="Validation rows per source used by each trial.")
+    batch_size: int = Field(16, gt=0, description="Rows per forward pass during a trial.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "SearchSettings":
+        if not self.low < self.high:
+            raise ValueError(f"expected low < high, got low={self.low}, high={self.high}")
+        return self
+
+
+class AssembleSettings(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Output dtype; 'auto' keeps the base's.")
+    max_shard_size_mb: int = Field(2000, gt=0, description="Largest safetensors shard written, in MB.")
+
+
+class EvalSettings(_Strict):
+    max_new_tokens: int = Field(24, gt=0, description="Greedy decoding budget for exact match.")
+    batch_size: int = Field(32, gt=0, description="Prompts per generation batch.")
+    max_rows_per_source: Optional[int] = Field(None, gt=0, description="Cap on test rows per source (null: all).")
+
+
+class Recipe(_Strict):
+    name: str = Field(description=f"Run name ({SAFE_NAME_HELP}); outputs go to runs/<name>/ by default.")
+    description: str = Field("", description="Free text.")
+    base: str = Field(description="Base model: 'smollm2-135m' (embedded default), a local HF folder, or a hub id.")
+    seed: int = Field(0, description="Seed for splits, training and search.")
+    output_dir: Optional[str] = Field(None, description="Where run outputs go (default runs/<name>), relative to the working directory.")
+    adapters_dir: str = Field("adapters", description="Where trained adapters are cached, relative to the working directory.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    sources: list[Source] = Field(min_length=1, description="The data sources; one adapter (distribution vector) each.")
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    assemble: AssembleSettings = Field(default_factory=AssembleSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("base")
+    @classmethod
+    def _resolve_base(cls, value: str, info: ValidationInfo) -> str:
+        if value in BASE_ALIASES:
+            return value
+        root = Path((info.context or {}).get("root", "."))
+        path = Path(value).expanduser()
+        candidate = path if path.is_absolute() else root / path
+        if candidate.is_dir():
+            return str(candidate.resolve())
+        if value.startswith((".", "/", "~")) or candidate.exists():
+            raise ValueError(f"expected a model folder, {str(candidate)!r} is not a directory")
+        if re.match(r"^[\w.-]+/[\w.-]+$", value):
+            return value  # a hub id, used as is when a hub is reachable
+        raise ValueError(f"expected {' or '.join(BASE_ALIASES)}, a local model folder, or a hub id 'org/name', got {value!r}")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, sources: list[Source]) -> list[Source]:
+        seen: set[str] = set()
+        for s in sources:
+            if s.name in seen:
+                raise ValueError(f"expected unique source names, {s.name!r} appears twice")
+            seen.add(s.name)
+        return sources
+
+    # ---- derived values -------------------------------------------------
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise LorademError(f"recipe {self.name!r}: no source named {name!r} (have: {', '.join(s.name for s in self.sources)})")
+
+    def train_for(self, source: Source) -> TrainSettings:
+        return TrainSettings(**{**self.train.model_dump(), **source.train.model_dump(exclude_none=True)})
+
+    def lora_for(self, source: Source) -> LoraSettings:
+        return LoraSettings(**{**self.lora.model_dump(), **source.lora.model_dump(exclude_none=True)})
+
+
+# ---- loading and error messages ----------------------------------------
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names a model accepts at `loc` (for 'unknown key' messages)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        for cand in (ann, *typing.get_args(ann)):
+            for inner in (cand, *typing.get_args(cand)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+    return list(getattr(model, "model_fields", {}))
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith(("function-", "lax-", "is-instance", "literal[")):
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def format_validation_error(path: str | Path, err: ValidationError) -> str:
+    """One line: ``<file>: <field path>: <what was expected>`` (+ how many more problems)."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc = first["loc"]
+    # pydantic reports union members separately; keep the member-free path
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("int", "float", "constrained-int", "constrained-float"))))
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        msg = f"unknown key; expected one of: {', '.join(allowed)}"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if "input" in first and first["type"] not in ("value_error",):
+            msg += f" (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{path}: {_loc(loc)}: {msg}{more}"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; raises `LorademError` with a one-line message on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorademError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise LorademError(f"{path}: {where}not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise LorademError(f"{path}: (top level): expected a mapping of recipe keys, got {type(raw).__name__}")
+    raw.setdefault("name", _default_name(path))
+    try:
+        return Recipe.model_validate(raw, context={"root": str(path.parent.resolve())})
+    except ValidationError as err:
+        raise LorademError(format_validation_error(path, err)) from None
+
+
+def _default_name(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem)
+    return stem or "recipe"
