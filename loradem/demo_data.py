@@ -1,0 +1,178 @@
+"""The demo suite's data: four exact-match instruction tasks, generated from a seed.
+
+    python -m loradem.demo_data [--out recipes/data/demo] [--seed 0] [--rows 1000]
+
+Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, each a
+`messages` JSONL file (one user turn, one assistant turn, no system message):
+
+- addition:  "What is 347 + 589?" -> "936" (3-digit operands)
+- reverse:   "Reverse the letters of the word 'planet'." -> "tenalp"
+- sort:      "Sort these numbers from smallest to largest: 42, 7, 19, 3" -> "3, 7, 19, 42"
+- uppercase: "Write this in capital letters: green apple" -> "GREEN APPLE"
+  (the fourth source, for "adding a source later")
+
+Each task draws from its own `random.Random(f"{seed}:{task}")`, so the files
+are byte-for-byte reproducible and independent of each other. The committed
+files under recipes/data/demo/ are this generator's output with the defaults
+(a test regenerates them and compares bytes).
+
+Reverse and uppercase draw from the word list below (727 words of 4-8
+letters). Reverse goes through the list in shuffled passes, so with 1000 rows
+273 words appear twice and the rest once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+from loradem.io import atomic_write_text
+
+WORDS = tuple(
+    """
+    able about above accept across action active actor actual adult advice afraid after again
+    agent agree ahead allow almost alone along already always amount animal answer anyone appear
+    apple area argue around arrive artist autumn avoid award aware baby back bake ball band bank
+    basket battle beach bean bear beauty become before begin behind believe bell belong below
+    bench better beyond bicycle bird birthday black blanket blind block blood blue board boat
+    body bone book border bottle bottom bowl brain branch brave bread break breath bridge bright
+    bring broad brother brown brush bucket build burn busy butter button cabin cable cake call
+    calm camera camp candle candy canvas captain card care carpet carry castle catch cattle
+    ceiling center chair chalk chance change chapter charge cheap check cheese cherry chest
+    chicken child choice choose church circle city claim class clean clear clever client climb
+    clock close cloth cloud coast coffee coin cold collect color comb come common cookie copper
+    corner cotton couch count country county couple course cousin cover crack cream credit crowd
+    crown cruel culture cupboard curtain cushion custom cycle daily damage dance danger dark
+    daughter dealer debate decide deep degree delay depth desert design desk detail device
+    diamond dinner direct doctor dollar door double dragon drawer dream dress drink drive driver
+    during dust duty eagle early earth easy edge effect effort eight either elbow eleven empty
+    energy engine enjoy enough enter equal escape evening event exact exam expert extra fabric
+    face fact fair faith fall family famous farm farmer fashion father fault favor feather feel
+    fence field fifteen figure final finger finish fire fish flag flame flat flavor floor flower
+    focus follow food foot forest forget fork form fortune forward frame free fresh friend frog
+    front fruit funny future game garage garden garlic gate gather gentle giant gift ginger
+    glass glove goal gold golden good grain grape grass great green ground group grow guard
+    guess guest guitar habit hair hammer hand happy harbor hard head health heart heavy height
+    hello helmet help herb hero hidden high hill history hobby hold hole holiday honey hope
+    horse hospital hotel hour house human humor hunger hungry idea image inch income indeed
+    inside island jacket jelly jewel join journey judge juice jump jungle just keep kettle kind
+    king kitchen kitten knee knife knock label ladder lake lamp land large laser late laugh
+    lawyer layer lead leaf learn leather lemon lesson letter level library light limit line lion
+    liquid listen little live lizard local lock long loose lucky lunch machine magic mail major
+    make manner many maple market master matter meadow meal measure meat medal member memory
+    metal middle milk mind minute mirror model moment money monkey month moon morning mother
+    motor mountain mouse mouth movie music name narrow nation nature near neck needle nephew
+    nest never next night noble noise normal north note novel number nurse object ocean office
+    often olive onion open orange orbit order organ other outside oven owner paint palace paper
+    parent park party pass path patient pattern peace peach pencil people pepper person piano
+    picture piece pillow pilot pink pizza place plane planet plant plate play pocket poem point
+    police polite pond potato powder power price prince prize public purple puzzle queen quick
+    quiet rabbit radio rain raise rapid reach ready reason record region remote repair report
+    rest result rice rich river road robot rock roof room rope round royal rubber ruler runner
+    sadness safe sail salad salt sand saucer scale school science screen season second secret
+    seed sense seven shadow shape share sheep shell shirt shoe short shoulder signal silent silk
+    silver simple singer sister size skill skirt sleep slow small smile smoke snake snow soap
+    soft soldier sound soup south space spider spoon sport spring square stage stair star
+    station steam steel stone storm story strange street strong student sugar summer sunny
+    supper surface sweet swim table tail talent teacher temple tennis thank theory thick thin
+    thought thread throat thunder ticket tiger timber toast today toilet tomato tongue tooth
+    topic tower town track trade train travel tree trick truck trust turtle twelve twenty uncle
+    under unit upper valley value velvet village violin visit voice volume wagon wait walk wall
+    wallet water wave weather wedding week weight whale wheat wheel whisper white wide wife wild
+    window winter wire wise wolf woman wonder wood wool word work world worry writer yard year
+    yellow young zebra zero
+    """.split()
+)
+
+Pair = tuple[str, str]
+Pairs = Iterator[Pair]
+
+
+def addition(rng: random.Random) -> Pairs:
+    while True:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        template = rng.choice(("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}."))
+        yield template.format(a=a, b=b), str(a + b)
+
+
+def reverse(rng: random.Random) -> Pairs:
+    while True:  # every word once per shuffled pass, so few test words also appear in training
+        deck = list(WORDS)
+        rng.shuffle(deck)
+        for word in deck:
+            template = rng.choice((
+                "Reverse the letters of the word '{w}'.",
+                "Spell the word '{w}' backwards.",
+                "Write '{w}' with its letters in reverse order.",
+            ))
+            yield template.format(w=word), word[::-1]
+
+
+def sort(rng: random.Random) -> Pairs:
+    while True:
+        numbers = rng.sample(range(1, 100), 4)
+        template = rng.choice((
+            "Sort these numbers from smallest to largest: {n}",
+            "Put these numbers in ascending order: {n}",
+            "Arrange from lowest to highest: {n}",
+        ))
+        yield template.format(n=", ".join(map(str, numbers))), ", ".join(map(str, sorted(numbers)))
+
+
+def uppercase(rng: random.Random) -> Pairs:
+    while True:
+        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 3)))
+        template = rng.choice((
+            "Write this in capital letters: {p}",
+            "Convert to uppercase: {p}",
+            "Rewrite in all caps: {p}",
+        ))
+        yield template.format(p=phrase), phrase.upper()
+
+
+TASKS: dict[str, Callable[[random.Random], Pairs]] = {
+    "addition": addition,
+    "reverse": reverse,
+    "sort": sort,
+    "uppercase": uppercase,
+}
+
+
+def task_rows(task: str, seed: int = 0, rows: int = 1000) -> list[dict]:
+    """`rows` messages rows of one task, the same for the same (task, seed); a longer run extends a shorter one."""
+    pairs = TASKS[task](random.Random(f"{seed}:{task}"))
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in itertools.islice(pairs, rows)
+    ]
+
+
+def write_demo_data(out: str | Path, seed: int = 0, rows: int = 1000, log=print) -> list[Path]:
+    """Write one <task>.jsonl per task into `out` (each written aside, then renamed)."""
+    paths = []
+    for task in TASKS:
+        path = Path(out) / f"{task}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows(task, seed, rows)))
+        log(f"wrote {path} ({rows} rows)")
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loradem.demo_data", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="recipes/data/demo", help="output folder (default: recipes/data/demo)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    parser.add_argument("--rows", type=int, default=1000, help="rows per task (default: 1000)")
+    args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("--rows must be at least 1")
+    write_demo_data(args.out, args.seed, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""Train: one LoRA adapter per source with TRL's SFT trainer, kept at its best validation step.
+
+    from loradem.train import train_all
+    adapters = train_all(recipe, resolve_base(recipe.base))   # {source name: adapter folder}
+
+Each source trains alone (DEM step 1) into ``<adapters_dir>/<source>-<key>/``,
+where the key hashes everything that shapes the result (base weights, data
+and splits, effective train and LoRA settings, seed), so a finished folder is
+reused and a changed source retrains alone. The folder holds PEFT's
+``adapter_config.json`` + ``adapter_model.safetensors`` (the checkpoint with
+the lowest validation loss), ``loradem-train.json`` and ``curve.png``. It is
+written aside and renamed when complete; TRL's intermediate checkpoints live
+inside the partial folder and are deleted before the rename (their
+``training_args.bin`` pickle is never read).
+
+``loradem-train.json`` cost accounting: ``train_tokens`` = non-padding tokens
+fed to the model over all optimizer steps (TRL's ``num_tokens``, a sum of the
+attention masks); ``train_seconds`` = wall time of ``trainer.train()``,
+evaluations and checkpoint saves included; ``flops_estimate`` =
+6 * n_params * train_tokens (n_params counts every base and LoRA parameter).
+
+Rendering (the same in evaluation): a messages row trains as conversational
+prompt/completion (prompt = messages[:-1] through the chat template with the
+generation prompt, completion = the last assistant turn + eos); loss on the
+completion only unless ``completion_only_loss: false``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import TrainerCallback
+
+import loradem
+from loradem.data import Splits, load_splits
+from loradem.errors import LorademError
+from loradem.io import atomic_dir, fingerprint_weights, stable_hash
+from loradem.recipe import LoraSettings, Recipe, Source, TrainSettings
+
+TRAIN_RECORD = "loradem-train.json"
+FINISHED_FILES = ("adapter_config.json", "adapter_model.safetensors", TRAIN_RECORD, "curve.png")
+FLOPS_FORMULA = "6 * n_params * train_tokens (n_params: every base and LoRA parameter, embeddings included)"
+Log = Callable[[str], Any]
+
+
+# ---- keys and folders ---------------------------------------------------
+
+def adapter_key(recipe: Recipe, source: Source, base_fingerprint: str, data_fingerprint: str) -> str:
+    """Short hash of everything that decides the adapter's weights."""
+    return stable_hash({
+        "base": base_fingerprint,
+        "data": data_fingerprint,
+        "train": recipe.train_for(source).model_dump(),
+        "lora": recipe.lora_for(source).model_dump(),
+        "seed": recipe.seed,
+        "loradem": loradem.__version__.split(".")[0],
+    })
+
+
+def adapter_dir(recipe: Recipe, source: Source, key: str) -> Path:
+    return Path(recipe.adapters_dir) / f"{source.name}-{key}"
+
+
+def is_finished(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FINISHED_FILES)
+
+
+# ---- settings -> TRL / PEFT ----------------------------------------------
+
+def trainer_configs(train: TrainSettings, lora: LoraSettings, *, seed: int, output_dir: Path, fmt: str):
+    """The one translation from loradem's settings to (trl.SFTConfig, peft.LoraConfig)."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    sft = SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        max_steps=train.max_steps or -1,
+        num_train_epochs=train.epochs,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        max_length=train.max_length,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a fraction of the steps in transformers 5
+        lr_scheduler_type=train.lr_scheduler,
+        weight_decay=train.weight_decay,
+        optim=train.optimizer,
+        gradient_checkpointing=train.gradient_checkpointing,
+        completion_only_loss=train.completion_only_loss and fmt != "text",
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.eval_steps,
+        save_only_model=True,  # adapter weights only: no optimizer / RNG pickles
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_strategy="steps",
+        logging_steps=1,
+        disable_tqdm=True,
+        report_to="none",
+        seed=seed,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    peft = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return sft, peft
+
+
+def trl_rows(rows: list[dict], fmt: str) -> list[dict]:
+    """Rows as TRL expects them: conversational prompt/completion, plain prompt/completion, or text."""
+    if fmt == "messages":
+        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    return [dict(r) for r in rows]
+
+
+def load_base_model(base_dir: Path, train: TrainSettings):
+    """The base as a causal LM: float32 on CPU (bf16 on GPU), or NF4 prepared for k-bit training."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if train.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
+    model, info = AutoModelForCausalLM.from_pretrained(base_dir, output_loading_info=True, **kwargs)
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise LorademError(
+            f"base {str(base_dir)!r}: its weights lack {len(missing)} tensor(s) the model needs "
+            f"(e.g. {sorted(missing)[0]}); transformers would fill them with random values"
+        )
+    if train.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+        _keep_narrow_4bit_layers_unpacked(model)
+    return model
+
+
+def _keep_narrow_4bit_layers_unpacked(model) -> None:
+    """Work around bitsandbytes 0.50.2 on AVX512-BF16 CPUs: in eval mode it repacks 4-bit weights and
+    crashes (RuntimeError: shape '[32, 0]' is invalid) when a layer's input width is not a multiple of
+    the quantization block (64). Real bases are multiples of 64; tiny test models are not."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if hasattr(module, "support_avx512bf16_for_cpu") and state is not None:
+            if module.in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+
+
+# ---- training -----------------------------------------------------------
+
+def train_source(
+    recipe: Recipe,
+    source: Source,
+    base_dir: Path,
+    splits: Splits,
+    *,
+    force: bool = False,
+    log: Log = print,
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """Train `source`'s adapter (or reuse a finished one) and return its folder.
+
+    `callbacks` are extra transformers TrainerCallbacks (e.g. EarlyStoppingCallback).
+    """
+    if splits.source != source.name:
+        raise ValueError(f"splits are for source {splits.source!r}, not {source.name!r}")
+    base_fp = fingerprint_weights(base_dir)
+    key = adapter_key(recipe, source, base_fp, splits.fingerprint)
+    final = adapter_dir(recipe, source, key)
+    if is_finished(final) and not force:
+        log(f"{source.name}: skipped (finished adapter {final})")
+        return final
+    if not splits.validation:
+        raise LorademError(
+            f"source {source.name!r}: no validation rows; the best checkpoint is chosen on them "
+            "(set `validation:` to a row count or fraction above 0)"
+        )
+    with atomic_dir(final, overwrite=True) as tmp:
+        record = _fit(recipe, source, Path(base_dir), splits, tmp, log, callbacks)
+        record.update(source=source.name, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
+        (tmp / TRAIN_RECORD).write_text(json.dumps(_ordered(record), indent=2) + "\n", encoding="utf-8")
+        plot_curve(record["history"], tmp / "curve.png", title=f"{source.name} ({key})", best_step=record["best_step"])
+    log(
+        f"{source.name}: trained -> {final} (best step {record['best_step']}/{record['steps']}, "
+        f"val loss {record['best_val_loss']:.4f}, {record['train_seconds']:.1f} s)"
+    )
+    return final
+
+
+def train_all(
+    recipe: Recipe,
+    base_dir: Path,
+    *,
+    only: list[str] | None = None,
+    force: Sequence[str] = (),
+    log: Log = print,
+) -> dict[str, Path]:
+    """Train every source (or those in `only`) whose adapter is not finished; retrain those in `force`."""
+    names = [s.name for s in recipe.sources] if only is None else list(only)
+    for name in [*names, *force]:
+        recipe.source(name)  # raises naming the known sources
+    fingerprint_weights(base_dir)  # fail early on a base without safetensors
+    out: dict[str, Path] = {}
+    for name in names:
+        source = recipe.source(name)
+        splits = load_splits(source, recipe.seed)
+        out[name] = train_source(recipe, source, base_dir, splits, force=name in force, log=log)
+    return out
+
+
+def _fit(recipe: Recipe, source: Source, base_dir: Path, splits: Splits, tmp: Path, log: Log, callbacks) -> dict:
+    """Run TRL's SFT trainer, save the best adapter into `tmp`, and return the training record."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    train, lora = recipe.train_for(source), recipe.lora_for(source)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if splits.format == "messages" and not tokenizer.chat_template:
+        raise LorademError(f"base {str(base_dir)!r}: its tokenizer has no chat template, which \"messages\" data needs")
+    scratch = tmp / "checkpoints"
+    sft_config, lora_config = trainer_configs(train, lora, seed=recipe.seed, output_dir=scratch, fmt=splits.format)
+    set_seed(recipe.seed)  # the LoRA init happens in SFTTrainer.__init__, before Trainer seeds
+    model = load_base_model(base_dir, train)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=Dataset.from_list(trl_rows(splits.train, splits.format)),
+        eval_dataset=Dataset.from_list(trl_rows(splits.validation, splits.format)),
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[ProgressLog(source.name, log), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    rows, val_rows = len(trainer.train_dataset), len(trainer.eval_dataset)
+    dropped = len(splits.train) + len(splits.validation) - rows - val_rows
+    if not rows or not val_rows:
+        raise LorademError(
+            f"source {source.name!r}: no {'training' if not rows else 'validation'} row has a completion token left "
+            f"within max_length={train.max_length}; raise `train.max_length`"
+        )
+    log(f"{source.name}: training on {rows} rows, validating on {val_rows} "
+        f"({'NF4 base' if train.quantization == 'nf4' else 'full-precision base'}, r={lora.r})"
+        + (f"; TRL dropped {dropped} row(s) with no completion tokens left after truncation" if dropped else ""))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    state = trainer.state
+    _check_best_loaded(trainer.model, state)
+    trainer.model.save_pretrained(tmp)  # the best checkpoint, reloaded by load_best_model_at_end
+    (tmp / "README.md").unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    tokens = max((e.get("num_tokens", 0) for e in state.log_history if "loss" in e), default=0)
+    _, n_params = trainer.model.get_nb_trainable_parameters()
+    return {
+        "best_step": state.best_global_step,
+        "best_val_loss": state.best_metric,
+        "steps": state.global_step,
+        "train_rows": rows,
+        "validation_rows": val_rows,
+        "train_tokens": int(tokens),
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "n_params": n_params,
+        "flops_estimate": 6 * n_params * int(tokens),
+        "flops_formula": FLOPS_FORMULA,
+        "train": train.model_dump(),
+        "lora": lora.model_dump(),
+        "seed": recipe.seed,
+        "device": str(trainer.args.device),
+        "versions": _versions(),
+        "history": history(state.log_history),
+    }
+
+
+def _check_best_loaded(model, state) -> None:
+    """Refuse to save unless the model holds the best checkpoint's adapter weights (the Trainer only
+    logs a warning when it cannot reload them)."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(state.best_model_checkpoint or "")
+    if state.best_global_step is None or folder.name != f"checkpoint-{state.best_global_step}":
+        raise RuntimeError(f"training ended without a best checkpoint (best step {state.best_global_step}, {folder})")
+    best = load_file(str(folder / "adapter_model.safetensors"))
+    live = get_peft_model_state_dict(model)
+    if best.keys() != live.keys() or not all(torch.equal(best[k], live[k].detach().cpu()) for k in best):
+        raise RuntimeError(f"the model does not hold the best checkpoint's weights ({folder}) after training")
+
+
+class ProgressLog(TrainerCallback):
+    """One line per evaluation: step, last train loss, validation loss."""
+
+    def __init__(self, name: str, log: Log):
+        self.name, self.log, self.train_loss = name, log, float("nan")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train_loss = logs["loss"]
+        if "eval_loss" in logs:
+            self.log(
+                f"{self.name}: step {state.global_step}/{state.max_steps}: "
+                f"train loss {self.train_loss:.4f}, val loss {logs['eval_loss']:.4f}"
+            )
+
+
+# ---- record -------------------------------------------------------------
+
+def history(log_history: list[dict]) -> list[dict]:
+    """[{step, train_loss} | {step, eval_loss}] from the trainer's log history."""
+    out = []
+    for entry in log_history:
+        if "loss" in entry:
+            out.append({"step": entry["step"], "train_loss": entry["loss"]})
+        if "eval_loss" in entry:
+            out.append({"step": entry["step"], "eval_loss": entry["eval_loss"]})
+    return out
+
+
+def plot_curve(hist: list[dict], path: Path, title: str = "", best_step: int | None = None) -> None:
+    """Train and validation loss by step, as a PNG (a dashed line marks the kept step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, label, style in (("train_loss", "train", "-"), ("eval_loss", "validation", "o-")):
+        points = [(h["step"], h[key]) for h in hist if key in h]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"kept (step {best_step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"loradem": loradem.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__}
+
+
+def _ordered(record: dict) -> dict:
+    first = ("source", "key", "base_fingerprint", "data_fingerprint", "best_step", "best_val_loss", "steps")
+    return {**{k: record[k] for k in first}, **{k: v for k, v in record.items() if k not in first}}

@@ -1,0 +1,309 @@
+"""loradem.train: one adapter per source, the best validation checkpoint kept, cached by key, atomic on failure.
+
+Training tests use the tiny Llama fixture on the CPU, a few optimizer steps each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from loradem.data import load_splits
+from loradem.demo_data import task_rows
+from loradem.errors import LorademError
+from loradem.io import fingerprint_weights
+from loradem.recipe import Recipe
+from loradem.train import (
+    FINISHED_FILES,
+    adapter_dir,
+    adapter_key,
+    train_all,
+    train_source,
+    trainer_configs,
+    trl_rows,
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def make_recipe(tmp_path: Path, base: Path, sources: list[dict], **train) -> Recipe:
+    return Recipe.model_validate({
+        "name": "t",
+        "base": str(base),
+        "adapters_dir": str(tmp_path / "adapters"),
+        "train": {"max_steps": 2, "eval_steps": 1, "batch_size": 4, **train},
+        "sources": sources,
+    })
+
+
+def addition_source(tmp_path: Path, rows: int = 12, **kw) -> dict:
+    data = write_jsonl(tmp_path / "addition.jsonl", task_rows("addition", rows=rows))
+    return {"name": "addition", "data": data, "validation": 2, "test": 2, **kw}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def lines(log: list[str], word: str) -> list[str]:
+    return [line for line in log if word in line]
+
+
+class Snapshot(TrainerCallback):
+    """Copies of every parameter at the start and end of training, and of the LoRA state after each evaluation."""
+
+    def __init__(self):
+        self.begin, self.end, self.at_eval = {}, {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.begin = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.end = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_evaluate(self, args, state, control, model=None, **kw):
+        from peft import get_peft_model_state_dict
+
+        self.at_eval[state.global_step] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+class Reverse(TrainerCallback):
+    """After step `after`, flip and amplify every lora_B (-5x what was learned) so later validation losses get worse."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == self.after:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.data.mul_(-5.0)
+
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        raise RuntimeError("boom at step %d" % state.global_step)
+
+
+# ---- pure parts ---------------------------------------------------------
+
+def test_adapter_key_depends_on_what_shapes_the_weights(tmp_path, tiny_base):
+    src = addition_source(tmp_path)
+    other = {**src, "name": "other"}
+    r = make_recipe(tmp_path, tiny_base, [src, other])
+    a, o = r.sources
+    key = adapter_key(r, a, "base", "data")
+    assert key == adapter_key(r, a, "base", "data") and len(key) == 12
+    assert adapter_dir(r, a, key) == tmp_path / "adapters" / f"addition-{key}"
+    assert adapter_key(r, a, "base2", "data") != key
+    assert adapter_key(r, a, "base", "data2") != key
+    r_lr = make_recipe(tmp_path, tiny_base, [src, {**other, "train": {"learning_rate": 5e-3}}])
+    assert adapter_key(r_lr, r_lr.sources[0], "base", "data") == key  # another source's override
+    assert adapter_key(r_lr, r_lr.sources[1], "base", "data") != adapter_key(r, o, "base", "data")
+    assert adapter_key(make_recipe(tmp_path, tiny_base, [src], learning_rate=5e-3), a, "base", "data") != key
+    r_rank = make_recipe(tmp_path, tiny_base, [{**src, "lora": {"r": 4}}])
+    assert adapter_key(r_rank, r_rank.sources[0], "base", "data") != key
+    r_seed = Recipe.model_validate({**r.model_dump(), "seed": 1})
+    assert adapter_key(r_seed, r_seed.sources[0], "base", "data") != key
+
+
+def test_trainer_configs_map_every_setting(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)], max_steps=None, epochs=2.0, eval_steps=5,
+                    grad_accum=2, learning_rate=3e-4, lr_scheduler="cosine", warmup_ratio=0.1, max_length=64)
+    s = r.sources[0]
+    sft, lora = trainer_configs(r.train_for(s), r.lora_for(s), seed=7, output_dir=tmp_path / "x", fmt="messages")
+    assert (sft.max_steps, sft.num_train_epochs, sft.learning_rate, sft.gradient_accumulation_steps) == (-1, 2.0, 3e-4, 2)
+    assert (sft.eval_steps, sft.save_steps, sft.load_best_model_at_end, sft.metric_for_best_model) == (5, 5, True, "eval_loss")
+    assert (sft.max_length, sft.seed, sft.warmup_steps, sft.report_to) == (64, 7, 0.1, [])
+    assert sft.lr_scheduler_type.value == "cosine" and sft.completion_only_loss is True
+    if not torch.cuda.is_available():
+        assert sft.use_cpu and not sft.bf16 and not sft.fp16
+    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.use_rslora) == (8, 16.0, "all-linear", False)
+    sft_text, _ = trainer_configs(r.train_for(s), r.lora_for(s), seed=7, output_dir=tmp_path / "x", fmt="text")
+    assert sft_text.completion_only_loss is False  # text rows have no completion
+
+
+def test_trl_rows_are_conversational_prompt_completion():
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert trl_rows([row], "messages") == [{"prompt": [row["messages"][0]], "completion": [row["messages"][1]]}]
+    assert trl_rows([{"prompt": "p", "completion": "c"}], "prompt_completion") == [{"prompt": "p", "completion": "c"}]
+
+
+def test_no_validation_rows_is_refused_before_training(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, validation=0)])
+    with pytest.raises(LorademError, match=r"source 'addition': no validation rows; the best checkpoint is chosen on them"):
+        train_all(r, tiny_base, log=lambda _: None)
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+
+
+def test_unknown_source_names_are_refused(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)])
+    with pytest.raises(LorademError, match=r"no source named 'nope' \(have: addition\)"):
+        train_all(r, tiny_base, only=["nope"], log=lambda _: None)
+    with pytest.raises(LorademError, match=r"no source named 'nope'"):
+        train_all(r, tiny_base, force=["nope"], log=lambda _: None)
+
+
+# ---- training -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base):
+    # 8 training rows, batch 4, one epoch: every row is fed exactly once in 2 steps
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)], max_steps=None, epochs=1.0)
+    source = r.sources[0]
+    splits = load_splits(source, r.seed)
+    snap, log = Snapshot(), []
+    folder = train_source(r, source, tiny_base, splits, log=log.append, callbacks=[snap])
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FINISHED_FILES)
+    assert not list(folder.parent.glob(".*partial*"))
+    record = json.loads((folder / "loradem-train.json").read_text())
+    key = adapter_key(r, source, fingerprint_weights(tiny_base), splits.fingerprint)
+    assert folder == adapter_dir(r, source, key) and record["key"] == key
+    assert (record["source"], record["steps"], record["train_rows"], record["validation_rows"]) == ("addition", 2, 8, 2)
+
+    # tokens: the non-padding tokens of the 8 rows, each fed once
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    expected = sum(len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"]) for row in splits.train)
+    assert record["train_tokens"] == expected
+    base_numel = sum(t.numel() for t in load_file(str(tiny_base / "model.safetensors")).values())
+    lora_numel = sum(t.numel() for t in tensors(folder).values())
+    assert record["n_params"] == base_numel + lora_numel
+    assert record["flops_estimate"] == 6 * record["n_params"] * expected
+
+    # LoRA weights moved from their init (B starts at zero); base weights did not move and equal the file
+    base_file = load_file(str(tiny_base / "model.safetensors"))
+    lora_names = [n for n in snap.begin if "lora_" in n]
+    assert len(lora_names) == 2 * 7 * 2  # A and B, 7 linear modules, 2 layers
+    for n in lora_names:
+        assert not torch.equal(snap.begin[n], snap.end[n]), n
+    for n in snap.begin:
+        if "lora_" not in n:
+            assert torch.equal(snap.begin[n], snap.end[n]), n
+            file_key = n.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            assert torch.equal(snap.end[n], base_file[file_key]), n
+
+    # PEFT loads it onto the base, with exactly the saved tensors, and it changes the outputs
+    from peft import PeftModel, get_peft_model_state_dict
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 123 + 456?"}],
+                                                add_generation_prompt=True, tokenize=True)["input_ids"]])
+    with torch.no_grad():
+        before = base(ids).logits
+    peft_model = PeftModel.from_pretrained(base, str(folder))
+    loaded = get_peft_model_state_dict(peft_model)
+    saved = tensors(folder)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(ids).logits, before)
+
+    # history and the kept step
+    evals = [(h["step"], h["eval_loss"]) for h in record["history"] if "eval_loss" in h]
+    assert [s for s, _ in evals] == [1, 2]
+    assert [h["step"] for h in record["history"] if "train_loss" in h] == [1, 2]
+    assert (record["best_step"], record["best_val_loss"]) == min(evals, key=lambda e: e[1])
+    assert lines(log, "step 1/2: train loss") and lines(log, "step 2/2: train loss")
+
+
+@pytest.mark.slow
+def test_the_saved_adapter_is_the_best_validation_checkpoint(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=40)], max_steps=6, eval_steps=2)
+    source = r.sources[0]
+    snap = Snapshot()
+    folder = train_source(r, source, tiny_base, load_splits(source, r.seed), log=lambda _: None,
+                          callbacks=[snap, Reverse(after=2)])
+    record = json.loads((folder / "loradem-train.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in record["history"] if "eval_loss" in h}
+    assert sorted(evals) == [2, 4, 6]
+    assert evals[2] < min(evals[4], evals[6])  # the reversal made later checkpoints worse
+    assert (record["best_step"], record["best_val_loss"], record["steps"]) == (2, evals[2], 6)
+    saved = tensors(folder)
+    assert saved.keys() == snap.at_eval[2].keys()
+    assert all(torch.equal(saved[k], snap.at_eval[2][k]) for k in saved)  # step 2's weights, exactly
+    assert not all(torch.equal(saved[k], snap.at_eval[6][k]) for k in saved)
+    assert (folder / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_nf4_training_runs_and_saves(tmp_path, tiny_base_tied):
+    r = make_recipe(tmp_path, tiny_base_tied, [addition_source(tmp_path)], quantization="nf4")
+    folder = train_all(r, tiny_base_tied, log=lambda _: None)["addition"]
+    record = json.loads((folder / "loradem-train.json").read_text())
+    assert record["train"]["quantization"] == "nf4" and record["steps"] == 2
+    saved = tensors(folder)
+    b = [t for k, t in saved.items() if "lora_B" in k]
+    assert len(b) == 14 and all(t.abs().sum() > 0 for t in b)  # B started at zero and was trained
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_tied), str(folder))
+
+
+@pytest.mark.slow
+def test_finished_adapters_are_reused_and_a_changed_source_retrains_alone(tmp_path, tiny_base):
+    sources = [
+        addition_source(tmp_path),
+        {"name": "pc", "validation": 2, "test": 0, "data": write_jsonl(
+            tmp_path / "pc.jsonl", [{"prompt": f"{i} + 1 =", "completion": str(i + 1)} for i in range(10)])},
+        {"name": "txt", "validation": 2, "test": 0, "data": write_jsonl(
+            tmp_path / "txt.jsonl", [{"text": f"the number {i} comes before {i + 1}"} for i in range(10)])},
+    ]
+    r = make_recipe(tmp_path, tiny_base, sources, max_steps=1)
+    log: list[str] = []
+    first = train_all(r, tiny_base, log=log.append)
+    assert len(lines(log, ": trained -> ")) == 3 and not lines(log, "skipped")
+    before = {name: digest(folder) for name, folder in first.items()}
+
+    log.clear()
+    second = train_all(r, tiny_base, log=log.append)
+    assert second == first
+    assert sorted(lines(log, "skipped")) == sorted(f"{n}: skipped (finished adapter {p})" for n, p in first.items())
+    assert not lines(log, "trained")
+    assert {name: digest(folder) for name, folder in second.items()} == before
+
+    changed = make_recipe(tmp_path, tiny_base, [sources[0], {**sources[1], "train": {"learning_rate": 5e-3}}, sources[2]],
+                          max_steps=1)
+    log.clear()
+    third = train_all(changed, tiny_base, log=log.append)
+    assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["pc"]
+    assert third["addition"] == first["addition"] and third["txt"] == first["txt"]
+    assert third["pc"] != first["pc"] and digest(first["pc"]) == before["pc"]  # the old one is kept
+    assert json.loads((third["pc"] / "loradem-train.json").read_text())["train"]["learning_rate"] == 5e-3
+
+    log.clear()
+    assert train_all(r, tiny_base, only=["txt"], force=["txt"], log=log.append) == {"txt": first["txt"]}
+    assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["txt"]
+    # seeded: retraining the same key gives the same weights, bit for bit
+    assert digest(first["txt"])["adapter_model.safetensors"] == before["txt"]["adapter_model.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_failure_mid_training_leaves_no_adapter_and_keeps_the_old_one(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)])
+    source = r.sources[0]
+    splits = load_splits(source, r.seed)
+    adapters = tmp_path / "adapters"
+    with pytest.raises(RuntimeError, match="boom at step 1"):
+        train_source(r, source, tiny_base, splits, log=lambda _: None, callbacks=[Boom()])
+    assert list(adapters.iterdir()) == []  # neither the adapter nor a partial folder
+
+    folder = train_source(r, source, tiny_base, splits, log=lambda _: None)
+    kept = digest(folder)
+    with pytest.raises(RuntimeError, match="boom at step 1"):
+        train_source(r, source, tiny_base, splits, force=True, log=lambda _: None, callbacks=[Boom()])
+    assert list(adapters.iterdir()) == [folder] and digest(folder) == kept
