@@ -1,0 +1,454 @@
+"""loradem.assemble: the fold equals float64 references, peft's exact merge and peft's live adapters; refusals leave nothing.
+
+    pytest tests/test_assemble.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_lora import (
+    assert_f32_close, build_tiny_gpt2, copy_adapter, edit_config, edit_tensors, lora_layers, make_adapter,
+)
+
+from loradem.assemble import assemble, model_card, plan_fold, plan_shards, read_base
+from loradem.errors import LorademError
+from loradem.io import fingerprint_weights, sha256_file
+from loradem.lora import load_adapter
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+def fold(base, adapters, out, **kw) -> Path:
+    return assemble(base, adapters, out, log=quiet, **kw)
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(p))
+    return tensors
+
+
+def peft_delta64(layer) -> torch.Tensor:
+    """peft's get_delta_weight, recomputed in float64 from the loaded layer (the oracle)."""
+    if "default" in getattr(layer, "lora_embedding_A", {}):
+        a, b = layer.lora_embedding_A["default"].double(), layer.lora_embedding_B["default"].double()
+        return (b @ a).T * layer.scaling["default"]
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    delta = b @ a
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling["default"]
+
+
+def reference(base: Path, adapters: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
+    """base + Σ w·Δ in float64, every delta taken from peft's own loaded model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = {k: v.double() for k, v in load_file(base / "model.safetensors").items()}
+    for folder, weight in adapters:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+        for name, layer in lora_layers(model).items():
+            ref[f"{name}.weight"] += weight * peft_delta64(layer)
+        for name, module in model.base_model.model.named_modules():
+            if type(module).__name__ == "ModulesToSaveWrapper":
+                copy = module.modules_to_save["default"].weight.double()
+                ref[f"{name}.weight"] += weight * (copy - ref_base(base, f"{name}.weight"))
+    return ref
+
+
+def ref_base(base: Path, name: str) -> torch.Tensor:
+    return load_file(base / "model.safetensors")[name].double()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_logits(base: Path, adapters: list[tuple[Path, float]], ids: torch.Tensor) -> torch.Tensor:
+    """All adapters active at once, each LoraLayer scaled by its weight (no merge)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[0][0], adapter_name="a0")
+    for i, (folder, _) in enumerate(adapters[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    for layer in lora_layers(model).values():
+        for i, (_, weight) in enumerate(adapters):
+            layer.set_scale(f"a{i}", weight)
+    return logits(model.eval(), ids)
+
+
+def merged_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return logits(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)
+
+
+IDS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+# ---- fixtures: a mix of ranks, targets, scaling rules ----------------------
+
+@pytest.fixture(scope="module")
+def mix(tiny_base, tmp_path_factory) -> list[tuple[Path, float]]:
+    root = tmp_path_factory.mktemp("mix")
+    a = make_adapter(tiny_base, root / "emb", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    b = make_adapter(
+        tiny_base, root / "rs", seed=2, r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear",
+    )
+    c = make_adapter(
+        tiny_base, root / "pat", seed=3, r=2, lora_alpha=2, target_modules=["k_proj", "up_proj", "q_proj"],
+        rank_pattern={"up_proj": 6}, alpha_pattern={r"layers\.1\..*": 9},
+    )
+    return [(a, 0.7), (b, -0.4), (c, 1.3)]
+
+
+@pytest.fixture(scope="module")
+def with_mts(tiny_base, tmp_path_factory) -> Path:
+    return make_adapter(tiny_base, tmp_path_factory.mktemp("mts") / "mts", seed=4, r=4,
+                        target_modules=["o_proj"], modules_to_save=["lm_head"])
+
+
+# ---- exactness ---------------------------------------------------------------
+
+def test_weights_equal_float64_reference(tiny_base, mix, with_mts, tmp_path):
+    adapters = [*mix, (with_mts, 0.25)]
+    out = fold(tiny_base, adapters, tmp_path / "out")
+    got, ref = read_folder(out), reference(tiny_base, adapters)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].dtype == torch.float32
+        assert_f32_close(got[name], ref[name])
+    changed = {n for n in ref if not torch.equal(ref[n], ref_base(tiny_base, n))}
+    assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed and len(changed) == 16
+    for name in set(ref) - changed:  # untouched tensors are copied bit for bit
+        assert torch.equal(got[name], load_file(tiny_base / "model.safetensors")[name])
+
+
+def test_bfloat16_output_is_one_rounding_of_the_reference(tiny_base, mix, tmp_path):
+    out = fold(tiny_base, mix, tmp_path / "bf16", dtype="bfloat16")
+    got, ref = read_folder(out), reference(tiny_base, mix)
+    for name in ref:
+        assert torch.equal(got[name], ref[name].to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("ranks", [(4, 4), (2, 8, 4)])
+def test_equals_peft_cat_merge(tiny_base, tmp_path, ranks):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "o_proj"], ["v_proj", "gate_proj"]]
+    folders = [make_adapter(tiny_base, tmp_path / f"c{i}", seed=10 + i, r=r, lora_alpha=2 * r + i, target_modules=targets[i])
+               for i, r in enumerate(ranks)]
+    weights = [0.6, -0.3, 1.1][: len(ranks)]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), folders[0], adapter_name="c0")
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"c{i}")
+    model.add_weighted_adapter([f"c{i}" for i in range(len(ranks))], weights, "merged", combination_type="cat")
+    model.set_adapter("merged")
+    expected = model.merge_and_unload().state_dict()
+    got = read_folder(fold(tiny_base, list(zip(folders, weights)), tmp_path / "out"))
+    for name, tensor in got.items():
+        assert_f32_close(tensor, expected[name])
+
+
+def test_logits_equal_peft_with_all_adapters_active(tiny_base, mix, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = fold(tiny_base, mix, tmp_path / "out")
+    got, expected = merged_logits(out, IDS), peft_logits(tiny_base, mix, IDS)
+    assert_logits_close(got, expected)
+    assert not torch.allclose(got, logits(AutoModelForCausalLM.from_pretrained(tiny_base).eval(), IDS), atol=1e-3)
+
+
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """A merged matmul and peft's x@W + s·(x@A)@B round differently: float32 tolerance scaled by the logits."""
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_modules_to_save_logits_equal_peft(tiny_base, with_mts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = fold(tiny_base, [(with_mts, 1.0)], tmp_path / "out")
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(tiny_base).eval(), IDS)
+    got, expected = merged_logits(out, IDS), peft_logits(tiny_base, [(with_mts, 1.0)], IDS)
+    assert_logits_close(got, expected)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter did change the model
+
+
+def test_fan_in_fan_out_conv1d(tmp_path):
+    base = build_tiny_gpt2(tmp_path / "gpt2")
+    adapters = [
+        (make_adapter(base, tmp_path / "g1", seed=1, r=4, fan_in_fan_out=True, target_modules=["c_attn", "c_proj"]), 0.8),
+        (make_adapter(base, tmp_path / "g2", seed=2, r=2, fan_in_fan_out=True, target_modules=["c_fc"]), -1.5),
+    ]
+    out = fold(base, adapters, tmp_path / "out")
+    got, ref = read_folder(out), reference(base, adapters)
+    for name in ref:
+        assert_f32_close(got[name], ref[name])
+    assert "lm_head.weight" not in got  # GPT-2's tied head stays tied
+    assert_logits_close(merged_logits(out, IDS), peft_logits(base, adapters, IDS))
+
+
+# ---- tied embeddings ------------------------------------------------------------
+
+def test_tied_base_stays_tied(tiny_base_tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(tiny_base_tied, tmp_path / "t", r=4, target_modules=["q_proj", "down_proj"])
+    out = fold(tiny_base_tied, [(adapter, 0.9)], tmp_path / "out")
+    assert "lm_head.weight" not in read_folder(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    expected = peft_logits(tiny_base_tied, [(adapter, 0.9)], IDS)
+    assert_logits_close(logits(model.eval(), IDS), expected)
+
+
+def test_tied_base_embedding_lora_unties_exactly(tiny_base_tied, tmp_path):
+    """peft trained the embedding LoRA with lm_head = the unchanged tied weight: the exact fold unties the pair."""
+    adapter = make_adapter(tiny_base_tied, tmp_path / "e", r=4, target_modules=["embed_tokens", "v_proj"])
+    logs: list[str] = []
+    out = assemble(tiny_base_tied, [(adapter, 0.5)], tmp_path / "out", log=logs.append)
+    got = read_folder(out)
+    base = load_file(tiny_base_tied / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(got["lm_head.weight"], base)
+    assert not torch.equal(got["model.embed_tokens.weight"], base)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((out / "loradem.json").read_text())["untied"] == ["lm_head.weight"]
+    assert any("untying lm_head.weight" in line for line in logs)
+    expected = peft_logits(tiny_base_tied, [(adapter, 0.5)], IDS)
+    assert_logits_close(merged_logits(out, IDS), expected)
+
+
+# ---- sharding ----------------------------------------------------------------
+
+def test_sharded_output_and_sharded_base(tiny_base, mix, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    whole = fold(tiny_base, mix, tmp_path / "whole")
+    sharded = fold(tiny_base, mix, tmp_path / "sharded", max_shard_size_mb=0.05)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in read_folder(whole).values())
+    got, expected = read_folder(sharded), read_folder(whole)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    torch.testing.assert_close(merged_logits(sharded, IDS), merged_logits(whole, IDS), rtol=0, atol=0)
+    assert set(json.loads((sharded / "loradem.json").read_text())["shards"]) == set(files)
+
+    base_sharded = tmp_path / "base-sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(base_sharded, max_shard_size="40KB")
+    assert (base_sharded / "model.safetensors.index.json").is_file()
+    from_sharded = read_folder(fold(base_sharded, mix, tmp_path / "from-sharded", allow_name_mismatch=True))
+    assert all(torch.equal(from_sharded[k], expected[k]) for k in expected)
+
+
+# ---- the plan, pure ------------------------------------------------------------
+
+def test_plan_fold_routes_terms_and_refuses_mismatches(tiny_base, mix):
+    base = read_base(tiny_base)
+    adapters = [(load_adapter(p), w) for p, w in mix]
+    plan = plan_fold(base.tensors, adapters)
+    by_name = {j.name: j for j in plan.jobs}
+    assert list(by_name) == list(base.tensors)
+    q0 = by_name["model.layers.0.self_attn.q_proj.weight"]
+    assert [(t.adapter, t.weight) for t in q0.terms] == [(0, 0.7), (1, -0.4), (2, 1.3)]
+    assert not by_name["model.norm.weight"].terms
+    zero = plan_fold(base.tensors, [(adapters[0][0], 0.0)])
+    assert not any(j.terms for j in zero.jobs)
+
+    shrunk = dict(base.tensors)
+    shrunk["model.layers.1.self_attn.v_proj.weight"] = ((8, 32), torch.float32)
+    with pytest.raises(LorademError, match=r"module model\.layers\.1\.self_attn\.v_proj: shape \[16, 32\] does not match the base's model\.layers\.1\.self_attn\.v_proj\.weight \[8, 32\]"):
+        plan_fold(shrunk, adapters)
+    del shrunk["model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(LorademError, match=r"targets model\.layers\.1\.self_attn\.v_proj\.weight, which the base does not have"):
+        plan_fold(shrunk, adapters)
+
+
+def test_plan_fold_ties(tiny_base_tied, tmp_path):
+    base = read_base(tiny_base_tied)
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    plain = load_adapter(make_adapter(tiny_base_tied, tmp_path / "p", r=2, target_modules=["q_proj"]))
+    head = load_adapter(make_adapter(tiny_base_tied, tmp_path / "h", r=2, target_modules=["lm_head"]))
+    assert plan_fold(base.tensors, [(plain, 1.0)], tied=tied).untied == ()
+    plan = plan_fold(base.tensors, [(head, 1.0)], tied=tied)
+    assert plan.untied == ("lm_head.weight",)
+    job = next(j for j in plan.jobs if j.name == "lm_head.weight")
+    assert job.source == "model.embed_tokens.weight" and len(job.terms) == 1
+    with pytest.raises(LorademError, match=r"targets lm_head\.weight, which the base does not have"):
+        plan_fold(base.tensors, [(head, 1.0)])
+
+
+def test_plan_shards():
+    assert plan_shards([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    assert plan_shards([3, 3], 100) == [[0, 1]]
+
+
+# ---- provenance ------------------------------------------------------------------
+
+def test_provenance_and_model_card(tiny_base, mix, tmp_path):
+    out = fold(tiny_base, mix, tmp_path / "out")
+    record = json.loads((out / "loradem.json").read_text())
+    assert record["base"]["sha256"] == fingerprint_weights(tiny_base)
+    assert [a["weight"] for a in record["adapters"]] == [0.7, -0.4, 1.3]
+    assert [a["sha256"] for a in record["adapters"]] == [sha256_file(p / "adapter_model.safetensors") for p, _ in mix]
+    assert record["shards"] == {"model.safetensors": sha256_file(out / "model.safetensors")}
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == (tiny_base / name).read_bytes()
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "tags: [loradem, dem, lora, merge]" in card and "library_name: transformers" in card
+    assert "| `rs` | -0.4 |" in card and "base_model:" not in card  # a local folder is no Hub id
+    alias = model_card({**record, "base": {**record["base"], "name": "smollm2-135m"}})
+    assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in alias
+
+
+# ---- refusals: message, and nothing written --------------------------------------
+
+def refused(match: str, out: Path, base, adapters, **kw) -> None:
+    with pytest.raises(LorademError, match=match):
+        fold(base, adapters, out, **kw)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.fixture
+def one(tiny_base, tmp_path) -> Path:
+    return make_adapter(tiny_base, tmp_path / "one", seed=5, r=2, target_modules=["q_proj", "v_proj"])
+
+
+def test_refuses_shape_mismatch_and_missing_module(tiny_base, one, tmp_path):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    wide = edit_tensors(copy_adapter(one, tmp_path / "wide"), lambda t: t.__setitem__(key, torch.ones(48, 2)))
+    refused(r"module model\.layers\.0\.self_attn\.q_proj: shape \[48, 32\] does not match the base's .*\[32, 32\]",
+            tmp_path / "out", tiny_base, [(wide, 1.0)])
+
+    def move(t):
+        for k in [k for k in t if ".layers.1." in k]:
+            t[k.replace(".layers.1.", ".layers.7.")] = t.pop(k)
+
+    moved = edit_tensors(copy_adapter(one, tmp_path / "moved"), move)
+    refused(r"targets model\.layers\.7\.self_attn\.\w_proj\.weight, which the base does not have", tmp_path / "out", tiny_base, [(moved, 1.0)])
+
+
+def test_refuses_adapter_for_another_base(tiny_base, tiny_base_tied, one, tmp_path):
+    refused(r"made for base '.*' \(base_model_name_or_path\), not .* --allow-name-mismatch", tmp_path / "out", tiny_base_tied, [(one, 1.0)])
+    fold(tiny_base_tied, [(one, 1.0)], tmp_path / "forced", allow_name_mismatch=True)
+
+    edit_config(one, base_model_name_or_path="HuggingFaceTB/SmolLM2-360M-Instruct")
+    refused(r"made for base 'HuggingFaceTB/SmolLM2-360M-Instruct'", tmp_path / "out", tiny_base, [(one, 1.0)])
+    edit_config(one, base_model_name_or_path="/gone/elsewhere/base")  # trained from a copy named like this base
+    fold(tiny_base, [(one, 1.0)], tmp_path / "renamed")
+
+    (one / "loradem-train.json").write_text(json.dumps({"base_fingerprint": fingerprint_weights(tiny_base_tied)}))
+    refused(r"trained on a base with fingerprint", tmp_path / "out", tiny_base, [(one, 1.0)])
+    (one / "loradem-train.json").write_text(json.dumps({"base_fingerprint": fingerprint_weights(tiny_base)}))
+    edit_config(one, base_model_name_or_path="HuggingFaceTB/SmolLM2-360M-Instruct")
+    fold(tiny_base, [(one, 1.0)], tmp_path / "fingerprinted")  # the fingerprint wins over the name
+
+
+def test_refuses_nan_factor_pickle_and_corrupt_files(tiny_base, one, tmp_path):
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    nan = edit_tensors(copy_adapter(one, tmp_path / "nan"), lambda t: t[key].__setitem__((1, 3), float("inf")))
+    refused(re.escape(key) + " contains NaN or Inf", tmp_path / "out", tiny_base, [(one, 0.5), (nan, 0.5)])
+
+    pickled = copy_adapter(one, tmp_path / "pickled")
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    refused(r"adapter_model\.bin: a pickle file can run code", tmp_path / "out", tiny_base, [(pickled, 1.0)])
+
+    broken = copy_adapter(one, tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes((one / "adapter_model.safetensors").read_bytes()[:200])
+    refused(r"broken/adapter_model\.safetensors: not a valid safetensors file", tmp_path / "out", tiny_base, [(broken, 1.0)])
+
+    bad_base = tmp_path / "bad-base"
+    shutil.copytree(tiny_base, bad_base)
+    (bad_base / "model.safetensors").write_bytes((tiny_base / "model.safetensors").read_bytes()[:-64])
+    refused(r"bad-base/model\.safetensors: not a valid safetensors file", tmp_path / "out", bad_base, [(one, 1.0)], allow_name_mismatch=True)
+
+
+def test_refuses_changed_base_copy(tiny_base, tmp_path):
+    adapter = make_adapter(tiny_base, tmp_path / "emb", r=2, target_modules=["embed_tokens"])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    edit_tensors(adapter, lambda t: t[key].__setitem__((0, 0), 3.0))
+    refused(r"embed_tokens\.base_layer\.weight is peft's saved copy of the base's model\.embed_tokens\.weight but differs",
+            tmp_path / "out", tiny_base, [(adapter, 1.0)])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "0.5", True, None])
+def test_refuses_bad_weights(tiny_base, one, tmp_path, weight):
+    refused(r"weight for adapter .*: expected a finite number", tmp_path / "out", tiny_base, [(one, weight)])
+
+
+def test_refuses_non_finite_result_and_bad_options(tiny_base, one, tmp_path):
+    refused(r"the folded tensor has NaN or Inf in torch\.float16", tmp_path / "out", tiny_base, [(one, 1e7)], dtype="float16")
+    refused(r"dtype: expected auto, float32, bfloat16, float16, got 'int8'", tmp_path / "out", tiny_base, [(one, 1.0)], dtype="int8")
+    refused(r"expected at least one adapter", tmp_path / "out", tiny_base, [])
+    with pytest.raises(LorademError, match="is an input of this fold"):
+        fold(tiny_base, [(one, 1.0)], tiny_base, overwrite=True)
+    assert (tiny_base / "model.safetensors").is_file()
+
+
+def test_existing_output_kept_unless_overwrite(tiny_base, one, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier result")
+    with pytest.raises(LorademError, match=r"out: already exists \(pass --overwrite to replace it\)"):
+        fold(tiny_base, [(one, 1.0)], out)
+    assert (out / "keep.txt").read_text() == "earlier result"
+    fold(tiny_base, [(one, 1.0)], out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_failure_mid_write_leaves_nothing(tiny_base, one, tmp_path, monkeypatch):
+    import loradem.assemble as mod
+
+    calls = []
+
+    def flaky(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(mod, "save_file", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        fold(tiny_base, [(one, 1.0)], out, max_shard_size_mb=0.05)
+    assert len(calls) == 2 and not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_tied_pair_with_ensure_weight_tying(tiny_base_tied, tmp_path):
+    """peft ties lm_head's LoRA to the embedding's (A_head = B_embᵀ, B_head = A_embᵀ): both sides get the same delta."""
+    adapter = make_adapter(tiny_base_tied, tmp_path / "w", r=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                           ensure_weight_tying=True)
+    out = fold(tiny_base_tied, [(adapter, 0.6)], tmp_path / "out")
+    got = read_folder(out)
+    torch.testing.assert_close(got["lm_head.weight"], got["model.embed_tokens.weight"], rtol=1e-6, atol=1e-7)
+    assert_logits_close(merged_logits(out, IDS), peft_logits(tiny_base_tied, [(adapter, 0.6)], IDS))
+
+
+def test_refuses_embedding_change_on_unknown_tied_architecture(tiny_base_tied, tmp_path):
+    base = tmp_path / "custom"
+    shutil.copytree(tiny_base_tied, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["HomeMadeForCausalLM"]}))
+    adapter = make_adapter(tiny_base_tied, tmp_path / "e", r=2, target_modules=["embed_tokens"])
+    refused(r"tie_word_embeddings is set but transformers does not say which tensors HomeMadeForCausalLM ties",
+            tmp_path / "out", base, [(adapter, 1.0)], allow_name_mismatch=True)
+    linear = make_adapter(tiny_base_tied, tmp_path / "l", r=2, target_modules=["q_proj"])
+    fold(base, [(linear, 1.0)], tmp_path / "fine", allow_name_mismatch=True)  # linear LoRAs never touch the pair
