@@ -1,0 +1,195 @@
+"""One base, every adapter resident: the model a weight search evaluates.
+
+    model, tok = load_multi(base_dir, {"add": Path("adapters/add"), "rev": Path("adapters/rev")})
+    set_weights(model, {"add": 0.7, "rev": 1.2})    # now computes θ₀ + Σ wᵢ·ΔWᵢ
+
+Every adapter is loaded once into one PEFT model and all are active at once;
+the forward pass sums their deltas. A weight is the adapter's scale factor:
+`LoraLayer.set_scale(name, w)` sets the layer's scaling to w·α/r (w·α/√r with
+rsLoRA), from the layer's own r and α, which PEFT resolved from
+`rank_pattern` / `alpha_pattern` when it built the layer. So the model equals
+θ₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ without merging anything, weight 0 switches an adapter off,
+and a search trial costs one forward pass, never a reload or a merge.
+
+Source names may contain '.', which PEFT's module dicts refuse; adapters are
+registered as ``s<index>_<name with non-identifier characters as '_'>``, and
+the mapping lives on the model (`adapter_names(model)`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loradem.errors import LorademError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_NAMES_ATTR = "loradem_adapters"
+_LAYERS_ATTR = "loradem_lora_layers"
+# adapter features whose effect is not a weighted sum of low-rank deltas
+_NOT_ADDITIVE = {
+    "use_dora": "DoRA is not additive (it rescales the base weight's rows)",
+    "modules_to_save": "modules_to_save stores full module copies, not deltas",
+    "trainable_token_indices": "trainable tokens store replacement rows, not deltas",
+}
+
+
+def peft_adapter_name(index: int, source: str) -> str:
+    """A name PEFT accepts for source number `index` (no '.', never inside the 'lora_' prefix)."""
+    return f"s{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", source)
+
+
+def check_adapter_folder(source: str, folder: Path) -> dict:
+    """Read and check an adapter folder's config; returns it. Safetensors weights only, LoRA only, additive only."""
+    folder = Path(folder)
+    config_path = folder / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise LorademError(f"adapter {source!r}: {config_path} not found (expected a PEFT adapter folder)")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        found = ", ".join(p.name for p in folder.glob("adapter_model.*")) or "nothing"
+        raise LorademError(f"adapter {source!r}: expected {folder / ADAPTER_WEIGHTS} (found {found}; loradem never unpickles)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LorademError(f"adapter {source!r}: {config_path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if config.get("peft_type") != "LORA":
+        raise LorademError(f"adapter {source!r}: {config_path}: peft_type: expected 'LORA', got {config.get('peft_type')!r}")
+    for key, why in _NOT_ADDITIVE.items():
+        if config.get(key):
+            raise LorademError(f"adapter {source!r}: {config_path}: {key} is set; {why}, so it cannot be weighted")
+    return config
+
+
+def _lora_modules_in_file(path: Path) -> set[str]:
+    """Module paths that carry a LoRA A factor in an adapter's safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    out = set()
+    for key in keys:
+        m = re.match(r"^(.*)\.(lora_A|lora_embedding_A)(\.weight)?$", key)
+        if m:
+            out.add(m.group(1))
+    return out
+
+
+def _lora_layers(model) -> dict[str, object]:
+    """Module path -> LoRA layer, for every LoRA layer of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _check_all_loaded(source: str, name: str, folder: Path, layers: dict[str, object]) -> None:
+    """PEFT drops adapter keys for modules the base lacks without a word; refuse that."""
+    in_file = _lora_modules_in_file(folder / ADAPTER_WEIGHTS)
+    in_model = {path for path, layer in layers.items() if name in layer.lora_A or name in layer.lora_embedding_A}
+    if not in_file:
+        raise LorademError(f"adapter {source!r}: {folder / ADAPTER_WEIGHTS} holds no LoRA factors")
+    dropped, unset = sorted(in_file - in_model), sorted(in_model - in_file)
+    if dropped or unset:
+        example = (dropped or unset)[0]
+        raise LorademError(
+            f"adapter {source!r}: {len(in_file)} LoRA modules in {folder / ADAPTER_WEIGHTS} but "
+            f"{len(in_file & in_model)} matched the base's targeted modules (e.g. {example!r} "
+            f"{'is not in the base' if dropped else 'has no weights in the file'}; an adapter trained for another model?)"
+        )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(base_dir: Path, *, device: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """The base as a transformers causal LM (safetensors only), refusing a checkpoint with missing weights."""
+    from transformers import AutoModelForCausalLM
+
+    from loradem.base import check_base_folder
+
+    base_dir = Path(base_dir)
+    check_base_folder(base_dir)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=dtype, use_safetensors=True, output_loading_info=True
+    )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise LorademError(f"base {str(base_dir)!r}: weights missing from the checkpoint: {', '.join(missing[:3])}"
+                           + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
+    return model.to(device or default_device()).eval()
+
+
+def load_tokenizer(base_dir: Path):
+    """The base's tokenizer, left-padded for batched generation; pad = eos when the base has no pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise LorademError(f"base {str(base_dir)!r}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_multi(
+    base_dir: Path, adapters: dict[str, Path], *, device: Optional[str] = None, dtype: torch.dtype = torch.float32
+):
+    """Load the base once and every adapter into it, all active, all at weight 1; returns (PeftModel, tokenizer)."""
+    from peft import PeftModel
+
+    if not adapters:
+        raise LorademError("load_multi: expected at least one adapter")
+    for source, folder in adapters.items():
+        check_adapter_folder(source, Path(folder))
+    names = {source: peft_adapter_name(i, source) for i, source in enumerate(adapters)}
+    model = load_base(base_dir, device=device, dtype=dtype)
+    for i, (source, folder) in enumerate(adapters.items()):
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=names[source], is_trainable=False)
+            else:
+                model.load_adapter(str(folder), adapter_name=names[source], is_trainable=False)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LorademError(f"adapter {source!r}: {folder}: PEFT could not load it ({first[:300]})") from None
+    model.base_model.set_adapter(list(names.values()), inference_mode=True)
+    model.eval()
+    layers = _lora_layers(model)
+    for source, folder in adapters.items():
+        _check_all_loaded(source, names[source], Path(folder), layers)
+    setattr(model, _NAMES_ATTR, names)
+    setattr(model, _LAYERS_ATTR, list(layers.values()))
+    return model, load_tokenizer(base_dir)
+
+
+def adapter_names(model) -> dict[str, str]:
+    """source name -> PEFT adapter name, for a model built by `load_multi`."""
+    names = getattr(model, _NAMES_ATTR, None)
+    if names is None:
+        raise LorademError("set_weights: expected a model built by loradem.multi.load_multi")
+    return names
+
+
+def set_weights(model, weights: dict[str, float]) -> None:
+    """Make `model` compute θ₀ + Σ wᵢ·ΔWᵢ (ΔWᵢ = sᵢ·Bᵢ·Aᵢ); weight 0 turns an adapter off. Mutates the model's LoRA scales."""
+    names = adapter_names(model)
+    unknown = sorted(set(weights) - set(names))
+    missing = sorted(set(names) - set(weights))
+    if unknown or missing:
+        raise LorademError(
+            f"weights: expected exactly the sources {sorted(names)}"
+            + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
+        )
+    for source, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise LorademError(f"weights: {source}: expected a finite number, got {w!r}")
+    for layer in getattr(model, _LAYERS_ATTR):
+        for source, w in weights.items():
+            layer.set_scale(names[source], float(w))

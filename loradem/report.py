@@ -1,0 +1,206 @@
+"""`loradem report`: one table of every model on every source, with its cost.
+
+    write_report(out_dir, recipe, rows, recipe_path="recipes/demo.yaml")
+
+A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
+"cost": {"train_tokens", "train_seconds", "search_seconds", "total_seconds"},
+"weights": {source: w}}`` (weights optional; a per-source value may be None
+when not evaluated). Names in use: ``base``, ``adapter:<source>``,
+``uniform``, ``sum``, ``dem``, ``mix``, ``dem-<option>``.
+
+Writes, each atomically, after every row has been checked and every figure
+drawn (a bad row leaves earlier reports untouched): report.json (the recipe
+name, each source's metric, the rows, and `extra`), report.md (the table,
+the searched weights, how to reproduce), per_source.png (grouped bars of
+each source's metric per model) and cost_vs_score.png (average score
+against total cost, one labelled point per model). Exact match prints as a
+percentage, loss with 3 decimals.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from loradem.errors import LorademError
+from loradem.io import atomic_write_json, atomic_write_text
+
+COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
+METRIC_LABEL = {"exact_match": "exact match", "loss": "loss"}
+
+
+# ---- files --------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def save_png(fig, path: Path) -> None:
+    """Render a matplotlib Figure (no pyplot, Agg) and write it atomically."""
+    atomic_write_bytes(path, png_bytes(fig))
+
+
+# ---- checking and formatting ----------------------------------------------------
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_rows(rows: list[dict], sources: list[str]) -> None:
+    """Every row has a unique name, a value (or None) per source, an average and the four cost numbers."""
+    if not rows:
+        raise LorademError("report: expected at least one row")
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        name = row.get("name") if isinstance(row, dict) else None
+        where = f"report: row {i} ({name!r})"
+        if not isinstance(name, str) or not name:
+            raise LorademError(f"report: row {i}: name: expected a non-empty string")
+        if name in seen:
+            raise LorademError(f"{where}: name: appears twice")
+        seen.add(name)
+        per = row.get("per_source")
+        if not isinstance(per, dict) or sorted(per) != sorted(sources):
+            got = sorted(per) if isinstance(per, dict) else per
+            raise LorademError(f"{where}: per_source: expected a value for each of {sources}, got {got}")
+        for s, v in per.items():
+            if v is not None and not _is_number(v):
+                raise LorademError(f"{where}: per_source.{s}: expected a finite number or null, got {v!r}")
+        if row.get("average") is not None and not _is_number(row.get("average")):
+            raise LorademError(f"{where}: average: expected a finite number or null, got {row.get('average')!r}")
+        cost = row.get("cost")
+        if not isinstance(cost, dict) or any(not _is_number(cost.get(k)) for k in COST_KEYS):
+            raise LorademError(f"{where}: cost: expected numbers for {', '.join(COST_KEYS)}, got {cost!r}")
+        weights = row.get("weights")
+        if weights is not None and (not isinstance(weights, dict) or any(not _is_number(w) for w in weights.values())):
+            raise LorademError(f"{where}: weights: expected {{source: number}}, got {weights!r}")
+
+
+def format_value(value: Optional[float], metric: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if metric == "exact_match" else f"{value:.3f}"
+
+
+def average_metric(metrics: dict[str, str]) -> str:
+    """How to print an average: as exact match when every source is, else as a plain number."""
+    kinds = set(metrics.values())
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f}" if s >= 100 else f"{s:.1f}"
+
+
+# ---- report.md ------------------------------------------------------------------
+
+def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe_path: Optional[str]) -> str:
+    sources = list(metrics)
+    avg_kind = average_metric(metrics)
+    head = ["model", *[f"{s} ({METRIC_LABEL[m]})" for s, m in metrics.items()], "average",
+            "train tokens", "train s", "search s", "total s"]
+    lines = [
+        f"# {recipe_name}: results",
+        "",
+        "Each source is scored on its held-out test rows: exact match (higher is better) or loss (lower is better). "
+        "Costs are wall-clock seconds on the machine that ran them.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" + "---:|" * (len(head) - 1),
+    ]
+    for row in rows:
+        c = row["cost"]
+        cells = [f"`{row['name']}`", *[format_value(row["per_source"][s], metrics[s]) for s in sources],
+                 format_value(row.get("average"), avg_kind), f"{int(c['train_tokens']):,}",
+                 _seconds(c["train_seconds"]), _seconds(c["search_seconds"]), _seconds(c["total_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    weighted = [r for r in rows if r.get("weights")]
+    if weighted:
+        lines += ["", "## Weights", "", "| model | " + " | ".join(sources) + " |", "|---|" + "---:|" * len(sources)]
+        for row in weighted:
+            ws = [f"{row['weights'][s]:.3f}" if s in row["weights"] else "–" for s in sources]
+            lines.append(f"| `{row['name']}` | " + " | ".join(ws) + " |")
+    lines += ["", "## How to reproduce", "", "```", f"loradem run {recipe_path or '<recipe.yaml>'}", "```", ""]
+    return "\n".join(lines)
+
+
+# ---- figures --------------------------------------------------------------------
+
+def per_source_figure(metrics: dict[str, str], rows: list[dict]):
+    """Grouped bars, one panel per metric kind present: x = source, one bar per model."""
+    from matplotlib.figure import Figure
+
+    kinds = [k for k in ("exact_match", "loss") if k in metrics.values()]
+    fig = Figure(figsize=(max(6.4, 2.0 + 0.35 * len(metrics) * len(rows)) + 1.8, 3.4 * len(kinds)))
+    for panel, kind in enumerate(kinds, start=1):
+        ax = fig.add_subplot(len(kinds), 1, panel)
+        sources = [s for s, m in metrics.items() if m == kind]
+        width = 0.8 / len(rows)
+        for j, row in enumerate(rows):
+            xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(sources))]
+            vals = [row["per_source"][s] for s in sources]
+            scale = 100.0 if kind == "exact_match" else 1.0
+            ax.bar([x for x, v in zip(xs, vals) if v is not None],
+                   [scale * v for v in vals if v is not None], width, label=row["name"])
+        ax.set_xticks(range(len(sources)), sources)
+        ax.set_ylabel("exact match (%)" if kind == "exact_match" else "loss (lower is better)")
+        if kind == "exact_match":
+            ax.set_ylim(0, 100)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def cost_vs_score_figure(metrics: dict[str, str], rows: list[dict]):
+    from matplotlib.figure import Figure
+
+    avg_kind = average_metric(metrics)
+    scale = 100.0 if avg_kind == "exact_match" else 1.0
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for row in rows:
+        if row.get("average") is None:
+            continue
+        x, y = row["cost"]["total_seconds"], scale * row["average"]
+        ax.plot([x], [y], "o")
+        ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("total cost (seconds: training + search)")
+    ax.set_ylabel({"exact_match": "average exact match (%)", "loss": "average loss (lower is better)"}.get(avg_kind, "average"))
+    fig.tight_layout()
+    return fig
+
+
+# ---- the command ----------------------------------------------------------------
+
+def write_report(
+    out_dir: Path, recipe, rows: list[dict], *, extra: Optional[dict] = None, recipe_path: Optional[str] = None
+) -> None:
+    """Check the rows, then write report.json, report.md, per_source.png and cost_vs_score.png into out_dir."""
+    metrics = {s.name: s.metric for s in recipe.sources}
+    check_rows(rows, list(metrics))
+    clash = sorted(set(extra or {}) & {"recipe", "metric", "rows"})
+    if clash:
+        raise LorademError(f"report: extra: keys {clash} would overwrite the report's own")
+    doc = {"recipe": recipe.name, "metric": metrics, "rows": rows, **({"recipe_path": recipe_path} if recipe_path else {}),
+           **(extra or {})}
+    md = markdown(recipe.name, metrics, rows, recipe_path)
+    bars = png_bytes(per_source_figure(metrics, rows))
+    scatter = png_bytes(cost_vs_score_figure(metrics, rows))
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "report.json", doc)
+    atomic_write_bytes(out_dir / "per_source.png", bars)
+    atomic_write_bytes(out_dir / "cost_vs_score.png", scatter)
+    atomic_write_text(out_dir / "report.md", md)

@@ -1,0 +1,196 @@
+"""All adapters resident, weights as scales: logits equal a float64 fold of θ₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loradem.errors import LorademError
+from loradem.multi import adapter_names, load_multi, set_weights
+
+PROMPTS = ["What is 123 + 456? Answer:", "Reverse the word 'planet'."]
+
+
+def make_adapter(base_dir: Path, out: Path, *, seed: int, r: int, targets: list[str], alpha: float = 16.0, **extra) -> Path:
+    """Save a LoRA adapter with random A and B (B != 0, unlike a fresh adapter)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(init_lora_weights=False, r=r, lora_alpha=alpha, target_modules=targets, **extra)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def _pattern(patterns: dict, module: str, default):
+    """peft's rule: the first key whose regex matches the end of the module path wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def folded_model(base_dir: Path, mix: list[tuple[Path, float]]):
+    """A plain transformers model whose weights are base + Σ w·s·B@A, summed in float64 from the files."""
+    from transformers import AutoModelForCausalLM
+
+    state = {k: v.double() for k, v in load_file(base_dir / "model.safetensors").items()}
+    for folder, w in mix:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(folder / "adapter_model.safetensors")
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            b = tensors[f"{module}.lora_B.weight"].double()
+            short = module.removeprefix("base_model.model.")
+            r = a.shape[0]
+            alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
+            s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            state[f"{short}.weight"] += w * s * (b @ a.double())
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied: lm_head is embed_tokens
+    return model.eval()
+
+
+def logits(model, tok) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            out.append(model(input_ids=ids).logits[0])
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        # a '.' in the source name: peft's module dicts refuse it, load_multi must map it
+        "add.v2": make_adapter(tiny_base, root / "add", seed=1, r=4, alpha=8, targets=["q_proj", "v_proj"]),
+        "rev": make_adapter(tiny_base, root / "rev", seed=2, r=8, alpha=4, targets=["q_proj", "down_proj"], use_rslora=True),
+        "sort": make_adapter(
+            tiny_base, root / "sort", seed=3, r=2, alpha=16, targets=["q_proj", "v_proj", "gate_proj"],
+            rank_pattern={"v_proj": 6}, alpha_pattern={"layers.1.self_attn.q_proj": 3, "gate_proj": 5},
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_base, adapters):
+    return load_multi(tiny_base, adapters)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"add.v2": 0.0, "rev": 0.0, "sort": 0.0},
+        {"add.v2": 1.0, "rev": 0.0, "sort": 0.0},
+        {"add.v2": 0.0, "rev": 1.0, "sort": 0.0},
+        {"add.v2": 0.0, "rev": 0.0, "sort": 1.0},
+        {"add.v2": 0.7, "rev": -0.3, "sort": 1.3},
+    ],
+)
+def test_set_weights_equals_float64_fold(tiny_base, adapters, multi, weights):
+    model, tok = multi
+    set_weights(model, weights)
+    ref = folded_model(tiny_base, [(adapters[s], w) for s, w in weights.items()])
+    torch.testing.assert_close(logits(model, tok), logits(ref, tok), rtol=1e-5, atol=2e-5)
+
+
+def test_weights_matter_and_zero_is_the_base(tiny_base, multi):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = multi
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    set_weights(model, {"add.v2": 0.0, "rev": 0.0, "sort": 0.0})
+    assert torch.equal(logits(model, tok), logits(base, tok))
+    set_weights(model, {"add.v2": 1.0, "rev": 1.0, "sort": 1.0})
+    assert (logits(model, tok) - logits(base, tok)).abs().max() > 0.05  # the adapters really change the model
+
+
+def test_one_hot_equals_the_adapter_alone(tiny_base, adapters, multi):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = multi
+    alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapters["sort"]).eval()
+    set_weights(model, {"add.v2": 0.0, "rev": 0.0, "sort": 1.0})
+    torch.testing.assert_close(logits(model, tok), logits(alone, tok), rtol=1e-5, atol=1e-5)
+
+
+def test_setting_weights_is_repeatable(multi):
+    model, tok = multi
+    w = {"add.v2": 0.4, "rev": 1.1, "sort": 0.2}
+    set_weights(model, w)
+    first = logits(model, tok)
+    set_weights(model, {"add.v2": 1.5, "rev": 0.0, "sort": 0.9})
+    set_weights(model, w)
+    assert torch.equal(logits(model, tok), first)
+
+
+def test_names_are_mapped_and_model_is_ready(multi):
+    model, tok = multi
+    names = adapter_names(model)
+    assert list(names) == ["add.v2", "rev", "sort"]
+    assert all("." not in n for n in names.values())
+    assert sorted(model.base_model.active_adapters) == sorted(names.values())
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert tok.padding_side == "left" and tok.pad_token is not None
+
+
+def test_tied_base_loads(tiny_base_tied, tmp_path):
+    ad = make_adapter(tiny_base_tied, tmp_path / "a", seed=4, r=4, targets=["q_proj", "o_proj"])
+    model, tok = load_multi(tiny_base_tied, {"a": ad})
+    set_weights(model, {"a": 0.5})
+    ref = folded_model(tiny_base_tied, [(ad, 0.5)])
+    torch.testing.assert_close(logits(model, tok), logits(ref, tok), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"add.v2": 1.0, "rev": 1.0}, r"missing: \['sort'\]"),
+        ({"add.v2": 1.0, "rev": 1.0, "sort": 1.0, "other": 0.0}, r"unknown: \['other'\]"),
+        ({"add.v2": float("nan"), "rev": 1.0, "sort": 1.0}, r"add\.v2: expected a finite number"),
+    ],
+)
+def test_bad_weights_are_refused(multi, weights, message):
+    with pytest.raises(LorademError, match=message):
+        set_weights(multi[0], weights)
+
+
+def test_pickled_adapter_is_refused(tiny_base, adapters, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["rev"], bad)
+    (bad / "adapter_model.safetensors").rename(bad / "adapter_model.bin")
+    with pytest.raises(LorademError, match=r"adapter 'rev': expected .*adapter_model\.safetensors .*never unpickles"):
+        load_multi(tiny_base, {"rev": bad})
+
+
+def test_dora_adapter_is_refused(tiny_base, tmp_path):
+    ad = make_adapter(tiny_base, tmp_path / "dora", seed=5, r=4, targets=["q_proj"], use_dora=True)
+    with pytest.raises(LorademError, match=r"adapter 'd': .*use_dora is set; DoRA is not additive"):
+        load_multi(tiny_base, {"d": ad})
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")
+def test_adapter_for_other_modules_is_refused(tiny_base, adapters, tmp_path):
+    """PEFT silently drops keys for modules the base lacks; load_multi must not."""
+    bad = tmp_path / "other"
+    shutil.copytree(adapters["add.v2"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    tensors = {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()}
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(LorademError, match=r"adapter 'x': 4 LoRA modules in .* but 2 matched the base"):
+        load_multi(tiny_base, {"x": bad})

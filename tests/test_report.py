@@ -1,0 +1,111 @@
+"""The report: every row and column in report.json and report.md, numbers that follow their inputs, atomic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loradem.errors import LorademError
+from loradem.evaluate import exact_match
+from loradem.recipe import Recipe
+from loradem.report import write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+REFS = ["579", "49", "22", "1000"]
+
+
+def make_recipe(tmp_path: Path) -> Recipe:
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    return Recipe.model_validate({
+        "name": "demo", "base": "smollm2-135m",
+        "sources": [{"name": "add", "data": str(data)}, {"name": "rev.words", "data": str(data), "metric": "loss"}],
+    })
+
+
+def cost(train_tokens=0, train=0.0, search=0.0) -> dict:
+    return {"train_tokens": train_tokens, "train_seconds": train, "search_seconds": search, "total_seconds": train + search}
+
+
+def make_rows(dem_predictions: list[str]) -> list[dict]:
+    dem_em = exact_match(dem_predictions, REFS)
+    return [
+        {"name": "base", "per_source": {"add": 0.0, "rev.words": 3.21}, "average": 1.605, "cost": cost()},
+        {"name": "adapter:add", "per_source": {"add": 0.75, "rev.words": 2.5}, "average": 1.625, "cost": cost(12000, 50.0)},
+        {"name": "uniform", "per_source": {"add": 0.25, "rev.words": 2.0}, "average": 1.125, "cost": cost(24000, 100.0),
+         "weights": {"add": 0.5, "rev.words": 0.5}},
+        {"name": "dem", "per_source": {"add": dem_em, "rev.words": 1.8766}, "average": (dem_em + 1.8766) / 2,
+         "cost": cost(24000, 100.0, 12.0), "weights": {"add": 0.8, "rev.words": 1.25}},
+    ]
+
+
+def table_row(md: str, name: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| `{name}` |") and "%" in l)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_has_every_row_and_column(tmp_path):
+    recipe = make_recipe(tmp_path)
+    rows = make_rows(["579", "49", "x", "1000"])
+    write_report(tmp_path / "out", recipe, rows, extra={"weights_file": "weights.json"}, recipe_path="recipes/demo.yaml")
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["recipe"] == "demo" and doc["metric"] == {"add": "exact_match", "rev.words": "loss"}
+    assert doc["rows"] == rows and doc["weights_file"] == "weights.json"
+    md = (tmp_path / "out" / "report.md").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| model |"))
+    for col in ("add (exact match)", "rev.words (loss)", "average", "train tokens", "train s", "search s", "total s"):
+        assert col in header
+    assert table_row(md, "base") == ["`base`", "0.0%", "3.210", "1.605", "0", "0.0", "0.0", "0.0"]
+    assert table_row(md, "dem") == ["`dem`", "75.0%", "1.877", "1.313", "24,000", "100", "12.0", "112"]
+    assert "| `dem` | 0.800 | 1.250 |" in md and "| `uniform` | 0.500 | 0.500 |" in md  # the weights table
+    assert "loradem run recipes/demo.yaml" in md
+    for png in ("per_source.png", "cost_vs_score.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == PNG
+
+
+def test_a_changed_prediction_moves_the_report(tmp_path):
+    recipe = make_recipe(tmp_path)
+    out = tmp_path / "out"
+    write_report(out, recipe, make_rows(["579", "49", "x", "1000"]))
+    before_md, before_png = (out / "report.md").read_text(), (out / "per_source.png").read_bytes()
+    write_report(out, recipe, make_rows(["579", "49", "22", "1000"]))  # one more right answer
+    md = (out / "report.md").read_text()
+    assert table_row(before_md, "dem")[1] == "75.0%" and table_row(md, "dem")[1] == "100.0%"
+    assert json.loads((out / "report.json").read_text())["rows"][3]["per_source"]["add"] == 1.0
+    assert (out / "per_source.png").read_bytes() != before_png
+    assert table_row(md, "base") == table_row(before_md, "base")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda rows: rows[1]["per_source"].pop("rev.words"), r"row 1 \('adapter:add'\): per_source: expected a value for each of"),
+        (lambda rows: rows[2]["cost"].pop("search_seconds"), r"row 2 \('uniform'\): cost: expected numbers for"),
+        (lambda rows: rows[3]["per_source"].update({"add": float("nan")}), r"row 3 \('dem'\): per_source.add: expected a finite"),
+        (lambda rows: rows[3].update({"name": "base"}), r"row 3 \('base'\): name: appears twice"),
+    ],
+)
+def test_bad_rows_leave_the_earlier_report_intact(tmp_path, mutate, message):
+    recipe = make_recipe(tmp_path)
+    out = tmp_path / "out"
+    write_report(out, recipe, make_rows(REFS))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rows = make_rows(REFS)
+    mutate(rows)
+    with pytest.raises(LorademError, match=message):
+        write_report(out, recipe, rows)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_all_loss_sources_print_loss_averages(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n')
+    recipe = Recipe.model_validate({"name": "lm", "base": "smollm2-135m",
+                                    "sources": [{"name": "a", "data": str(data), "metric": "loss"}]})
+    rows = [{"name": "base", "per_source": {"a": 2.34567}, "average": 2.34567, "cost": cost()},
+            {"name": "dem", "per_source": {"a": None}, "average": None, "cost": cost(10, 1.0, 2.0), "weights": {"a": 1.0}}]
+    write_report(tmp_path / "out", recipe, rows)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| `base` | 2.346 | 2.346 | 0 |" in md and "| `dem` | – | – | 10 |" in md
