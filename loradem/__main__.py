@@ -1,0 +1,5 @@
+import sys
+
+from loradem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""The `loradem` command: a thin layer over the library.
+
+    loradem demo                          # = loradem run recipes/demo.yaml
+    loradem run RECIPE                    # train -> vectors -> search -> assemble -> eval -> report
+    loradem train|search|assemble|eval RECIPE
+    loradem assemble --base smollm2-135m --adapter PATH=0.7 --adapter PATH=0.4 --out DIR
+    loradem vectors info|similarity ADAPTER...
+    loradem check RECIPE                  # validate only
+
+Each subcommand loads the recipe, calls one library function and returns an
+exit code: 0 done, 2 bad input (one line on stderr, nothing written), 130
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from loradem import __version__
+from loradem.errors import LorademError
+
+EPILOG = """\
+The recipe (YAML) is the single source of truth: base model, sources, LoRA,
+training, search, assembly and evaluation settings. Outputs go to
+runs/<recipe name>/ unless the recipe says otherwise; trained adapters are
+cached in adapters/ keyed by what produced them, so re-running trains only
+what changed. See README.md for the recipe reference.
+"""
+
+
+def _recipe_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a recipe YAML file (e.g. recipes/demo.yaml)")
+
+
+def _weight(text: str) -> tuple[str, float]:
+    path, sep, w = text.rpartition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected PATH=WEIGHT, got {text!r}")
+    try:
+        value = float(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number after '=' in {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite weight in {text!r}, got {w}")
+    return path, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loradem",
+        description="Train one model on several data sources the DEM way (Distribution Edited Model, "
+        "arXiv 2406.15570), LoRA-native: one adapter per source, per-source weights searched with "
+        "Optuna on validation data, weighted deltas folded exactly into the full-precision base.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"loradem {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a recipe", description="Run every stage: train the "
+                       "missing adapters, analyse the vectors, search the weights, assemble the model, "
+                       "evaluate and write report.md / report.json.")
+    _recipe_arg(p)
+    p.add_argument("--force", action="append", default=[], metavar="SOURCE",
+                   help="retrain this source even if a finished adapter exists (repeatable)")
+
+    p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
+                       description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
+                       "exact-match tasks on the embedded SmolLM2-135M-Instruct; ~25 min on 2 CPU cores).")
+    p.add_argument("--recipe", default="recipes/demo.yaml", help="demo recipe (default: %(default)s)")
+
+    p = sub.add_parser("check", help="validate a recipe and its data without running anything",
+                       description="Validate the recipe schema, every data file and every row; print the "
+                       "effective per-source settings and split sizes.")
+    _recipe_arg(p)
+
+    p = sub.add_parser("train", help="train one LoRA adapter per source (only what is missing)",
+                       description="Train one LoRA adapter per source with TRL's SFT trainer. Adapters are "
+                       "keyed by base, data and settings: finished ones are skipped.")
+    _recipe_arg(p)
+    p.add_argument("--source", action="append", default=None, metavar="NAME",
+                   help="train only this source (repeatable); one job per source lets you spread "
+                   "sources over GPUs or machines")
+    p.add_argument("--force", action="append", default=[], metavar="SOURCE",
+                   help="retrain this source even if a finished adapter exists (repeatable)")
+
+    p = sub.add_parser("search", help="search per-source weights with Optuna on validation loss",
+                       description="Search one weight per source with Optuna. All adapters stay loaded; a "
+                       "trial only changes their scales. The study lives in runs/<name>/search/search.db "
+                       "and resumes when interrupted.")
+    _recipe_arg(p)
+
+    p = sub.add_parser("assemble", help="fold weighted adapter deltas into the base, exactly",
+                       description="Write base + sum_i w_i * (s_i B_i A_i) as an ordinary Hugging Face model "
+                       "folder, streamed tensor by tensor. Either give a RECIPE (uses its searched weights) "
+                       "or --base/--adapter/--out.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (uses runs/<name>/search/weights.json)")
+    p.add_argument("--base", help="base model: a local folder or 'smollm2-135m'")
+    p.add_argument("--adapter", action="append", type=_weight, default=[], metavar="PATH=WEIGHT",
+                   help="a PEFT LoRA adapter folder and its weight (repeatable)")
+    p.add_argument("--out", help="output model folder (default for a recipe: runs/<name>/model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size-mb", type=float, default=2000,
+                   help="largest safetensors shard written, in MB (default: %(default)s; peak memory is about one shard)")
+    p.add_argument("--allow-name-mismatch", action="store_true",
+                   help="accept adapters whose recorded base name differs (shapes must still match)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow adapter_model.bin (a pickle; only for files you trust)")
+
+    p = sub.add_parser("eval", help="evaluate base, each adapter, uniform, sum and DEM; write the report",
+                       description="Evaluate every model of the run on each source's held-out test rows "
+                       "and write report.md, report.json and plots to runs/<name>/.")
+    _recipe_arg(p)
+
+    p = sub.add_parser("vectors", help="inspect distribution vectors (adapter deltas)",
+                       description="Norms and pairwise similarities of adapter deltas, computed exactly from "
+                       "the low-rank factors (no dense delta is materialized).")
+    vsub = p.add_subparsers(dest="vectors_command", metavar="ACTION", required=True)
+    base_help = "base model (folder or 'smollm2-135m'); needed only for adapters with modules_to_save"
+    vp = vsub.add_parser("info", help="norm of each vector, per layer and in total")
+    vp.add_argument("adapters", nargs="+", help="adapter folders")
+    vp.add_argument("--base", help=base_help)
+    vp = vsub.add_parser("similarity", help="pairwise cosine similarity and distance, plus a heatmap PNG")
+    vp.add_argument("adapters", nargs="+", help="adapter folders (at least two)")
+    vp.add_argument("--base", help=base_help)
+    vp.add_argument("--png", default="similarity.png", help="heatmap output (default: %(default)s)")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from loradem import pipeline
+
+    if args.command == "run":
+        pipeline.run(args.recipe, force=args.force)
+    elif args.command == "demo":
+        pipeline.run(args.recipe)
+    elif args.command == "check":
+        pipeline.check(args.recipe)
+    elif args.command == "train":
+        pipeline.train(args.recipe, only=args.source, force=args.force)
+    elif args.command == "search":
+        pipeline.search(args.recipe)
+    elif args.command == "assemble":
+        _assemble(args)
+    elif args.command == "eval":
+        pipeline.evaluate(args.recipe)
+    elif args.command == "vectors":
+        pipeline.vectors_cli(args.vectors_command, args.adapters, png=getattr(args, "png", None), base=args.base)
+    return 0
+
+
+def _assemble(args: argparse.Namespace) -> None:
+    from loradem import pipeline
+    from loradem.assemble import assemble
+
+    if args.recipe:
+        if args.base or args.adapter:
+            raise LorademError("assemble: give either a RECIPE or --base/--adapter, not both")
+        pipeline.assemble_recipe(args.recipe, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
+        return
+    if not args.base or not args.adapter or not args.out:
+        raise LorademError("assemble: without a RECIPE, --base, at least one --adapter PATH=WEIGHT and --out are required")
+    assemble(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+             max_shard_size_mb=args.max_shard_size_mb, allow_name_mismatch=args.allow_name_mismatch,
+             trust_pickle=args.trust_pickle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except LorademError as exc:
+        print(f"loradem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loradem: interrupted; finished outputs are intact, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The stages of a run, each reading what the previous one wrote to disk.
+
+    loradem run recipes/demo.yaml     # every stage below, in order
+
+    runs/<name>/
+      recipe.json         the validated recipe, as run
+      adapters.json       source -> finished adapter folder, with its training cost   (train)
+      vectors.json        norms and pairwise similarities of the deltas; similarity.png (vectors)
+      search/             search.db (Optuna), weights.json, trials.csv, search.png        (search)
+      model/              the assembled Hugging Face model + loradem.json + README.md    (assemble)
+      report.md/.json     base, adapter:<source>, uniform, sum, dem; per_source.png ...  (eval)
+
+Any stage can be re-run alone; adapters are found again from the recipe (their
+folder names are keyed by base, data and settings), so a stale adapters.json
+can never point a later stage at the wrong vector.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from loradem.errors import LorademError
+from loradem.io import atomic_write_json, fingerprint_weights, read_json
+from loradem.recipe import Recipe, load_recipe
+
+Log = Callable[[str], None]
+
+
+def _log(stage: str) -> Log:
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} {stage}] {msg}", flush=True)
+
+    return log
+
+
+def _prepare(recipe_path: str | Path) -> tuple[Recipe, Path]:
+    from loradem.base import resolve_base
+
+    recipe = load_recipe(recipe_path)
+    base_dir = resolve_base(recipe.base, log=_log("base"))
+    return recipe, base_dir
+
+
+def _splits(recipe: Recipe) -> dict:
+    from loradem.data import load_splits
+
+    return {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
+
+
+# ---- check ---------------------------------------------------------------
+
+def check(recipe_path: str | Path) -> Recipe:
+    """Validate the recipe, every data row and the splits; print what a run would use."""
+    recipe = load_recipe(recipe_path)
+    splits = _splits(recipe)
+    print(f"recipe {recipe.name!r}: base {recipe.base}, outputs in {recipe.out_dir}/, adapters in {recipe.adapters_dir}/")
+    print(f"{'source':<16}{'format':<19}{'train':>7}{'val':>6}{'test':>6}  {'metric':<12}{'lr':>9}{'steps':>7}{'r':>4}")
+    for s in recipe.sources:
+        sp, tr, lo = splits[s.name], recipe.train_for(s), recipe.lora_for(s)
+        print(f"{s.name:<16}{sp.format:<19}{len(sp.train):>7}{len(sp.validation):>6}{len(sp.test):>6}  "
+              f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
+    print("ok")
+    return recipe
+
+
+# ---- train -----------------------------------------------------------------
+
+def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list[str] = ()) -> dict[str, Path]:
+    from loradem.train import train_all
+
+    recipe, base_dir = _prepare(recipe_path)
+    for name in [*(only or []), *force]:
+        recipe.source(name)  # unknown names fail before any work
+    adapters = train_all(recipe, base_dir, only=only, force=list(force), log=_log("train"))
+    _write_adapters_json(recipe, base_dir)
+    return adapters
+
+
+def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True) -> dict[str, Path]:
+    """The finished adapter folder of every source, found by its key; raise if one is missing."""
+    from loradem.train import adapter_dir, adapter_key, is_finished
+
+    splits = splits or _splits(recipe)
+    base_fp = fingerprint_weights(base_dir)
+    found: dict[str, Path] = {}
+    missing = []
+    for s in recipe.sources:
+        folder = adapter_dir(recipe, s, adapter_key(recipe, s, base_fp, splits[s.name].fingerprint))
+        if is_finished(folder):
+            found[s.name] = folder
+        else:
+            missing.append(s.name)
+    if missing and require:
+        raise LorademError(
+            f"recipe {recipe.name!r}: no finished adapter for source(s) {', '.join(missing)}; run `loradem train <recipe>` first"
+        )
+    return found
+
+
+def _train_record(folder: Path) -> dict:
+    path = folder / "loradem-train.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _write_adapters_json(recipe: Recipe, base_dir: Path) -> None:
+    adapters = finished_adapters(recipe, base_dir, require=False)
+    record = {}
+    for name, folder in adapters.items():
+        t = _train_record(folder)
+        record[name] = {k: t.get(k) for k in ("train_tokens", "train_seconds", "steps", "best_step", "best_val_loss", "flops_estimate")}
+        record[name]["path"] = str(folder)
+    atomic_write_json(recipe.out_dir / "adapters.json", record)
+
+
+# ---- vectors -----------------------------------------------------------------
+
+def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], log: Log = print) -> dict:
+    """Norms and pairwise similarities of the distribution vectors -> vectors.json, similarity.png."""
+    from loradem import vectors
+
+    names = list(adapters)
+    info = {n: vectors.vector_info(adapters[n], base=base_dir) for n in names}
+    result: dict = {"norms": {n: info[n]["total_norm"] for n in names}}
+    if len(names) > 1:
+        _, cos, dist = vectors.similarity([adapters[n] for n in names], base=base_dir)
+        result["cosine"] = {a: {b: float(cos[i][j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+        result["distance"] = {a: {b: float(dist[i][j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+        vectors.save_heatmap(names, cos, recipe.out_dir / "similarity.png", title=f"{recipe.name}: cosine similarity of deltas")
+    atomic_write_json(recipe.out_dir / "vectors.json", result)
+    for n in names:
+        log(f"{n}: ||delta|| = {result['norms'][n]:.4f}")
+    if "cosine" in result:
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                log(f"cos({a}, {b}) = {result['cosine'][a][b]:+.4f}")
+    return result
+
+
+def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None) -> None:
+    from loradem import vectors
+    from loradem.base import resolve_base
+
+    base_dir = resolve_base(base) if base else None
+
+    if action == "info":
+        for p in paths:
+            print(vectors.format_info(p, vectors.vector_info(p, base=base_dir)))
+        return
+    if len(paths) < 2:
+        raise LorademError("vectors similarity: expected at least two adapter folders")
+    names, cos, dist = vectors.similarity(paths, base=base_dir)
+    print(vectors.format_similarity(names, cos, dist))
+    if png:
+        vectors.save_heatmap(names, cos, Path(png), title="cosine similarity of deltas")
+        print(f"heatmap: {png}")
+
+
+# ---- search ------------------------------------------------------------------
+
+def search(recipe_path: str | Path) -> dict:
+    from loradem.search import search_weights
+
+    recipe, base_dir = _prepare(recipe_path)
+    splits = _splits(recipe)
+    adapters = finished_adapters(recipe, base_dir, splits)
+    validation = {n: splits[n].validation for n in adapters}
+    return search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
+
+
+def searched_weights(recipe: Recipe) -> dict:
+    path = recipe.out_dir / "search" / "weights.json"
+    if not path.is_file():
+        raise LorademError(f"{path}: no searched weights; run `loradem search <recipe>` first")
+    data = read_json(path)
+    weights = data.get("weights")
+    names = [s.name for s in recipe.sources]
+    if not isinstance(weights, dict) or sorted(weights) != sorted(names):
+        raise LorademError(f"{path}: weights are for sources {sorted(weights or {})}, the recipe has {sorted(names)}; re-run `loradem search`")
+    return data
+
+
+# ---- assemble ------------------------------------------------------------------
+
+def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+    recipe, base_dir = _prepare(recipe_path)
+    return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite)
+
+
+def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+    from loradem.assemble import assemble
+
+    weights = searched_weights(recipe)["weights"]
+    adapters = finished_adapters(recipe, base_dir)
+    target = Path(out) if out else recipe.out_dir / "model"
+    # the run's own model folder is loradem's to replace; a user-given --out is not
+    replace = overwrite or out is None
+    dt = dtype or (None if recipe.assemble.dtype == "auto" else recipe.assemble.dtype)
+    return assemble(
+        base_dir, [(adapters[n], float(weights[n])) for n in adapters], target, dtype=dt, overwrite=replace,
+        max_shard_size_mb=recipe.assemble.max_shard_size_mb, log=_log("assemble"),
+    )
+
+
+# ---- eval ------------------------------------------------------------------------
+
+def evaluate(recipe_path: str | Path) -> list[dict]:
+    recipe, base_dir = _prepare(recipe_path)
+    return _evaluate(recipe, base_dir)
+
+
+def _evaluate(recipe: Recipe, base_dir: Path) -> list[dict]:
+    from loradem.compare import compare_models
+
+    splits = _splits(recipe)
+    adapters = finished_adapters(recipe, base_dir, splits)
+    search_record = searched_weights(recipe)
+    model_dir = recipe.out_dir / "model"
+    if not (model_dir / "loradem.json").is_file():
+        raise LorademError(f"{model_dir}: no assembled model; run `loradem assemble <recipe>` first")
+    return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir, log=_log("eval"))
+
+
+# ---- run ---------------------------------------------------------------------------
+
+def run(recipe_path: str | Path, *, force: list[str] = ()) -> Path:
+    """Every stage in order; returns the run folder (report.md is inside)."""
+    from loradem.search import search_weights
+    from loradem.train import train_all
+
+    t0 = time.time()
+    recipe, base_dir = _prepare(recipe_path)
+    for name in force:
+        recipe.source(name)
+    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recipe.out_dir / "recipe.json", recipe.model_dump(mode="json"))
+    splits = _splits(recipe)
+
+    train_all(recipe, base_dir, force=list(force), log=_log("train"))
+    _write_adapters_json(recipe, base_dir)
+    adapters = finished_adapters(recipe, base_dir, splits)
+
+    analyse_vectors(recipe, base_dir, adapters, log=_log("vectors"))
+
+    validation = {n: splits[n].validation for n in adapters}
+    search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
+
+    _assemble(recipe, base_dir)
+    _evaluate(recipe, base_dir)
+    print(f"done in {time.time() - t0:.0f} s: {recipe.out_dir / 'report.md'}", flush=True)
+    return recipe.out_dir

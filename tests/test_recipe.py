@@ -1,0 +1,99 @@
+"""Recipe validation: every bad recipe fails before any work, with one line naming file, field and expectation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loradem.errors import LorademError
+from loradem.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").rglob("*.yaml")) + sorted((REPO / "recipes").rglob("*.yml"))
+    assert len(recipes) >= 2  # demo.yaml and demo-plus.yaml at least
+    for path in recipes:
+        recipe = load_recipe(path)
+        for source in recipe.sources:
+            assert Path(source.data).is_file(), (path, source.name)
+
+
+@pytest.fixture
+def recipe_dir(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    return tmp_path
+
+
+def write(recipe_dir: Path, **overrides) -> Path:
+    raw = {"base": "smollm2-135m", "sources": [{"name": "a", "data": "a.jsonl"}]}
+    raw.update(overrides)
+    path = recipe_dir / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_and_overrides(recipe_dir):
+    path = write(recipe_dir, train={"learning_rate": 3e-4},
+                 sources=[{"name": "a", "data": "a.jsonl", "train": {"max_steps": 7}, "lora": {"r": 4, "use_rslora": True}}])
+    recipe = load_recipe(path)
+    assert recipe.name == "r"  # from the file name
+    assert recipe.out_dir == Path("runs/r")
+    src = recipe.sources[0]
+    assert Path(src.data) == (recipe_dir / "a.jsonl").resolve()  # relative to the recipe
+    tr, lo = recipe.train_for(src), recipe.lora_for(src)
+    assert (tr.learning_rate, tr.max_steps, tr.batch_size) == (3e-4, 7, 8)
+    assert (lo.r, lo.alpha, lo.use_rslora) == (4, 16.0, True)
+    assert recipe.train.max_steps == 60  # the default block itself is untouched
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"sources": [{"name": "a", "data": "a.jsonl", "trian": {}}]},
+         r"r\.yaml: sources\[0\]\.trian: unknown key; expected one of: name, data"),
+        ({"train": {"lr": 1}}, r"r\.yaml: train\.lr: unknown key; expected one of: learning_rate"),
+        ({"bogus": 1}, r"r\.yaml: bogus: unknown key"),
+        ({"train": {"learning_rate": "fast"}}, r"r\.yaml: train\.learning_rate: .*valid number.*'fast'"),
+        ({"sources": [{"name": "a", "data": "missing.jsonl"}]},
+         r"r\.yaml: sources\[0\]\.data: expected an existing data file, .*missing\.jsonl' does not exist"),
+        ({"sources": [{"name": "a", "data": "a.jsonl"}, {"name": "a", "data": "a.jsonl"}]},
+         r"r\.yaml: sources: expected unique source names, 'a' appears twice"),
+        ({"sources": [{"name": "../evil", "data": "a.jsonl"}]},
+         r"r\.yaml: sources\[0\]\.name: expected a safe folder name .*got '\.\./evil'"),
+        ({"sources": [{"name": "a", "data": "a.jsonl", "validation": 1.5}]},
+         r"sources\[0\]\.validation: expected a row count .* got 1\.5"),
+        ({"sources": [{"name": "a", "data": "a.jsonl", "metric": "bleu"}]},
+         r"sources\[0\]\.metric: Input should be 'exact_match' or 'loss'"),
+        ({"sources": []}, r"r\.yaml: sources: List should have at least 1 item"),
+        ({"base": "./nope"}, r"r\.yaml: base: expected a model folder, .*nope' is not a directory"),
+        ({"search": {"low": 2, "high": 1}}, r"r\.yaml: search: expected low < high"),
+        ({"lora": {"r": 0}}, r"r\.yaml: lora\.r: Input should be greater than 0"),
+        ({"train": {"quantization": "int3"}}, r"train\.quantization: Input should be 'none' or 'nf4'"),
+        ({"sources": [{"name": "a"}]}, r"r\.yaml: sources\[0\]\.data: required field is missing"),
+    ],
+)
+def test_bad_recipe_one_line_error(recipe_dir, overrides, expected):
+    path = write(recipe_dir, **overrides)
+    with pytest.raises(LorademError, match=expected) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: [\n")
+    with pytest.raises(LorademError, match=r"bad\.yaml: line 2, column 1: not valid YAML"):
+        load_recipe(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(LorademError, match=r"bad\.yaml: \(top level\): expected a mapping"):
+        load_recipe(path)
+    with pytest.raises(LorademError, match=r"nothere\.yaml: recipe file not found"):
+        load_recipe(tmp_path / "nothere.yaml")
+
+
+def test_readme_recipe_reference_is_current():
+    from loradem.recipe import reference_markdown
+
+    assert reference_markdown() in (REPO / "README.md").read_text()
