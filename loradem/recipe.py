@@ -70,6 +70,9 @@ class TrainSettings(_Strict):
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_steps: int = Field(20, gt=0, description="Evaluate on the validation split (and checkpoint) every N steps.")
+    early_stopping_patience: Optional[int] = Field(
+        None, gt=0, description="Stop after this many evaluations without a better validation loss (null: run all steps; the best checkpoint is kept either way)."
+    )
     quantization: Literal["none", "nf4"] = Field(
         "none", description="'nf4': QLoRA on a 4-bit NF4 base (bitsandbytes); 'none': full-precision base."
     )
@@ -112,10 +115,31 @@ class Source(_Strict):
     test: Split = Field(0.1, description="Held-out test rows carved from `data` when `test_data` is not given (never trained or searched on).")
     test_data: Optional[str] = Field(None, description="Separate test file; when given, `test` is ignored.")
     metric: Literal["exact_match", "loss"] = Field("exact_match", description="Per-source evaluation metric on the test rows.")
+    vector: Optional[str] = Field(
+        None, description="A ready distribution vector (a LoRA adapter folder, or a hub id) to use instead of training; `data` still gives its validation and test rows."
+    )
+    importance: float = Field(1.0, ge=0, description="This source's weight in the search objective (a weighted mean over sources).")
+    mix_proportion: Optional[float] = Field(
+        None, gt=0, description="Share of this source in the data-mixing baseline (default: proportional to its training rows)."
+    )
     train: TrainOverride = Field(default_factory=TrainOverride, description="Overrides of the recipe's `train:` for this source.")  # type: ignore[valid-type]
     lora: LoraOverride = Field(default_factory=LoraOverride, description="Overrides of the recipe's `lora:` for this source.")  # type: ignore[valid-type]
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("vector")
+    @classmethod
+    def _resolve_vector(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        root = Path((info.context or {}).get("root", "."))
+        path = Path(value).expanduser()
+        candidate = path if path.is_absolute() else root / path
+        if candidate.is_dir():
+            return str(candidate.resolve())
+        if value.startswith((".", "/", "~")) or candidate.exists() or not re.match(r"^[\w.-]+/[\w.-]+$", value):
+            raise ValueError(f"expected an adapter folder or a hub id 'org/name', {str(candidate)!r} is not a directory")
+        return value
 
     @field_validator("data", "test_data")
     @classmethod
@@ -141,7 +165,21 @@ class SearchSettings(_Strict):
     low: float = Field(0.0, description="Lowest weight a source may get.")
     high: float = Field(1.5, description="Highest weight a source may get.")
     grid_points: int = Field(4, gt=1, description="Points per source for sampler: grid.")
-    objective: Literal["val_loss"] = Field("val_loss", description="Mean over sources of each source's validation loss.")
+    objective: Literal["val_loss", "exact_match"] = Field(
+        "val_loss", description="'val_loss': importance-weighted mean of each source's validation loss (minimized); 'exact_match': the same mean of exact match on the validation rows (maximized)."
+    )
+    granularity: Literal["source", "layer-groups"] = Field(
+        "source", description="'source': one weight per source; 'layer-groups': one weight per source per group of consecutive layers."
+    )
+    layer_groups: int = Field(4, gt=0, description="Number of layer groups when granularity is 'layer-groups'.")
+    global_scale: bool = Field(False, description="Also search one scale shared by all weights.")
+    storage: Optional[str] = Field(
+        None, description="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file path ending in .log (default: runs/<name>/search/search.db)."
+    )
+    warm_start: Optional[str] = Field(
+        None, description="A previous run's weights.json (relative to the working directory) whose best weights seed this study; new sources start at 0."
+    )
+    pruning: bool = Field(False, description="Stop a hopeless trial early (Optuna median pruner over per-source partial results).")
     max_rows_per_source: int = Field(32, gt=0, description="Validation rows per source used by each trial.")
     batch_size: int = Field(16, gt=0, description="Rows per forward pass during a trial.")
 
@@ -155,12 +193,28 @@ class SearchSettings(_Strict):
 class AssembleSettings(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Output dtype; 'auto' keeps the base's.")
     max_shard_size_mb: int = Field(2000, gt=0, description="Largest safetensors shard written, in MB.")
+    fold_base: Literal["original", "dequantized"] = Field(
+        "original", description="Which full-precision weights receive the deltas when adapters were trained on a 4-bit base: the original ones, or the de-quantized NF4 weights they were trained against."
+    )
 
 
 class EvalSettings(_Strict):
     max_new_tokens: int = Field(24, gt=0, description="Greedy decoding budget for exact match.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch.")
     max_rows_per_source: Optional[int] = Field(None, gt=0, description="Cap on test rows per source (null: all).")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks to run on every model (e.g. mmlu, bbh, drop; public tasks need their datasets reachable)."
+    )
+    lm_eval_include_path: Optional[str] = Field(
+        None, description="Folder of custom lm-eval task YAMLs (relative to the recipe), e.g. eval/tasks."
+    )
+    lm_eval_limit: Optional[int] = Field(None, gt=0, description="Cap on examples per lm-eval task.")
+
+
+class MixSettings(_Strict):
+    tokens: Union[Literal["match"], Annotated[int, Field(gt=0)]] = Field(
+        "match", description="Training tokens of the data-mixing baseline: 'match' = the sum of the per-source adapters' tokens (equal compute), or a number."
+    )
 
 
 class Recipe(_Strict):
@@ -176,6 +230,7 @@ class Recipe(_Strict):
     search: SearchSettings = Field(default_factory=SearchSettings, description="Weight search (see `search`).")
     assemble: AssembleSettings = Field(default_factory=AssembleSettings, description="Folding into the base (see `assemble`).")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation on held-out test rows (see `eval`).")
+    mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained by `loradem train --baseline mix` (see `mix`).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -318,7 +373,7 @@ def reference_markdown() -> str:
     """The recipe reference as markdown tables, one per block (the README embeds it)."""
     blocks = [
         ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
-        ("search", SearchSettings), ("assemble", AssembleSettings), ("eval", EvalSettings),
+        ("search", SearchSettings), ("assemble", AssembleSettings), ("eval", EvalSettings), ("mix", MixSettings),
     ]
     out = []
     for title, model in blocks:
