@@ -11,6 +11,21 @@ rsLoRA), from the layer's own r and α, which PEFT resolved from
 θ₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ without merging anything, weight 0 switches an adapter off,
 and a search trial costs one forward pass, never a reload or a merge.
 
+With ``fold=True`` (what the search uses) each plain Linear LoRA layer is
+folded instead: its base weight becomes W₀ + Σ wᵢ·sᵢ·Bᵢ·Aᵢ, recomputed from a
+kept copy of W₀ in one `addmm` over the concatenated factors (exact per call,
+no drift across trials), and PEFT is told the adapters are merged, so the
+forward pass is the plain model's. Measured on SmolLM2-135M with three rank-8
+all-linear adapters (1 thread): evaluation with unmerged adapters took 24%
+longer than with the deltas folded. The price is a copy of every folded weight
+(kept on the CPU when the model is on a GPU). Other LoRA layers (embeddings,
+tied weights, quantized bases) keep using scales.
+
+A weight may also be a list, one weight per layer group
+(`loradem.layers.weight_for`: consecutive decoder blocks in `len(list)` groups;
+modules outside the blocks get the list's mean), so a per-layer-group search
+sets per-layer scales the same way the assembler folds them.
+
 Source names may contain '.', which PEFT's module dicts refuse; adapters are
 registered as ``s<index>_<name with non-identifier characters as '_'>``, and
 the mapping lives on the model (`adapter_names(model)`).
@@ -22,7 +37,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -32,6 +47,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAMES_ATTR = "loradem_adapters"
 _LAYERS_ATTR = "loradem_lora_layers"
+_MODULES_ATTR = "loradem_lora_modules"
+_NUM_LAYERS_ATTR = "loradem_num_layers"
+_FOLD_ATTR = "loradem_folded"
+Weight = Union[float, Sequence[float]]
 # adapter features whose effect is not a weighted sum of low-rank deltas
 _NOT_ADDITIVE = {
     "use_dora": "DoRA is not additive (it rescales the base weight's rows)",
@@ -139,9 +158,12 @@ def load_tokenizer(base_dir: Path):
 
 
 def load_multi(
-    base_dir: Path, adapters: dict[str, Path], *, device: Optional[str] = None, dtype: torch.dtype = torch.float32
+    base_dir: Path, adapters: dict[str, Path], *, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
+    fold: bool = False,
 ):
-    """Load the base once and every adapter into it, all active, all at weight 1; returns (PeftModel, tokenizer)."""
+    """Load the base once and every adapter into it, all active, all at weight 1; returns (PeftModel, tokenizer).
+
+    fold=True: `set_weights` folds the weighted deltas into plain Linear layers' weights (see the module docstring)."""
     from peft import PeftModel
 
     if not adapters:
@@ -166,7 +188,72 @@ def load_multi(
         _check_all_loaded(source, names[source], Path(folder), layers)
     setattr(model, _NAMES_ATTR, names)
     setattr(model, _LAYERS_ATTR, list(layers.values()))
+    setattr(model, _MODULES_ATTR, list(layers))
+    setattr(model, _NUM_LAYERS_ATTR, num_hidden_layers(model.config))
+    setattr(model, _FOLD_ATTR, _foldable(model, layers, names) if fold else {})
+    if fold:
+        set_weights(model, {s: 1.0 for s in names})  # the same model as without fold: every adapter at weight 1
     return model, load_tokenizer(base_dir)
+
+
+class _Folded:
+    """One Linear LoRA layer folded into its base weight: W = W₀ + B_cat·diag(wᵢ·sᵢ per rank) @ A_cat."""
+
+    def __init__(self, layer, names: list[str]):
+        self.layer = layer
+        self.names = names  # PEFT adapter names present in this layer, in concatenation order
+        weight = layer.get_base_layer().weight
+        keep = "cpu" if weight.device.type == "cuda" else weight.device
+        self.w0 = weight.detach().to(keep, copy=True)
+        if keep == "cpu" and weight.device.type == "cuda":
+            self.w0 = self.w0.pin_memory()
+        self.a_cat = torch.cat([layer.lora_A[n].weight.detach() for n in names]).to(weight.dtype)
+        self.b = [layer.lora_B[n].weight.detach().to(weight.dtype) for n in names]
+
+    def apply(self, scale: dict[str, float]) -> None:
+        """scale: PEFT adapter name -> the layer's full scaling (w·α/r); writes the base weight in place."""
+        weight = self.layer.get_base_layer().weight
+        b_cat = torch.cat([b * scale[n] for n, b in zip(self.names, self.b)], dim=1)
+        with torch.no_grad():
+            if self.layer.fan_in_fan_out:  # (in, out) weights, e.g. GPT-2's Conv1D
+                weight.copy_(self.w0, non_blocking=True).addmm_(self.a_cat.t(), b_cat.t())
+            elif self.w0.device == weight.device:
+                torch.addmm(self.w0, b_cat, self.a_cat, out=weight.data)
+            else:
+                weight.copy_(self.w0, non_blocking=True).addmm_(b_cat, self.a_cat)
+        self.layer.merged_adapters = list(self.names)  # PEFT's forward then runs the base layer only
+
+
+def _foldable(model, layers: dict[str, object], names: dict[str, str]) -> dict[int, _Folded]:
+    """id(layer) -> _Folded for the plain, unshared Linear LoRA layers of a loaded multi-adapter model."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
+    out = {}
+    for layer in layers.values():
+        base = layer.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if (
+            type(layer) is not LoraLinear or not isinstance(base, torch.nn.Linear) or weight is None
+            or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or seen.get(weight.data_ptr(), 0) > 1
+            or getattr(layer, "lora_variant", {})
+        ):
+            continue
+        present = [n for n in names.values() if n in layer.lora_A]
+        if present:
+            out[id(layer)] = _Folded(layer, present)
+    return out
+
+
+def num_hidden_layers(config) -> int:
+    """Decoder blocks of a transformers config (the text model's, for a multimodal one)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise LorademError(f"base config ({type(config).__name__}): expected num_hidden_layers > 0, got {n!r}")
+    return n
 
 
 def adapter_names(model) -> dict[str, str]:
@@ -177,8 +264,28 @@ def adapter_names(model) -> dict[str, str]:
     return names
 
 
-def set_weights(model, weights: dict[str, float]) -> None:
-    """Make `model` compute θ₀ + Σ wᵢ·ΔWᵢ (ΔWᵢ = sᵢ·Bᵢ·Aᵢ); weight 0 turns an adapter off. Mutates the model's LoRA scales."""
+def _check_weight(source: str, w, num_layers: int) -> None:
+    if isinstance(w, (list, tuple)):
+        if not 1 <= len(w) <= num_layers:
+            raise LorademError(
+                f"weights: {source}: expected one weight per layer group, 1 to {num_layers} groups for this "
+                f"{num_layers}-layer model, got a list of {len(w)}"
+            )
+        for i, x in enumerate(w):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise LorademError(f"weights: {source}[{i}]: expected a finite number, got {x!r}")
+    elif isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        raise LorademError(f"weights: {source}: expected a finite number or a list of them (one per layer group), got {w!r}")
+
+
+def set_weights(model, weights: dict[str, Weight]) -> None:
+    """Make `model` compute θ₀ + Σ wᵢ·ΔWᵢ (ΔWᵢ = sᵢ·Bᵢ·Aᵢ); weight 0 turns an adapter off. Mutates the model's LoRA scales.
+
+    A weight is a number (every module) or a list of one weight per layer group, applied per
+    LoRA layer by `loradem.layers.weight_for` (modules outside the decoder blocks get the mean).
+    """
+    from loradem.layers import weight_for
+
     names = adapter_names(model)
     unknown = sorted(set(weights) - set(names))
     missing = sorted(set(names) - set(weights))
@@ -187,9 +294,13 @@ def set_weights(model, weights: dict[str, float]) -> None:
             f"weights: expected exactly the sources {sorted(names)}"
             + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else "")
         )
+    num_layers = getattr(model, _NUM_LAYERS_ATTR)
     for source, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise LorademError(f"weights: {source}: expected a finite number, got {w!r}")
-    for layer in getattr(model, _LAYERS_ATTR):
-        for source, w in weights.items():
-            layer.set_scale(names[source], float(w))
+        _check_weight(source, w, num_layers)
+    plain = {s: [float(x) for x in w] if isinstance(w, (list, tuple)) else float(w) for s, w in weights.items()}
+    folded = getattr(model, _FOLD_ATTR, {})
+    for module, layer in zip(getattr(model, _MODULES_ATTR), getattr(model, _LAYERS_ATTR)):
+        for source, w in plain.items():
+            layer.set_scale(names[source], w if isinstance(w, float) else weight_for(module, w, num_layers))
+        if id(layer) in folded:
+            folded[id(layer)].apply(layer.scaling)

@@ -38,8 +38,19 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def folded_model(base_dir: Path, mix: list[tuple[Path, float]]):
-    """A plain transformers model whose weights are base + Σ w·s·B@A, summed in float64 from the files."""
+def module_weight(short: str, w, num_layers: int = 2) -> float:
+    """A reference for per-layer-group weights on an evenly divisible model: block i of n is in group i*G//n;
+    modules outside the blocks get the mean."""
+    if isinstance(w, (int, float)):
+        return float(w)
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", short)
+    assert num_layers % len(w) == 0
+    return float(w[int(m.group(1)) * len(w) // num_layers]) if m else sum(w) / len(w)
+
+
+def folded_model(base_dir: Path, mix: list[tuple[Path, float | list[float]]]):
+    """A plain transformers model whose weights are base + Σ w·s·B@A, summed in float64 from the files
+    (w a float, or one weight per layer group)."""
     from transformers import AutoModelForCausalLM
 
     state = {k: v.double() for k, v in load_file(base_dir / "model.safetensors").items()}
@@ -55,7 +66,7 @@ def folded_model(base_dir: Path, mix: list[tuple[Path, float]]):
             r = a.shape[0]
             alpha = _pattern(cfg.get("alpha_pattern") or {}, short, cfg["lora_alpha"])
             s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            state[f"{short}.weight"] += w * s * (b @ a.double())
+            state[f"{short}.weight"] += module_weight(short, w) * s * (b @ a.double())
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied: lm_head is embed_tokens
@@ -85,9 +96,9 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def multi(tiny_base, adapters):
-    return load_multi(tiny_base, adapters)
+@pytest.fixture(scope="module", params=[False, True], ids=["scales", "fold"])
+def multi(tiny_base, adapters, request):
+    return load_multi(tiny_base, adapters, fold=request.param)
 
 
 @pytest.mark.parametrize(
@@ -194,3 +205,88 @@ def test_adapter_for_other_modules_is_refused(tiny_base, adapters, tmp_path):
     save_file(tensors, bad / "adapter_model.safetensors")
     with pytest.raises(LorademError, match=r"adapter 'x': 4 LoRA modules in .* but 2 matched the base"):
         load_multi(tiny_base, {"x": bad})
+
+
+@pytest.fixture(scope="module")
+def grouped_adapters(tiny_base, tmp_path_factory):
+    """Adapters for per-layer-group weights; 'a' also targets lm_head (outside the blocks: gets the mean)."""
+    root = tmp_path_factory.mktemp("grouped")
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        a = make_adapter(tiny_base, root / "a", seed=6, r=4, targets=["q_proj", "down_proj", "lm_head"])
+    return {"a": a, "b": make_adapter(tiny_base, root / "b", seed=7, r=2, alpha=4, targets=["v_proj", "up_proj"], use_rslora=True)}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["scales", "fold"])
+def grouped(tiny_base, grouped_adapters, request):
+    return grouped_adapters, load_multi(tiny_base, grouped_adapters, fold=request.param)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"a": [0.3, 1.4], "b": [1.2, -0.4]},
+        {"a": [0.0, 1.0], "b": 0.7},
+        {"a": [0.9], "b": [0.0, 1.5]},
+    ],
+)
+def test_layer_group_weights_equal_float64_fold_per_layer(tiny_base, grouped, weights):
+    ads, (model, tok) = grouped
+    set_weights(model, weights)
+    ref = folded_model(tiny_base, [(ads[s], w) for s, w in weights.items()])
+    torch.testing.assert_close(logits(model, tok), logits(ref, tok), rtol=1e-5, atol=2e-5)
+
+
+def test_layer_groups_change_the_model_per_layer(grouped):
+    """[w, w] is exactly w; moving one group's weight changes the output; lm_head gets the mean."""
+    _, (model, tok) = grouped
+    set_weights(model, {"a": 0.8, "b": 0.3})
+    flat = logits(model, tok)
+    set_weights(model, {"a": [0.8, 0.8], "b": [0.3, 0.3]})
+    assert torch.equal(logits(model, tok), flat)
+    set_weights(model, {"a": [0.8, 0.0], "b": [0.3, 0.3]})
+    assert not torch.allclose(logits(model, tok), flat, atol=1e-4)
+    head = next(l for name, l in zip(model.loradem_lora_modules, model.loradem_lora_layers) if name.endswith("lm_head"))
+    assert head.scaling[adapter_names(model)["a"]] == pytest.approx(0.4 * 16 / 4)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"a": [0.1, 0.2, 0.3], "b": 1.0}, r"weights: a: expected one weight per layer group, 1 to 2 groups for this 2-layer model, got a list of 3"),
+        ({"a": [], "b": 1.0}, r"weights: a: expected one weight per layer group.*got a list of 0"),
+        ({"a": [0.1, float("inf")], "b": 1.0}, r"weights: a\[1\]: expected a finite number"),
+        ({"a": "0.5", "b": 1.0}, r"weights: a: expected a finite number or a list of them"),
+    ],
+)
+def test_bad_group_weights_are_refused(grouped, weights, message):
+    with pytest.raises(LorademError, match=message):
+        set_weights(grouped[1][0], weights)
+
+
+def test_fold_runs_the_plain_model(tiny_base, adapters):
+    """fold=True: Linear layers hold W0 + Σ w·ΔW and skip the LoRA path; weight 0 restores W0 bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_multi(tiny_base, adapters, fold=True)
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_base).named_parameters())
+    q = model.base_model.model.model.layers[1].self_attn.q_proj
+    assert q.merged and not q.lora_A[adapter_names(model)["rev"]].weight.requires_grad
+    set_weights(model, {"add.v2": 0.0, "rev": 0.0, "sort": 0.0})
+    assert torch.equal(q.get_base_layer().weight, base["model.layers.1.self_attn.q_proj.weight"])
+    set_weights(model, {"add.v2": 0.5, "rev": 0.0, "sort": 0.0})
+    expect = base["model.layers.1.self_attn.q_proj.weight"].double() + q.get_delta_weight(adapter_names(model)["add.v2"]).double()
+    torch.testing.assert_close(q.get_base_layer().weight.double(), expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fold_leaves_tied_weights_to_scales(tiny_base_tied, tmp_path):
+    """lm_head shares embed_tokens' weight on a tied base: folding it would change the input embeddings too."""
+    ad = make_adapter(tiny_base_tied, tmp_path / "a", seed=8, r=4, targets=["q_proj", "lm_head"])
+    folded, tok = load_multi(tiny_base_tied, {"a": ad}, fold=True)
+    scaled, _ = load_multi(tiny_base_tied, {"a": ad})
+    head = folded.base_model.model.lm_head
+    assert not head.merged and folded.base_model.model.model.layers[0].self_attn.q_proj.merged
+    for w in (0.7, 1.3):
+        set_weights(folded, {"a": w})
+        set_weights(scaled, {"a": w})
+        torch.testing.assert_close(logits(folded, tok), logits(scaled, tok), rtol=1e-5, atol=2e-5)

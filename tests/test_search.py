@@ -1,4 +1,4 @@
-"""The weight search: a real objective, warm start, known optima, resume after an interruption, outputs."""
+"""The weight search: real objectives, warm starts, known optima, resume, workers and storages, pruning, importances, overhead."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from loradem.evaluate import encode_for_loss, mean_loss
 from loradem.multi import adapter_names, load_multi, set_weights
 from loradem.recipe import Recipe
 from loradem.search import search_weights
+from loradem.study import Storage
 from test_multi import make_adapter
 
 SOURCES = ["add", "rev.words"]
@@ -37,13 +38,14 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def make_recipe(tmp_path: Path, base: Path, **search) -> Recipe:
+def make_recipe(tmp_path: Path, base: Path, *, sources=SOURCES, importance=None, top=None, **search) -> Recipe:
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     return Recipe.model_validate({
         "name": "t", "base": str(base), "seed": 0, "train": {"max_length": 64},
-        "sources": [{"name": s, "data": str(data)} for s in SOURCES],
+        "sources": [{"name": s, "data": str(data), "importance": (importance or {}).get(s, 1.0)} for s in sources],
         "search": {"max_rows_per_source": 2, "batch_size": 2, **search},
+        **(top or {}),
     })
 
 
@@ -94,7 +96,7 @@ def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path):
         set_weights(model, t.params)
         losses = {s: mean_loss(model, encode_for_loss(VALIDATION[s][:2], tok, 64)) for s in SOURCES}
         assert t.value == pytest.approx(sum(losses.values()) / 2, rel=1e-5)
-        assert t.user_attrs["losses"] == pytest.approx(losses, rel=1e-5)
+        assert t.user_attrs["per_source"] == pytest.approx(losses, rel=1e-5)
     assert len({t.value for t in trials}) == 3  # the weights change the loss
     # outputs agree with the study
     best = min(trials, key=lambda t: t.value)
@@ -149,8 +151,8 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
         search_weights(recipe, tiny_base, adapters, VALIDATION, out, log=lambda s: None)
     assert not (out / "weights.json").exists() and not (out / "trials.csv").exists()
     monkeypatch.setattr(loradem.evaluate, "mean_loss", mean_loss)
-    study = optuna.load_study(storage=loradem.search.storage_url(out), study_name=optuna.get_all_study_names(
-        loradem.search.storage_url(out))[0])
+    url = Storage.parse(None, out).target
+    study = optuna.load_study(storage=url, study_name=optuna.get_all_study_names(url)[0])
     before = [(t.number, t.params, t.value) for t in complete(study)]
     assert len(before) == 3 and [t.state for t in study.trials].count(TrialState.FAIL) == 1
     result = search_weights(recipe, tiny_base, adapters, VALIDATION, out, log=lambda s: None)
@@ -207,3 +209,294 @@ def test_changed_validation_is_a_new_study(tiny_base, adapters, tmp_path):
     second = search_weights(make_recipe(tmp_path, tiny_base, n_trials=2), tiny_base, adapters, changed, out, log=lambda s: None)
     assert first["study"]["name"] != second["study"]["name"]
     assert second["n_trials"] == 2 and len(complete(load_study(first))) == 2
+
+
+# ---- objectives ---------------------------------------------------------------------
+
+def test_importance_weights_the_mean(tiny_base, adapters, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 3.0, "rev.words": 1.0}, n_trials=2, sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    for t in complete(load_study(result)):
+        v = t.user_attrs["per_source"]
+        assert t.value == pytest.approx((3 * v["add"] + v["rev.words"]) / 4, rel=1e-12)
+    assert result["importance"] == {"add": 3.0, "rev.words": 1.0} and result["objective_name"] == "val_loss"
+    # importance 0: the source is not evaluated at all
+    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 0.0}, n_trials=2, sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run0", log=lambda s: None)
+    assert all(set(t.user_attrs["per_source"]) == {"rev.words"} for t in complete(load_study(result)))
+    with pytest.raises(LorademError, match=r"sources\[\]\.importance: expected at least one source with importance > 0"):
+        search_weights(make_recipe(tmp_path, tiny_base, importance={"add": 0.0, "rev.words": 0.0}), tiny_base, adapters,
+                       VALIDATION, tmp_path / "none", log=lambda s: None)
+    assert not (tmp_path / "none").exists()
+
+
+def test_exact_match_objective_is_maximized(tiny_base, adapters, tmp_path):
+    """References are the model's own greedy answers at the plain sum, so that point scores 1.0 and wins."""
+    from loradem.evaluate import exact_match, generate_answers
+
+    model, tok = load_multi(tiny_base, adapters)
+    set_weights(model, {"add": 1.0, "rev.words": 1.0})
+    prompts = {"add": [r["prompt"] for r in VALIDATION["add"][:2]],
+               "rev.words": [r["messages"][:-1] for r in VALIDATION["rev.words"][:2]]}
+    own = {s: generate_answers(model, tok, p, max_new_tokens=4, log=None) for s, p in prompts.items()}
+    rows = {"add": [{"prompt": p, "completion": a} for p, a in zip(prompts["add"], own["add"])],
+            "rev.words": [{"messages": [*m, {"role": "assistant", "content": a}]} for m, a in zip(prompts["rev.words"], own["rev.words"])]}
+    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 2.0}, top={"eval": {"max_new_tokens": 4}},
+                         objective="exact_match", n_trials=3, sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, rows, tmp_path / "run", log=lambda s: None)
+    trials = complete(load_study(result))
+    assert load_study(result).direction == optuna.study.StudyDirection.MAXIMIZE
+    for t in trials:  # every recorded value is the real greedy exact match, importance-weighted
+        set_weights(model, t.params)
+        em = {s: exact_match(generate_answers(model, tok, prompts[s], max_new_tokens=4, log=None), own[s]) for s in SOURCES}
+        assert t.user_attrs["per_source"] == em
+        assert t.value == pytest.approx((2 * em["add"] + em["rev.words"]) / 3)
+    assert trials[1].params == {"add": 1.0, "rev.words": 1.0} and trials[1].value == 1.0
+    assert result["objective"] == 1.0 and result["direction"] == "maximize" and result["per_source"] == {"add": 1.0, "rev.words": 1.0}
+    assert result["best_trial"] == min(t.number for t in trials if t.value == 1.0)
+    header = read_csv(tmp_path / "run" / "trials.csv")[0]
+    assert "exact_match:add" in header and "exact_match:rev.words" in header
+
+
+def test_exact_match_needs_prompts(tiny_base, adapters, tmp_path):
+    rows = {**VALIDATION, "add": [{"text": "just text"}]}
+    recipe = make_recipe(tmp_path, tiny_base, objective="exact_match")
+    with pytest.raises(LorademError, match=r"search.objective: exact_match: source 'add': exact match needs a prompt"):
+        search_weights(recipe, tiny_base, adapters, rows, tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- search space: layer groups, global scale ---------------------------------------------
+
+def test_layer_groups_and_global_scale(tiny_base, adapters, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_base, granularity="layer-groups", layer_groups=4, global_scale=True,
+                         n_trials=3, sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    trials = complete(load_study(result))
+    # 4 groups asked, the tiny model has 2 blocks: 2 groups per source, plus the shared scale
+    assert set(trials[-1].params) == {"add@g0", "add@g1", "rev.words@g0", "rev.words@g1", "@global_scale"}
+    assert trials[0].params == {"add@g0": 0.5, "add@g1": 0.5, "rev.words@g0": 0.5, "rev.words@g1": 0.5, "@global_scale": 1.0}
+    best = next(t for t in trials if t.number == result["best_trial"])
+    g = best.params["@global_scale"]
+    expect = {s: [best.params[f"{s}@g0"] * g, best.params[f"{s}@g1"] * g] for s in SOURCES}
+    assert result["layer_weights"] == expect and result["layer_groups"] == 2 and result["global_scale"] == g
+    assert result["weights"] == {s: pytest.approx(sum(w) / 2) for s, w in expect.items()}
+    # the recorded objective is the loss of exactly those per-layer weights
+    model, tok = load_multi(tiny_base, adapters)
+    set_weights(model, result["layer_weights"])
+    losses = {s: mean_loss(model, encode_for_loss(VALIDATION[s][:2], tok, 64)) for s in SOURCES}
+    assert result["objective"] == pytest.approx(sum(losses.values()) / 2, rel=1e-5)
+    assert "w:add@g1" in read_csv(tmp_path / "run" / "trials.csv")[0]
+
+
+# ---- warm starts --------------------------------------------------------------------------
+
+def test_warm_start_after_adding_a_source(tiny_base, adapters, tmp_path):
+    out = tmp_path / "run"
+    lines: list[str] = []
+    first = search_weights(make_recipe(tmp_path, tiny_base, sources=["add"], n_trials=3), tiny_base, {"add": adapters["add"]},
+                           {"add": VALIDATION["add"]}, out, log=lines.append)
+    assert "search: parameter importances skipped (one parameter)" in lines
+    prev = first["weights"]["add"]
+    lines.clear()
+    second = search_weights(make_recipe(tmp_path, tiny_base, n_trials=7), tiny_base, adapters, VALIDATION, out, log=lines.append)
+    assert second["study"]["name"] != first["study"]["name"] and second["warm_start"] == str(out / "weights.json")
+    assert any("sources changed" in line for line in lines)
+    trials = complete(load_study(second))
+    assert trials[0].params == {"add": prev, "rev.words": 0.0}  # the previous best, new source off
+    expect = [{"add": prev, "rev.words": v} for v in (0.0, 0.25, 0.5, 1.0)]  # then the new source turned up
+    expect += [p for p in ({"add": 0.5, "rev.words": 0.5}, {"add": 1.0, "rev.words": 1.0}) if p not in expect]  # uniform, sum
+    assert [t.params for t in trials[: len(expect)]] == expect
+    # the previous study is untouched
+    assert len(complete(load_study(first))) == 3
+
+
+def test_warm_start_from_a_file(tiny_base, adapters, tmp_path):
+    prev = tmp_path / "elsewhere" / "weights.json"
+    prev.parent.mkdir()
+    prev.write_text(json.dumps({"weights": {"add": 0.9, "gone": 1.0}, "layer_weights": {"add": [0.8, 1.0]}}))
+    recipe = make_recipe(tmp_path, tiny_base, n_trials=2, warm_start=str(prev), sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    trials = complete(load_study(result))
+    assert trials[0].params == {"add": pytest.approx(0.9), "rev.words": 0.0}  # source granularity: the groups' mean
+    assert result["warm_start"] == str(prev)
+    recipe = make_recipe(tmp_path, tiny_base, n_trials=2, warm_start=str(prev), granularity="layer-groups", layer_groups=2)
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run2", log=lambda s: None)
+    assert complete(load_study(result))[0].params == {"add@g0": 0.8, "add@g1": 1.0, "rev.words@g0": 0.0, "rev.words@g1": 0.0}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"search.warm_start: .*missing.json: not found"),
+        ("{not json", r"missing.json: line 1: not valid JSON"),
+        ('{"weights": {"add": "high"}}', r"missing.json: weights.add: expected a finite number"),
+        ('{"weights": {"add": 1}, "layer_weights": {"add": []}}', r"layer_weights.add: expected a non-empty list"),
+    ],
+)
+def test_bad_warm_start_is_refused(tiny_base, adapters, tmp_path, content, message):
+    path = tmp_path / "missing.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(LorademError, match=message):
+        search_weights(make_recipe(tmp_path, tiny_base, warm_start=str(path)), tiny_base, adapters, VALIDATION,
+                       tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- storage, workers, other machines -------------------------------------------------------
+
+def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
+    """Another machine (another run folder) on the same journal file tops the same study up to its n_trials."""
+    journal = tmp_path / "shared" / "study.log"
+    a = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3, storage="sqlite:///ignored.db"), tiny_base, adapters,
+                       VALIDATION, tmp_path / "a", storage=str(journal), log=lambda s: None)
+    assert journal.is_file() and not (tmp_path / "a" / "search.db").exists() and not Path("ignored.db").exists()
+    assert a["study"]["storage"] == str(journal)
+    lines: list[str] = []
+    b = search_weights(make_recipe(tmp_path, tiny_base, n_trials=5, storage=str(journal)), tiny_base, adapters,
+                       VALIDATION, tmp_path / "b", log=lines.append)
+    assert b["study"] == a["study"] and "3 trials done, 2 to run" in lines[0]
+    study = optuna.load_study(study_name=a["study"]["name"],
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert len(complete(study)) == len(study.trials) == 5 and b["n_trials"] == 5
+
+
+def test_bad_storage_is_refused(tiny_base, adapters, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_base)
+    with pytest.raises(LorademError, match=r"--storage: expected an RDB URL .* or a journal file path ending in .log, got 'study.db'"):
+        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", storage="study.db", log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(LorademError, match=r"search.storage: cannot open postgresql://user:\*\*\*@db.invalid/x: ") as err:
+        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", storage="postgresql://user:secret@db.invalid/x",
+                       log=lambda s: None)
+    assert "secret" not in str(err.value)
+    with pytest.raises(LorademError, match=r"--workers: expected a whole number >= 1, got 0"):
+        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", workers=0, log=lambda s: None)
+
+
+def test_cli_search_flags():
+    from loradem.cli import build_parser
+
+    args = build_parser().parse_args(["search", "r.yaml", "--storage", "postgresql://u@h/db", "--workers", "3"])
+    assert (args.storage, args.workers) == ("postgresql://u@h/db", 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "r.yaml", "--workers", "0"])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_sqlite_study(tiny_base, adapters, tmp_path):
+    import os
+
+    lines: list[str] = []
+    result = search_weights(make_recipe(tmp_path, tiny_base, n_trials=6), tiny_base, adapters, VALIDATION, tmp_path / "run",
+                            workers=2, log=lines.append)
+    study = load_study(result)
+    trials = complete(study)
+    numbers = [t.number for t in study.trials]
+    assert len(trials) == len(study.trials) == 6 and sorted(numbers) == list(range(6))  # n_trials in total, no duplicates
+    pids = [t.user_attrs["pid"] for t in trials]
+    assert len(set(pids)) == 2 and os.getpid() not in pids and sorted(pids.count(p) for p in set(pids)) == [3, 3]
+    assert sorted({t.user_attrs["worker"] for t in trials}) == [0, 1]
+    assert {"add": 0.5, "rev.words": 0.5} in [t.params for t in trials] and {"add": 1.0, "rev.words": 1.0} in [t.params for t in trials]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the workers did not evaluate the same point twice
+    assert result["n_trials"] == 6 and result["processes"] == 2
+    assert any(line.startswith("[worker 0] trial ") for line in lines) and any(line.startswith("[worker 1] trial ") for line in lines)
+    # the values are real: the same losses a single process computes
+    model, tok = load_multi(tiny_base, adapters)
+    t = trials[-1]
+    set_weights(model, t.params)
+    assert t.value == pytest.approx(sum(mean_loss(model, encode_for_loss(VALIDATION[s][:2], tok, 64)) for s in SOURCES) / 2, rel=1e-5)
+
+
+# ---- pruning and importances --------------------------------------------------------------
+
+def per_source_quadratic(tok, targets: dict[str, float], scale: dict[str, float]):
+    """mean_loss stand-in: the source is recognized by its rows' first token; loss = 1 + scale·(w - target)²."""
+    first = {encode_for_loss(VALIDATION[s][:1], tok, 64)[0][0][0]: s for s in SOURCES}
+    calls: list[str] = []
+
+    def fake(model, encoded, *, batch_size=16, log=None):
+        s = first[encoded[0][0][0]]
+        calls.append(s)
+        return 1.0 + scale[s] * (scale_weights(model)[s] - targets[s]) ** 2
+
+    return fake, calls
+
+
+def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatch):
+    from loradem.multi import load_tokenizer
+
+    fake, calls = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.1})
+    monkeypatch.setattr(loradem.evaluate, "mean_loss", fake)
+    recipe = make_recipe(tmp_path, tiny_base, n_trials=16, sampler="random", pruning=True)
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    study = load_study(result)
+    done, pruned = complete(study), sorted(study.get_trials(states=(TrialState.PRUNED,)), key=lambda t: t.number)
+    assert pruned and len(done) + len(pruned) == len(study.trials) == 16
+    assert len(calls) == 2 * len(done) + len(pruned)  # a pruned trial evaluated its first source only
+    for t in pruned:
+        # MedianPruner: after 5 completed trials, a step-0 value worse than the median of earlier completed trials' step 0
+        earlier = sorted(c.intermediate_values[0] for c in done if c.number < t.number)
+        assert len(earlier) >= 5 and t.intermediate_values[0] > (earlier[(len(earlier) - 1) // 2] + earlier[len(earlier) // 2]) / 2
+        assert list(t.intermediate_values) == [0] and set(t.user_attrs["per_source"]) == {"add"}
+    assert result["best_trial"] in {t.number for t in done} and result["n_pruned"] == len(pruned) and result["n_trials"] == len(done)
+    rows = read_csv(tmp_path / "run" / "trials.csv")
+    assert [r["state"] for r in rows].count("PRUNED") == len(pruned)
+    assert all(r["val_loss:rev.words"] == "" for r in rows if r["state"] == "PRUNED")
+
+
+def test_importances(tiny_base, adapters, tmp_path, monkeypatch):
+    from loradem.multi import load_tokenizer
+
+    fake, _ = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.0})
+    monkeypatch.setattr(loradem.evaluate, "mean_loss", fake)
+    recipe = make_recipe(tmp_path, tiny_base, n_trials=20, sampler="random")
+    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    imp = result["importances"]
+    expect = optuna.importance.get_param_importances(
+        load_study(result), evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=SOURCES)
+    assert imp["values"] == pytest.approx(expect) and imp["n_trials"] == 20 and imp["evaluator"] == "PedAnovaImportanceEvaluator"
+    assert sum(imp["values"].values()) == pytest.approx(1.0)
+    assert imp["values"]["add"] > imp["values"]["rev.words"]  # only add's weight changes the objective
+    assert (tmp_path / "run" / "importances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # too few trials: no importances, and no stale plot left behind
+    small = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3, sampler="random", high=1.4), tiny_base, adapters,
+                           VALIDATION, tmp_path / "run", log=lambda s: None)
+    assert small["importances"] is None and not (tmp_path / "run" / "importances.png").exists()
+
+
+# ---- overhead -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_overhead_measurement_prints(tiny_base, tmp_path, capsys):
+    """bench_search on the tiny model: both trial kinds run, agree on the loss, and the table prints (no timing asserted)."""
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("bench_search", Path(__file__).parents[1] / "benchmarks" / "bench_search.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--base", str(tiny_base), "--trials", "2", "--rows", "3", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert "loradem (fold, the search)" in out and "loradem (LoRA scales)" in out and "naive (load + cat merge)" in out
+    assert "naive / loradem (fold) trial time" in out
+    for kind in ("loradem", "scales", "naive"):
+        r = result[kind]
+        assert len(r["trials"]) == 2 and 0 <= r["non_eval_fraction"] <= 1
+        assert all(t["trial_seconds"] == pytest.approx(t["setup_seconds"] + t["eval_seconds"]) for t in r["trials"])
+    assert result["ratio"] > 0 and result["rows"] == {"random0": 3, "random1": 3, "random2": 3}
+    assert result["max_rel_loss_diff"] < 1e-4  # the naive (cat) merge and the LoRA scales compute the same model
+    assert result["loradem"]["trials"][0]["losses"] != result["loradem"]["trials"][1]["losses"]  # the weights matter
+    for fold, scales in zip(result["loradem"]["trials"], result["scales"]["trials"]):
+        assert fold["losses"] == pytest.approx(scales["losses"], rel=1e-5)
+
+
+def test_worker_failures_reach_the_parent():
+    """run_workers with tiny picklable jobs: success, a child's LorademError as is, anything else as RuntimeError."""
+    from loradem.study import run_workers
+
+    run_workers(Storage.parse, ["a.log", "b.log"], lambda s: None)  # Storage.parse(job, log) returns: done
+    with pytest.raises(LorademError, match=r"search.storage: expected an RDB URL .*got 'bad'"):
+        run_workers(Storage.parse, ["ok.log", "bad"], lambda s: None)
+    with pytest.raises(RuntimeError, match=r"search: worker process \d+ failed: TypeError: .*re-run to resume"):
+        run_workers(divmod, [1], lambda s: None)

@@ -1,0 +1,265 @@
+"""The Optuna study behind `loradem search`: where it lives, who runs its trials, what it learned.
+
+    storage = Storage.parse(None, out_dir)                     # sqlite:///<out_dir>/search.db
+    storage = Storage.parse("postgresql://u:pw@db/loradem", out_dir, field="--storage")
+    storage = Storage.parse("runs/shared/search.log", out_dir) # a JournalStorage file
+    study = open_study(storage, name, sampler, direction="minimize", pruner=None)
+    run_workers(job_fn, jobs, log)                             # one spawned process per job
+
+Storage: an RDB URL (anything SQLAlchemy and Optuna accept: sqlite:///,
+postgresql://, mysql://) or a path ending in ``.log`` for Optuna's
+`JournalStorage(JournalFileBackend(path))` (an append-only file with a file
+lock, fine on a shared file system). Passwords are hidden whenever the URL is
+printed or written.
+
+Parallel trials: the study is created, and warm starts are queued, once, by
+the process that starts the workers (Optuna 5 crashes when several processes
+create one new SQLite study at once); each worker then loads the study and the
+model itself. Separate `loradem search` processes (other machines) pointed at
+one storage each top the study up to its target; creation races between them
+are retried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from loradem.errors import LorademError
+
+FINISHED = ("COMPLETE", "PRUNED")  # trial states that count towards n_trials
+MIN_IMPORTANCE_TRIALS = 10
+_CREATE_ATTEMPTS = 4
+
+
+# ---- storage -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Storage:
+    kind: str  # "rdb" | "journal"
+    target: str  # the URL, or the journal file's absolute path
+
+    @classmethod
+    def parse(cls, spec: Optional[str], out_dir: Path, *, field: str = "search.storage") -> "Storage":
+        if spec is None:
+            return cls("rdb", f"sqlite:///{(Path(out_dir) / 'search.db').resolve()}")
+        spec = spec.strip()
+        if spec.endswith(".log"):
+            return cls("journal", str(Path(spec).expanduser().resolve()))
+        if "://" in spec:
+            return cls("rdb", spec)
+        raise LorademError(
+            f"{field}: expected an RDB URL (sqlite:///path.db, postgresql://user@host/db, ...) "
+            f"or a journal file path ending in .log, got {spec!r}"
+        )
+
+    @property
+    def display(self) -> str:
+        """The URL with any password hidden, or the journal path: what logs and weights.json show."""
+        if self.kind == "journal":
+            return self.target
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(self.target).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - an unparsable URL fails in open(); never print its password
+            return self.target.split("://", 1)[0] + "://***"
+
+    def open(self):
+        """The Optuna storage object (a fresh one per process)."""
+        import optuna
+
+        if self.kind == "journal":
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(self.target))
+        kwargs: dict[str, Any] = {}
+        if self.target.startswith("sqlite"):
+            kwargs = {"connect_args": {"timeout": 60}}  # workers wait for the file lock instead of failing
+        return optuna.storages.RDBStorage(self.target, engine_kwargs=kwargs)
+
+
+def _open_error(storage: Storage, exc: BaseException) -> LorademError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LorademError(f"search.storage: cannot open {storage.display}: {text[:300]}")
+
+
+def open_study(storage: Storage, name: str, sampler, *, direction: str, pruner=None, create: bool = True):
+    """Create the study (or load it: an interrupted search resumes); retried when another process creates it at the same moment."""
+    import optuna
+
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            backend = storage.open()
+            if not create:
+                return optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+            return optuna.create_study(
+                storage=backend, study_name=name, sampler=sampler, pruner=pruner, direction=direction, load_if_exists=True
+            )
+        except LorademError:
+            raise
+        except ValueError as exc:  # an existing study with another direction
+            raise LorademError(f"search.storage: study {name!r} in {storage.display}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - drivers raise their own types (ImportError, OperationalError, ...)
+            if "already exists" in str(exc).lower() and attempt < _CREATE_ATTEMPTS - 1:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise _open_error(storage, exc) from None
+    raise AssertionError("unreachable")
+
+
+# ---- trials ------------------------------------------------------------------
+
+def trials_in(study, *states: str) -> list:
+    from optuna.trial import TrialState
+
+    return sorted(study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in states)), key=lambda t: t.number)
+
+
+def finished_count(study) -> int:
+    return len(trials_in(study, *FINISHED))
+
+
+def enqueue_points(study, points: list[dict[str, float]]) -> int:
+    """Queue each point the study has not finished, queued or started; returns how many were queued.
+
+    A running trial counts as started (another machine may be evaluating it); a trial of a process
+    that was killed outright stays RUNNING in the storage, and its point is then not queued again.
+    """
+    seen = [t.params for t in trials_in(study, "COMPLETE", "PRUNED")]
+    seen += [t.system_attrs.get("fixed_params", t.params) for t in trials_in(study, "WAITING", "RUNNING")]
+    queued = 0
+    for point in points:
+        if point not in seen:
+            study.enqueue_trial(point)
+            seen.append(point)
+            queued += 1
+    return queued
+
+
+def stop_at(target: int) -> Callable:
+    """A callback that stops a worker once the study has `target` finished trials (other workers included)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    return MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def split_trials(remaining: int, workers: int) -> list[int]:
+    """Trials per worker, as equal as possible, summing to `remaining` (workers with 0 are not started)."""
+    size, extra = divmod(remaining, workers)
+    return [n for n in (size + (i < extra) for i in range(workers)) if n > 0]
+
+
+# ---- worker processes ------------------------------------------------------------
+
+def _child(job_fn: Callable, job: Any, queue) -> None:
+    def log(msg: str) -> None:
+        queue.put(("log", msg))
+
+    try:
+        job_fn(job, log)
+        queue.put(("done", None))
+    except LorademError as exc:
+        queue.put(("bad-input", str(exc)))
+    except KeyboardInterrupt:
+        queue.put(("interrupted", None))
+    except BaseException as exc:  # noqa: BLE001 - the traceback goes to stderr here; the parent raises
+        traceback.print_exc()
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        queue.put(("error", f"worker process {os.getpid()} failed: {last}"))
+
+
+def run_workers(job_fn: Callable[[Any, Callable[[str], None]], None], jobs: list, log: Callable[[str], None]) -> None:
+    """Run job_fn(job, log) in one spawned process per job; relay their log lines; raise when one failed
+    (its LorademError as is; anything else as a RuntimeError, after the worker printed its traceback).
+
+    `job_fn` must be a module-level function and each job picklable (spawn starts fresh interpreters:
+    no forked torch state). Ctrl-C interrupts every worker (each marks its running trial failed).
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(job_fn, job, q), name=f"loradem-search-{i}") for i, job in enumerate(jobs)]
+    errors: list[str] = []
+    bad_input: list[str] = []
+    interrupted = False
+
+    def handle(msg: tuple) -> None:
+        nonlocal interrupted
+        kind, text = msg
+        if kind == "log":
+            log(text)
+        elif kind == "error":
+            errors.append(text)
+        elif kind == "bad-input":
+            bad_input.append(text)
+        elif kind == "interrupted":
+            interrupted = True
+
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            try:
+                handle(q.get(timeout=0.2))
+            except queue_mod.Empty:
+                pass
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        raise
+    finally:
+        while True:
+            try:
+                handle(q.get(timeout=0.1))
+            except (queue_mod.Empty, OSError, ValueError):
+                break
+    if interrupted:
+        raise KeyboardInterrupt
+    if bad_input:
+        raise LorademError(bad_input[0])
+    crashed = errors or [f"worker process {p.pid} exited with status {p.exitcode}" for p in procs if p.exitcode not in (0, None)]
+    if crashed:
+        more = f" (and {len(crashed) - 1} more)" if len(crashed) > 1 else ""
+        raise RuntimeError(f"search: {crashed[0]}{more}; finished trials are in the study, re-run to resume")
+
+
+# ---- what the study learned ----------------------------------------------------------
+
+def param_importances(study, params: list[str], log: Callable[[str], None]) -> Optional[dict]:
+    """Optuna's parameter importances over the completed trials, or None (with a log line) when they mean nothing.
+
+    Optuna 5.0's default evaluator is PED-ANOVA (numpy only; fANOVA and mean-decrease-impurity need
+    scikit-learn): it compares the parameter distribution of the best 10% of trials with all of them.
+    """
+    import optuna
+
+    n = len(trials_in(study, "COMPLETE"))
+    if len(params) < 2:
+        log("search: parameter importances skipped (one parameter)")
+        return None
+    if n < MIN_IMPORTANCE_TRIALS:
+        log(f"search: parameter importances skipped ({n} completed trials, need {MIN_IMPORTANCE_TRIALS})")
+        return None
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+    except Exception as exc:  # noqa: BLE001 - importances are a by-product; the search result stands
+        log(f"search: parameter importances skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        return None
+    return {"evaluator": type(evaluator).__name__, "n_trials": n, "values": {p: float(v) for p, v in values.items()}}
