@@ -23,26 +23,56 @@ Rendering (the same in evaluation): a messages row trains as conversational
 prompt/completion (prompt = messages[:-1] through the chat template with the
 generation prompt, completion = the last assistant turn + eos); loss on the
 completion only unless ``completion_only_loss: false``.
+
+Early stopping: with ``train.early_stopping_patience: N`` transformers'
+EarlyStoppingCallback stops after N evaluations without a lower validation
+loss; the record says ``stopped_early`` and the real ``steps``; the kept
+adapter is still the best evaluated checkpoint.
+
+Sources with ``vector:`` (a ready distribution vector) are not trained:
+`train_all` logs "<name>: uses ready vector <path>" and leaves them out of its
+result (`pipeline.finished_adapters` finds them).
+
+Killed mid-source (SIGKILL, power loss): only ``.<source>-<key>.partial-<pid>``
+is left, which `is_finished` never sees (it looks at the final name only) and
+the next run deletes before it restarts that source **from scratch**. Resuming
+from TRL's intermediate checkpoints would mean loading the pickled
+``optimizer.pt`` / ``rng_state.pth`` through torch.load, which loradem refuses
+to do (checkpoints are saved with ``save_only_model``, adapter weights only).
+
+``vector.json`` (the shareable card, read and checked by `loradem.card`):
+loradem_vector (format version), source, base {name, fingerprint}, data
+{fingerprint, rows {train, validation, test}, format}, the effective train and
+lora settings, metrics {best_val_loss, best_step, steps, train_tokens},
+adapter_sha256 and loradem_version. It is written inside the atomic folder, so
+only finished adapters have one; an adapter finished before cards existed gets
+its card (from its ``loradem-train.json``) the next time it is reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from transformers import TrainerCallback
 
 import loradem
 from loradem.data import Splits, load_splits
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, fingerprint_weights, stable_hash
+from loradem.io import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
 from loradem.recipe import LoraSettings, Recipe, Source, TrainSettings
 
 TRAIN_RECORD = "loradem-train.json"
-FINISHED_FILES = ("adapter_config.json", "adapter_model.safetensors", TRAIN_RECORD, "curve.png")
+CARD = "vector.json"
+CARD_VERSION = 1
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FINISHED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, TRAIN_RECORD, CARD, "curve.png")
 FLOPS_FORMULA = "6 * n_params * train_tokens (n_params: every base and LoRA parameter, embeddings included)"
 Log = Callable[[str], Any]
 
@@ -67,6 +97,34 @@ def adapter_dir(recipe: Recipe, source: Source, key: str) -> Path:
 
 def is_finished(folder: Path) -> bool:
     return all((folder / name).is_file() for name in FINISHED_FILES)
+
+
+# ---- one process, or data parallelism (torchrun / accelerate launch) -----------
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a torchrun / accelerate launch job (env RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def output_folder(final: Path) -> Iterator[Path]:
+    """`atomic_dir(final)` on the main process. Under data parallelism every rank trains in step, but only
+    rank 0 writes the adapter: the others get a throwaway scratch folder (never a ``.partial`` beside
+    `final`, which rank 0 would be writing), and all ranks wait until `final` is in place."""
+    if is_main_process():
+        with atomic_dir(final, overwrite=True) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix=".loradem-rank-") as tmp:
+            yield Path(tmp)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 # ---- settings -> TRL / PEFT ----------------------------------------------
@@ -125,9 +183,14 @@ def trainer_configs(train: TrainSettings, lora: LoraSettings, *, seed: int, outp
 
 
 def trl_rows(rows: list[dict], fmt: str) -> list[dict]:
-    """Rows as TRL expects them: conversational prompt/completion, plain prompt/completion, or text."""
+    """Rows as TRL expects them: conversational prompt/completion, plain prompt/completion, or text.
+
+    Keys starting with ``loradem_`` (row tags, e.g. the mixing baseline's source and row index) are kept;
+    TRL carries them through tokenization and the Trainer drops them before the model sees a batch.
+    """
     if fmt == "messages":
-        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:],
+                 **{k: v for k, v in r.items() if k.startswith("loradem_")}} for r in rows]
     return [dict(r) for r in rows]
 
 
@@ -187,28 +250,39 @@ def train_source(
 ) -> Path:
     """Train `source`'s adapter (or reuse a finished one) and return its folder.
 
-    `callbacks` are extra transformers TrainerCallbacks (e.g. EarlyStoppingCallback).
+    `callbacks` are extra transformers TrainerCallbacks (tests use them to watch or perturb training).
     """
     if splits.source != source.name:
         raise ValueError(f"splits are for source {splits.source!r}, not {source.name!r}")
+    if source.vector is not None:
+        raise LorademError(f"source {source.name!r} uses a ready vector ({source.vector}); it is not trained")
     base_fp = fingerprint_weights(base_dir)
     key = adapter_key(recipe, source, base_fp, splits.fingerprint)
     final = adapter_dir(recipe, source, key)
-    if is_finished(final) and not force:
-        log(f"{source.name}: skipped (finished adapter {final})")
-        return final
+    if not force:
+        card = missing_card(final, recipe.base, splits)  # an adapter finished before cards existed
+        if card is not None and is_main_process():
+            atomic_write_json(final / CARD, card)
+        if is_finished(final) or card is not None:  # the same decision on every rank
+            log(f"{source.name}: skipped (finished adapter {final})")
+            return final
     if not splits.validation:
         raise LorademError(
             f"source {source.name!r}: no validation rows; the best checkpoint is chosen on them "
             "(set `validation:` to a row count or fraction above 0)"
         )
-    with atomic_dir(final, overwrite=True) as tmp:
-        record = _fit(recipe, source, Path(base_dir), splits, tmp, log, callbacks)
+    with output_folder(final) as tmp:
+        record = fit(
+            source.name, Path(base_dir), recipe.train_for(source), recipe.lora_for(source), seed=recipe.seed,
+            fmt=splits.format, train_rows=splits.train, val_rows=splits.validation, out=tmp, log=log,
+            callbacks=callbacks,
+        )
         record.update(source=source.name, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
-        (tmp / TRAIN_RECORD).write_text(json.dumps(_ordered(record), indent=2) + "\n", encoding="utf-8")
-        plot_curve(record["history"], tmp / "curve.png", title=f"{source.name} ({key})", best_step=record["best_step"])
+        if is_main_process():
+            finish_folder(tmp, record, base_name=recipe.base, rows=split_rows(splits), fmt=splits.format)
     log(
-        f"{source.name}: trained -> {final} (best step {record['best_step']}/{record['steps']}, "
+        f"{source.name}: trained -> {final} (best step {record['best_step']}/{record['steps']}"
+        f"{', stopped early' if record['stopped_early'] else ''}, "
         f"val loss {record['best_val_loss']:.4f}, {record['train_seconds']:.1f} s)"
     )
     return final
@@ -221,63 +295,101 @@ def train_all(
     only: list[str] | None = None,
     force: Sequence[str] = (),
     log: Log = print,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Path]:
-    """Train every source (or those in `only`) whose adapter is not finished; retrain those in `force`."""
+    """Train every source (or those in `only`) whose adapter is not finished; retrain those in `force`.
+
+    Returns {source: adapter folder} for the trained sources; sources with a ready `vector:` are skipped.
+    """
     names = [s.name for s in recipe.sources] if only is None else list(only)
     for name in [*names, *force]:
         recipe.source(name)  # raises naming the known sources
+    for name in force:
+        if recipe.source(name).vector is not None:
+            raise LorademError(f"--force {name}: source {name!r} uses a ready vector ({recipe.source(name).vector}); "
+                               "there is nothing to train")
     fingerprint_weights(base_dir)  # fail early on a base without safetensors
+    log = log if is_main_process() else _quiet
     out: dict[str, Path] = {}
     for name in names:
         source = recipe.source(name)
+        if source.vector is not None:
+            log(f"{name}: uses ready vector {source.vector}")
+            continue
         splits = load_splits(source, recipe.seed)
-        out[name] = train_source(recipe, source, base_dir, splits, force=name in force, log=log)
+        out[name] = train_source(recipe, source, base_dir, splits, force=name in force, log=log, callbacks=callbacks)
     return out
 
 
-def _fit(recipe: Recipe, source: Source, base_dir: Path, splits: Splits, tmp: Path, log: Log, callbacks) -> dict:
-    """Run TRL's SFT trainer, save the best adapter into `tmp`, and return the training record."""
+def fit(
+    name: str,
+    base_dir: Path,
+    train: TrainSettings,
+    lora: LoraSettings,
+    *,
+    seed: int,
+    fmt: str,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    out: Path,
+    log: Log,
+    callbacks: Sequence[Any] = (),
+    prepare: Callable[[Any], dict] | None = None,
+) -> dict:
+    """Run TRL's SFT trainer, save the best adapter into `out`, and return the training record.
+
+    `prepare(trainer)`, if given, runs after TRL has tokenized the rows and before training (the mixing
+    baseline uses it to lay out its row schedule); the dict it returns joins the record.
+    """
     from datasets import Dataset
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    train, lora = recipe.train_for(source), recipe.lora_for(source)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if splits.format == "messages" and not tokenizer.chat_template:
+    if fmt == "messages" and not tokenizer.chat_template:
         raise LorademError(f"base {str(base_dir)!r}: its tokenizer has no chat template, which \"messages\" data needs")
-    scratch = tmp / "checkpoints"
-    sft_config, lora_config = trainer_configs(train, lora, seed=recipe.seed, output_dir=scratch, fmt=splits.format)
-    set_seed(recipe.seed)  # the LoRA init happens in SFTTrainer.__init__, before Trainer seeds
+    scratch = out / "checkpoints"
+    sft_config, lora_config = trainer_configs(train, lora, seed=seed, output_dir=scratch, fmt=fmt)
+    patience = train.early_stopping_patience
+    stopper = EarlyStoppingCallback(early_stopping_patience=patience) if patience else None
+    set_seed(seed)  # the LoRA init happens in SFTTrainer.__init__, before Trainer seeds
     model = load_base_model(base_dir, train)
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
-        train_dataset=Dataset.from_list(trl_rows(splits.train, splits.format)),
-        eval_dataset=Dataset.from_list(trl_rows(splits.validation, splits.format)),
+        train_dataset=Dataset.from_list(trl_rows(train_rows, fmt)),
+        eval_dataset=Dataset.from_list(trl_rows(val_rows, fmt)),
         processing_class=tokenizer,
         peft_config=lora_config,
-        callbacks=[ProgressLog(source.name, log), *callbacks],
+        callbacks=[ProgressLog(name, log), *([stopper] if stopper else []), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    rows, val_rows = len(trainer.train_dataset), len(trainer.eval_dataset)
-    dropped = len(splits.train) + len(splits.validation) - rows - val_rows
-    if not rows or not val_rows:
+    rows, n_val = len(trainer.train_dataset), len(trainer.eval_dataset)
+    dropped = len(train_rows) + len(val_rows) - rows - n_val
+    if not rows or not n_val:
         raise LorademError(
-            f"source {source.name!r}: no {'training' if not rows else 'validation'} row has a completion token left "
+            f"source {name!r}: no {'training' if not rows else 'validation'} row has a completion token left "
             f"within max_length={train.max_length}; raise `train.max_length`"
         )
-    log(f"{source.name}: training on {rows} rows, validating on {val_rows} "
+    log(f"{name}: training on {rows} rows, validating on {n_val} "
         f"({'NF4 base' if train.quantization == 'nf4' else 'full-precision base'}, r={lora.r})"
         + (f"; TRL dropped {dropped} row(s) with no completion tokens left after truncation" if dropped else ""))
+    extra = prepare(trainer) if prepare else {}
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     state = trainer.state
-    _check_best_loaded(trainer.model, state)
-    trainer.model.save_pretrained(tmp)  # the best checkpoint, reloaded by load_best_model_at_end
-    (tmp / "README.md").unlink(missing_ok=True)
+    stopped_early = bool(stopper and stopper.early_stopping_patience_counter >= patience
+                         and state.global_step < state.max_steps)
+    if stopped_early:
+        log(f"{name}: stopped early at step {state.global_step}/{state.max_steps} "
+            f"({patience} evaluation(s) without a lower validation loss)")
+    if is_main_process():  # under data parallelism the other ranks never saw the checkpoints
+        _check_best_loaded(trainer.model, state)
+        trainer.model.save_pretrained(out)  # the best checkpoint, reloaded by load_best_model_at_end
+        (out / "README.md").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
     tokens = max((e.get("num_tokens", 0) for e in state.log_history if "loss" in e), default=0)
     _, n_params = trainer.model.get_nb_trainable_parameters()
@@ -285,8 +397,10 @@ def _fit(recipe: Recipe, source: Source, base_dir: Path, splits: Splits, tmp: Pa
         "best_step": state.best_global_step,
         "best_val_loss": state.best_metric,
         "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "stopped_early": stopped_early,
         "train_rows": rows,
-        "validation_rows": val_rows,
+        "validation_rows": n_val,
         "train_tokens": int(tokens),
         "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
@@ -295,9 +409,11 @@ def _fit(recipe: Recipe, source: Source, base_dir: Path, splits: Splits, tmp: Pa
         "flops_formula": FLOPS_FORMULA,
         "train": train.model_dump(),
         "lora": lora.model_dump(),
-        "seed": recipe.seed,
+        "seed": seed,
         "device": str(trainer.args.device),
+        "world_size": trainer.args.world_size,  # processes training in step (torchrun / accelerate launch)
         "versions": _versions(),
+        **extra,
         "history": history(state.log_history),
     }
 
@@ -335,7 +451,52 @@ class ProgressLog(TrainerCallback):
             )
 
 
-# ---- record -------------------------------------------------------------
+# ---- record and card ----------------------------------------------------
+
+def split_rows(splits: Splits) -> dict[str, int]:
+    return {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}
+
+
+def finish_folder(folder: Path, record: dict, *, base_name: str, rows: dict[str, int], fmt: str) -> None:
+    """Write loradem-train.json, vector.json and curve.png beside the saved adapter in `folder`.
+
+    `record` must hold source, key, base_fingerprint and data_fingerprint besides what `fit` returns.
+    """
+    (folder / TRAIN_RECORD).write_text(json.dumps(_ordered(record), indent=2) + "\n", encoding="utf-8")
+    card = make_card(record, base_name=base_name, rows=rows, fmt=fmt, adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
+    (folder / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    plot_curve(record["history"], folder / "curve.png", title=f"{record['source']} ({record['key']})",
+               best_step=record["best_step"])
+
+
+def make_card(record: dict, *, base_name: str, rows: dict[str, int], fmt: str, adapter_sha256: str) -> dict:
+    """The vector.json card of an adapter, from its training record (no training history)."""
+    return {
+        "loradem_vector": CARD_VERSION,
+        "source": record["source"],
+        "base": {"name": base_name, "fingerprint": record["base_fingerprint"]},
+        "data": {"fingerprint": record["data_fingerprint"], "rows": dict(rows), "format": fmt},
+        "train": record["train"],
+        "lora": record["lora"],
+        "metrics": {k: record[k] for k in ("best_val_loss", "best_step", "steps", "train_tokens")},
+        "adapter_sha256": adapter_sha256,
+        "loradem_version": (record.get("versions") or {}).get("loradem", loradem.__version__),
+    }
+
+
+def missing_card(folder: Path, base_name: str, splits: Splits) -> dict | None:
+    """The card of an adapter finished before cards existed (every finished file but vector.json, and a
+    record of this very key and data), or None; the caller writes it."""
+    if (folder / CARD).exists() or not all((folder / f).is_file() for f in FINISHED_FILES if f != CARD):
+        return None
+    record = json.loads((folder / TRAIN_RECORD).read_text(encoding="utf-8"))
+    if record.get("key") != folder.name.rpartition("-")[2] or record.get("data_fingerprint") != splits.fingerprint:
+        return None  # not this key's record: the folder stays unfinished and is retrained
+    return make_card(record, base_name=base_name, rows=split_rows(splits), fmt=splits.format,
+                     adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
+
+
+# ---- history and curve ---------------------------------------------------
 
 def history(log_history: list[dict]) -> list[dict]:
     """[{step, train_loss} | {step, eval_loss}] from the trainer's log history."""

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+import loradem
 from loradem.data import load_splits
 from loradem.demo_data import task_rows
 from loradem.errors import LorademError
@@ -23,6 +30,7 @@ from loradem.train import (
     FINISHED_FILES,
     adapter_dir,
     adapter_key,
+    is_finished,
     train_all,
     train_source,
     trainer_configs,
@@ -211,6 +219,22 @@ def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base):
     with torch.no_grad():
         assert not torch.allclose(peft_model(ids).logits, before)
 
+    # the vector card: the contract card.py reads
+    card = json.loads((folder / "vector.json").read_text())
+    assert card == {
+        "loradem_vector": 1,
+        "source": "addition",
+        "base": {"name": str(tiny_base), "fingerprint": fingerprint_weights(tiny_base)},
+        "data": {"fingerprint": splits.fingerprint, "rows": {"train": 8, "validation": 2, "test": 2}, "format": "messages"},
+        "train": r.train_for(source).model_dump(),
+        "lora": r.lora_for(source).model_dump(),
+        "metrics": {"best_val_loss": record["best_val_loss"], "best_step": record["best_step"], "steps": 2,
+                    "train_tokens": expected},
+        "adapter_sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(),
+        "loradem_version": loradem.__version__,
+    }
+    assert record["stopped_early"] is False and (record["max_steps"], record["world_size"]) == (2, 1)
+
     # history and the kept step
     evals = [(h["step"], h["eval_loss"]) for h in record["history"] if "eval_loss" in h]
     assert [s for s, _ in evals] == [1, 2]
@@ -231,6 +255,7 @@ def test_the_saved_adapter_is_the_best_validation_checkpoint(tmp_path, tiny_base
     assert sorted(evals) == [2, 4, 6]
     assert evals[2] < min(evals[4], evals[6])  # the reversal made later checkpoints worse
     assert (record["best_step"], record["best_val_loss"], record["steps"]) == (2, evals[2], 6)
+    assert record["stopped_early"] is False  # no patience set: every step runs
     saved = tensors(folder)
     assert saved.keys() == snap.at_eval[2].keys()
     assert all(torch.equal(saved[k], snap.at_eval[2][k]) for k in saved)  # step 2's weights, exactly
@@ -276,6 +301,14 @@ def test_finished_adapters_are_reused_and_a_changed_source_retrains_alone(tmp_pa
     assert not lines(log, "trained")
     assert {name: digest(folder) for name, folder in second.items()} == before
 
+    # an adapter finished before cards existed (all but vector.json) is reused and gets its card back
+    card = (first["txt"] / "vector.json").read_text()
+    (first["txt"] / "vector.json").unlink()
+    log.clear()
+    assert train_all(r, tiny_base, only=["txt"], log=log.append) == {"txt": first["txt"]}
+    assert lines(log, "txt: skipped") and not lines(log, "trained")
+    assert json.loads((first["txt"] / "vector.json").read_text()) == json.loads(card)
+
     changed = make_recipe(tmp_path, tiny_base, [sources[0], {**sources[1], "train": {"learning_rate": 5e-3}}, sources[2]],
                           max_steps=1)
     log.clear()
@@ -307,3 +340,135 @@ def test_a_failure_mid_training_leaves_no_adapter_and_keeps_the_old_one(tmp_path
     with pytest.raises(RuntimeError, match="boom at step 1"):
         train_source(r, source, tiny_base, splits, force=True, log=lambda _: None, callbacks=[Boom()])
     assert list(adapters.iterdir()) == [folder] and digest(folder) == kept
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_when_validation_loss_rises_and_keeps_the_best(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=40)], max_steps=10, eval_steps=2,
+                    early_stopping_patience=1)
+    source = r.sources[0]
+    snap, log = Snapshot(), []
+    folder = train_source(r, source, tiny_base, load_splits(source, r.seed), log=log.append,
+                          callbacks=[snap, Reverse(after=2)])
+    record = json.loads((folder / "loradem-train.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in record["history"] if "eval_loss" in h}
+    assert sorted(evals) == [2, 4] and evals[4] > evals[2]  # one evaluation without improvement, then stop
+    assert (record["steps"], record["max_steps"], record["stopped_early"]) == (4, 10, True)
+    assert max(h["step"] for h in record["history"]) == 4
+    assert (record["best_step"], record["best_val_loss"]) == (2, evals[2])
+    saved = tensors(folder)
+    assert all(torch.equal(saved[k], snap.at_eval[2][k]) for k in saved)  # step 2's weights, exactly
+    assert lines(log, "addition: stopped early at step 4/10 (1 evaluation(s) without a lower validation loss)")
+    assert lines(log, "stopped early, val loss")
+    card = json.loads((folder / "vector.json").read_text())
+    assert card["metrics"]["steps"] == 4 and card["train"]["early_stopping_patience"] == 1
+
+
+def test_sources_with_a_ready_vector_are_not_trained(tmp_path, tiny_base):
+    ready = tmp_path / "shared-vector"
+    ready.mkdir()
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, vector=str(ready))])
+    log: list[str] = []
+    assert train_all(r, tiny_base, log=log.append) == {}
+    assert log == [f"addition: uses ready vector {ready}"]
+    assert not (tmp_path / "adapters").exists()
+    with pytest.raises(LorademError, match=r"--force addition: source 'addition' uses a ready vector .*nothing to train"):
+        train_all(r, tiny_base, force=["addition"], log=log.append)
+    source = r.sources[0]
+    with pytest.raises(LorademError, match=r"source 'addition' uses a ready vector"):
+        train_source(r, source, tiny_base, load_splits(source, r.seed), log=log.append)
+
+
+# The child trains one source and parks in on_save, right after TRL wrote its first checkpoint into the
+# partial folder, until it is killed: the kill lands mid-source by construction, not by timing.
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from loradem.recipe import Recipe
+from loradem.train import train_all
+
+class Park(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        Path(sys.argv[3]).write_text(str(state.global_step))
+        time.sleep(600)
+
+recipe = Recipe.model_validate_json(Path(sys.argv[1]).read_text())
+train_all(recipe, Path(sys.argv[2]), callbacks=[Park()])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_finished_adapter_and_the_rerun_restarts_cleanly(tmp_path, tiny_base):
+    from loradem.pipeline import finished_adapters
+
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=24)], max_steps=4, eval_steps=2)
+    source = r.sources[0]
+    final = adapter_dir(r, source, adapter_key(r, source, fingerprint_weights(tiny_base), load_splits(source, r.seed).fingerprint))
+    adapters = tmp_path / "adapters"
+    (tmp_path / "recipe.json").write_text(r.model_dump_json())
+    parked = tmp_path / "parked"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path / "recipe.json"), str(tiny_base), str(parked)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not parked.exists():
+            if child.poll() is not None:
+                pytest.fail(f"the child exited ({child.returncode}) before its first checkpoint:\n{child.stdout.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        # mid-source: TRL's step-2 checkpoint sits in the partial folder; nothing under the final name
+        partials = list(adapters.glob(f".{final.name}.partial-*"))
+        assert len(partials) == 1
+        assert (partials[0] / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        assert not final.exists() and not is_finished(final)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+
+    # after the kill: the leftover is there, and no later stage can take it for an adapter
+    assert partials[0].is_dir() and not final.exists() and not is_finished(final)
+    assert finished_adapters(r, tiny_base, require=False) == {}
+    with pytest.raises(LorademError, match=r"no finished adapter for source\(s\) addition"):
+        finished_adapters(r, tiny_base)
+
+    # the re-run removes the leftover and trains the source from scratch
+    log: list[str] = []
+    assert train_all(r, tiny_base, log=log.append) == {"addition": final}
+    assert lines(log, "addition: trained -> ") and not lines(log, "skipped")
+    assert list(adapters.iterdir()) == [final] and is_finished(final)
+    assert json.loads((final / "loradem-train.json").read_text())["steps"] == 4
+    # from scratch: bit for bit the adapter of a run that was never interrupted
+    fresh = make_recipe(tmp_path / "fresh", tiny_base, r.model_dump(mode="json")["sources"], max_steps=4, eval_steps=2)
+    (tmp_path / "fresh").mkdir()
+    clean = train_all(fresh, tiny_base, log=lambda _: None)["addition"]
+    assert clean.name == final.name
+    assert digest(clean)["adapter_model.safetensors"] == digest(final)["adapter_model.safetensors"]
+    assert json.loads((clean / "vector.json").read_text()) == json.loads((final / "vector.json").read_text())
+
+
+@pytest.mark.slow
+def test_data_parallel_training_under_torchrun_writes_one_finished_adapter(tmp_path, tiny_base):
+    """Two CPU processes (gloo) train one source in step; only rank 0 writes, the other ranks leave nothing."""
+    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=24)], max_steps=2, eval_steps=2)
+    (tmp_path / "recipe.json").write_text(r.model_dump_json())
+    recipe_yaml = tmp_path / "recipe.yaml"
+    recipe_yaml.write_text(json.dumps(json.loads(r.model_dump_json())))  # JSON is YAML
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "loradem.cli", "train", str(recipe_yaml)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    source = r.sources[0]
+    final = adapter_dir(r, source, adapter_key(r, source, fingerprint_weights(tiny_base), load_splits(source, r.seed).fingerprint))
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == [final.name] and is_finished(final)
+    assert (done.stdout + done.stderr).count("addition: trained -> ") == 1  # rank 0 alone reports
+    record = json.loads((final / "loradem-train.json").read_text())
+    # 2 steps x batch 4 x 2 ranks = 16 rows fed, counted over both ranks
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    lengths = [len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"]) for row in load_splits(source, r.seed).train]
+    assert (record["steps"], record["world_size"]) == (2, 2) and record["train_tokens"] >= 16 * min(lengths)
+    assert record["train_tokens"] > 8 * max(lengths)  # more than one process alone could have fed
+    assert not list(Path(tempfile.gettempdir()).glob(".loradem-rank-*"))

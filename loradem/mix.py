@@ -1,0 +1,290 @@
+"""Data mixing, the baseline DEM is measured against: one adapter on every source's rows, at equal compute.
+
+    loradem train recipes/demo.yaml --baseline mix       # after (or with) the per-source adapters
+    folder = train_mix(recipe, base_dir, adapters)        # adapters: {source: finished adapter folder}
+
+What it trains, exactly:
+
+- **Rows**: every source's training split (the same splits the per-source
+  adapters used), as one stream. A source's share is its ``mix_proportion``
+  (normalized to sum 1; every source sets it or none does) or, by default, its
+  share of all training rows. Slot k of the stream goes to the source furthest
+  below its share (share·k − rows so far; ties to the earlier source), so after
+  any number of rows every source's count is within one row of its share.
+  Within a source, rows cycle through a permutation seeded by (recipe seed,
+  source, pass): a source that runs out starts a new shuffled pass. The Trainer
+  reads the stream in order (sequential sampler), so what `mix_stream` yields is
+  what is fed.
+- **Budget**: ``mix.tokens: match`` (default) is the sum of the per-source
+  adapters' ``train_tokens`` (their ``loradem-train.json``, else their
+  ``vector.json`` card), so both methods see the same number of training
+  tokens; or a number. Row lengths come from TRL's own tokenization, so the
+  stream is cut at the end of the first optimizer step whose cumulative tokens
+  reach the target, and that step count becomes ``max_steps`` (the learning-rate
+  schedule ends there). `TokenBudget` independently stops training at the first
+  optimizer step whose counted tokens (TRL's ``num_tokens``, the attention-mask
+  sum) reach the target, and evaluates and checkpoints that step: the count is
+  within one batch of the target.
+- **Settings**: the recipe-wide ``train:`` and ``lora:`` blocks (per-source
+  overrides do not apply; ``max_steps`` / ``epochs`` are replaced by the
+  budget). Validation on the union of every source's validation rows (mean loss
+  over their completion tokens); the best checkpoint by that loss is kept, with
+  early stopping if the recipe asks for it.
+- **Cache**: ``<adapters_dir>/mix-<key>/``; the key hashes what shapes the
+  weights: base, every source's data fingerprint, the shares, the token target
+  (which is where the per-source adapters enter), the settings and the seed.
+  Written atomically with ``loradem-train.json`` (plus ``target_tokens``,
+  ``shares``, ``rows_fed`` per source, ``source_tokens``) and a ``vector.json``
+  card whose source is ``mix``.
+
+All sources must share one row format (TRL reads a dataset's format from its
+first row, and a stream of mixed formats crashes it).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from transformers import TrainerCallback
+
+import loradem
+from loradem.data import Splits, load_splits
+from loradem.errors import LorademError
+from loradem.io import fingerprint_weights, read_json, stable_hash
+from loradem.recipe import Recipe, TrainSettings
+from loradem.train import CARD, TRAIN_RECORD, finish_folder, fit, is_finished, is_main_process, output_folder
+
+MIX = "mix"
+Log = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    folder: Path
+    key: str
+    target_tokens: int
+    shares: dict[str, float]
+    source_tokens: dict[str, int] | None  # per-source adapter tokens when tokens: match
+    fmt: str
+    base_fingerprint: str
+    data_fingerprint: str
+
+
+# ---- the plan (no training) ------------------------------------------------
+
+def mix_shares(recipe: Recipe, splits: dict[str, Splits]) -> dict[str, float]:
+    """Each source's share of the stream: its mix_proportion, or its share of the training rows; sums to 1."""
+    given = {s.name: s.mix_proportion for s in recipe.sources}
+    unset = [n for n, p in given.items() if p is None]
+    if unset and len(unset) < len(given):
+        have = [n for n in given if n not in unset]
+        raise LorademError(
+            f"recipe {recipe.name!r}: sources[].mix_proportion: set for {', '.join(have)} but not for "
+            f"{', '.join(unset)}; set it for every source or for none (default: proportional to training rows)"
+        )
+    raw = {n: float(len(splits[n].train)) for n in given} if unset else {n: float(p) for n, p in given.items()}
+    total = sum(raw.values())
+    return {n: v / total for n, v in raw.items()}
+
+
+def adapter_tokens(name: str, folder: Path) -> int:
+    """Training tokens of a finished adapter: its loradem-train.json, else its vector.json card."""
+    folder = Path(folder)
+    for path, read in ((folder / TRAIN_RECORD, lambda d: d.get("train_tokens")),
+                       (folder / CARD, lambda d: (d.get("metrics") or {}).get("train_tokens"))):
+        if path.is_file():
+            tokens = read(read_json(path))
+            if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+                return tokens
+    raise LorademError(
+        f"mix: tokens: match needs source {name!r}'s training tokens, but {folder} has no train_tokens "
+        f"in {TRAIN_RECORD} or {CARD}; set `mix.tokens` to a number"
+    )
+
+
+def target_tokens(recipe: Recipe, adapters: dict[str, Path]) -> tuple[int, dict[str, int] | None]:
+    """(token budget, per-source adapter tokens or None): the sum of the adapters' tokens, or mix.tokens."""
+    if recipe.mix.tokens != "match":
+        return int(recipe.mix.tokens), None
+    missing = [s.name for s in recipe.sources if s.name not in adapters]
+    if missing:
+        raise LorademError(
+            f"mix: tokens: match needs every source's finished adapter to count its training tokens; none for "
+            f"{', '.join(missing)} (run `loradem train <recipe>` first, or set `mix.tokens` to a number)"
+        )
+    per = {s.name: adapter_tokens(s.name, adapters[s.name]) for s in recipe.sources}
+    return sum(per.values()), per
+
+
+def mix_settings(recipe: Recipe) -> dict:
+    """The training settings that shape the mix (max_steps / epochs are replaced by the token budget)."""
+    return recipe.train.model_dump(exclude={"max_steps", "epochs"})
+
+
+def plan_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict[str, Splits]) -> MixPlan:
+    """Where the mix adapter lives and what it will be trained on; raises LorademError if it cannot be trained."""
+    names = [s.name for s in recipe.sources]
+    formats = {n: splits[n].format for n in names}
+    if len(set(formats.values())) > 1:
+        raise LorademError(
+            "mix: the sources' rows have different formats (" + ", ".join(f"{n}: {f}" for n, f in formats.items())
+            + "); the mixing baseline trains on one stream and needs one format"
+        )
+    shares = mix_shares(recipe, splits)
+    target, per = target_tokens(recipe, adapters)
+    base_fp = fingerprint_weights(base_dir)
+    data_fp = stable_hash({"data": {n: splits[n].fingerprint for n in names}, "shares": shares}, length=64)
+    key = stable_hash({
+        "base": base_fp,
+        "data": data_fp,
+        "target_tokens": target,
+        "train": mix_settings(recipe),
+        "lora": recipe.lora.model_dump(),
+        "seed": recipe.seed,
+        "loradem": loradem.__version__.split(".")[0],
+    })
+    return MixPlan(Path(recipe.adapters_dir) / f"{MIX}-{key}", key, target, shares, per, formats[names[0]], base_fp, data_fp)
+
+
+def find_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict[str, Splits]) -> Path | None:
+    """The recipe's finished mix adapter for the current per-source adapters, or None."""
+    try:
+        plan = plan_mix(recipe, base_dir, adapters, splits)
+    except LorademError:
+        return None
+    return plan.folder if is_finished(plan.folder) else None
+
+
+# ---- the row stream ------------------------------------------------------------
+
+def mix_stream(shares: dict[str, float], rows: dict[str, Sequence[int]], seed: int) -> Iterator[tuple[str, int]]:
+    """Endless (source, row id) stream: each slot goes to the source furthest below its share; within a
+    source, rows cycle through a permutation seeded by (seed, source, pass)."""
+    names = list(shares)
+    for n in names:
+        if not rows[n]:
+            raise LorademError(f"mix: source {n!r} has no training rows left to mix")
+    count = dict.fromkeys(names, 0)
+    queue: dict[str, list[int]] = {n: [] for n in names}
+    passes = dict.fromkeys(names, 0)
+    slot = 0
+    while True:
+        slot += 1
+        name = max(names, key=lambda n: shares[n] * slot - count[n])  # max() keeps the first of equals
+        if not queue[name]:
+            order = list(rows[name])
+            random.Random(f"{seed}:mix:{name}:{passes[name]}").shuffle(order)
+            queue[name], passes[name] = order[::-1], passes[name] + 1
+        count[name] += 1
+        yield name, queue[name].pop()
+
+
+def take_steps(stream: Iterator[Any], length: Callable[[Any], int], target: int, per_step: int) -> list:
+    """Items of `stream` in whole optimizer steps of `per_step`, up to the first step whose total length reaches `target`."""
+    out, total = [], 0
+    while total < target or len(out) % per_step:
+        item = next(stream)
+        out.append(item)
+        total += length(item)
+    return out
+
+
+class TokenBudget(TrainerCallback):
+    """Stop at the first optimizer step whose counted training tokens (TRL's num_tokens) reach `target`,
+    and evaluate and checkpoint that step so it can be the one kept."""
+
+    def __init__(self, target: int):
+        self.target, self.reached_at = target, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.reached_at is None and "loss" in logs and logs.get("num_tokens", 0) >= self.target:
+            self.reached_at = state.global_step
+            control.should_training_stop = True
+            control.should_evaluate = True
+            control.should_save = True
+
+
+# ---- training ------------------------------------------------------------------
+
+def train_mix(
+    recipe: Recipe,
+    base_dir: Path,
+    adapters: dict[str, Path],
+    splits: dict[str, Splits] | None = None,
+    *,
+    force: bool = False,
+    log: Log = print,
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """Train the data-mixing adapter (or reuse the finished one) and return its folder."""
+    splits = splits or {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
+    plan = plan_mix(recipe, base_dir, adapters, splits)
+    log = log if is_main_process() else (lambda _: None)
+    if is_finished(plan.folder) and not force:
+        log(f"{MIX}: skipped (finished adapter {plan.folder})")
+        return plan.folder
+    names = [s.name for s in recipe.sources]
+    train_rows = [{**row, "loradem_source": n, "loradem_row": i} for n in names for i, row in enumerate(splits[n].train)]
+    val_rows = [row for n in names for row in splits[n].validation]
+    if not val_rows:
+        raise LorademError("mix: no source has validation rows; the best checkpoint is chosen on them")
+    log(f"{MIX}: budget {plan.target_tokens:,} training tokens"
+        + (" (the per-source adapters' sum)" if plan.source_tokens else " (mix.tokens)")
+        + "; shares " + ", ".join(f"{n} {p:.3f}" for n, p in plan.shares.items()))
+    budget = TokenBudget(plan.target_tokens)
+
+    def prepare(trainer) -> dict:
+        return _lay_out(trainer, plan, names, recipe.seed, log)
+
+    with output_folder(plan.folder) as tmp:
+        record = fit(MIX, Path(base_dir), recipe.train, recipe.lora, seed=recipe.seed, fmt=plan.fmt,
+                     train_rows=train_rows, val_rows=val_rows, out=tmp, log=log,
+                     callbacks=[budget, *callbacks], prepare=prepare)
+        record["train"] = _effective(recipe.train, record["max_steps"])
+        record.update(source=MIX, key=plan.key, base_fingerprint=plan.base_fingerprint,
+                      data_fingerprint=plan.data_fingerprint, target_reached_at_step=budget.reached_at)
+        rows = {split: sum(len(getattr(splits[n], split)) for n in names) for split in ("train", "validation", "test")}
+        if is_main_process():
+            finish_folder(tmp, record, base_name=recipe.base, rows=rows, fmt=plan.fmt)
+    log(f"{MIX}: trained -> {plan.folder} ({record['train_tokens']:,} tokens for a target of {plan.target_tokens:,}; "
+        f"best step {record['best_step']}/{record['steps']}, val loss {record['best_val_loss']:.4f}, "
+        f"{record['train_seconds']:.1f} s)")
+    return plan.folder
+
+
+def _lay_out(trainer, plan: MixPlan, names: list[str], seed: int, log: Log) -> dict:
+    """Replace the trainer's (tokenized, TRL-filtered) training rows by the mixed stream, read in order,
+    and end the schedule at the step that reaches the token budget."""
+    dataset = trainer.train_dataset
+    position = {(s, i): j for j, (s, i) in enumerate(zip(dataset["loradem_source"], dataset["loradem_row"]))}
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    rows = {n: sorted(i for (s, i) in position if s == n) for n in names}
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    stream = mix_stream(plan.shares, rows, seed)
+    order = take_steps(stream, lambda item: lengths[position[item]], plan.target_tokens, per_step)
+    fed = {n: 0 for n in names}
+    for n, _ in order:
+        fed[n] += 1
+    trainer.train_dataset = dataset.select([position[item] for item in order])
+    args.train_sampling_strategy = "sequential"
+    args.max_steps = len(order) // per_step
+    planned = sum(lengths[position[item]] for item in order)
+    log(f"{MIX}: {len(order)} rows in {args.max_steps} steps of {per_step} ({planned:,} tokens): "
+        + ", ".join(f"{n} {fed[n]}" for n in names))
+    return {
+        "target_tokens": plan.target_tokens,
+        "planned_tokens": planned,
+        "shares": plan.shares,
+        "rows_fed": fed,
+        "source_tokens": plan.source_tokens,
+    }
+
+
+def _effective(train: TrainSettings, steps: int) -> dict:
+    """The recipe's train settings as the mix ran them: max_steps is the budget's step count."""
+    return {**train.model_dump(), "max_steps": steps}
