@@ -1,12 +1,29 @@
 """Benchmark the fold: loradem `assemble` against peft `add_weighted_adapter(cat)` + `merge_and_unload` + `save_pretrained`.
 
-    .venv/bin/python benchmarks/bench_assemble.py          # ~2 minutes on 2 CPU cores, ~3 GB of /tmp
+    .venv/bin/python benchmarks/bench_assemble.py                      # both bases, ~2 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_assemble.py --bases standin      # only the ~1B stand-in
 
-On the embedded SmolLM2-135M-Instruct (float32, 540 MB) with three random
-rank-8 adapters on all linear layers (init_lora_weights=False, B scaled to
-small norms like trained ones), each method runs in a fresh subprocess that
-reports its own wall time and peak RSS (``ru_maxrss``) and its RSS after
-imports; the parent then compares the two outputs tensor by tensor.
+Bases:
+- ``smollm2-135m``: the embedded SmolLM2-135M-Instruct (float32, 540 MB).
+- ``standin``: a randomly initialised Llama of about a billion parameters in
+  bfloat16 (hidden 2048, 16 layers, intermediate 5632, vocab 32000, untied
+  head: 0.95 B parameters, 1.9 GB), the issue's target size. It is built once,
+  tensor by tensor with ``torch.empty(...).normal_`` and loradem's streamed
+  writer (never a model in memory), in 1 GB shards under
+  ``$LORADEM_CACHE/bench/`` (default ``~/.cache/loradem/bench/``).
+
+Each base gets three random LoRA adapters on all linear layers (ranks 8, 16,
+16; float32 factors like peft saves them; weights 0.6, 0.3, 0.5). Every method
+runs in a fresh subprocess that first imports torch + transformers + peft,
+then reports its own wall time (imports excluded) and peak RSS (``VmHWM``;
+``ru_maxrss`` would include the parent's RSS at fork time); ``os.sync()`` runs before each, so no method pays for the
+previous one's write-back. A separate subprocess that only imports torch +
+transformers + peft gives the baseline RSS; "extra" is peak RSS minus that
+baseline. The parent then compares the outputs tensor by tensor (one tensor
+in memory at a time) and checks every target of the first and last layer
+against a float64 reference rounded once, bit for bit.
+Targets (the issue): loradem >= 4x faster than peft's path, and its extra peak
+memory <= 1/3 of the model's size.
 """
 
 from __future__ import annotations
@@ -14,6 +31,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
+import os
 import resource
 import subprocess
 import sys
@@ -24,6 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WEIGHTS = (0.6, 0.3, 0.5)
+RANKS = (8, 16, 16)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STANDIN = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, vocab_size=32000,
+               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
 def rss_mb() -> float:
@@ -32,7 +55,10 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child
+    started by a big parent reports the parent's RSS at fork time (measured here: 1062 MB instead of 810)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e6  # kB -> MB
 
 
 # ---- children: one method each, in a fresh process ------------------------
@@ -41,7 +67,8 @@ def run_peft(base: str, adapters: list[str], out: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[0], adapter_name="a0")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")  # the checkpoint's dtype, as loradem keeps it
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for i, path in enumerate(adapters[1:], start=1):
         model.load_adapter(path, adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(adapters))]
@@ -57,91 +84,235 @@ def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float) -> No
 
 
 def child(args: argparse.Namespace) -> None:
-    import transformers  # noqa: F401  (both use it: peft to load, loradem for the tied-weight map)
+    import peft  # noqa: F401  - the same imports in every child, so "after imports" is comparable
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
-    if args.method == "peft":
-        import peft  # noqa: F401
-    else:
+    if args.method != "imports":
         import loradem.assemble  # noqa: F401
     after_imports = rss_mb()
     start = time.perf_counter()
     if args.method == "peft":
         run_peft(args.base, args.adapters, args.out)
-    else:
+    elif args.method.startswith("loradem"):
         run_loradem(args.base, args.adapters, args.out, args.shard_mb)
     print(json.dumps({"wall_s": time.perf_counter() - start, "peak_mb": peak_mb(), "import_mb": after_imports}))
 
 
-# ---- parent ----------------------------------------------------------------
+# ---- inputs -------------------------------------------------------------------
+
+def standin_base(log=print) -> Path:
+    """The ~1B bfloat16 Llama stand-in, built once (tensor by tensor, streamed) and cached."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loradem.assemble import plan_shards, shard_names
+    from loradem.base import cache_root
+    from loradem.io import atomic_dir
+    from loradem.st_writer import SafetensorsWriter, TensorSpec
+
+    final = cache_root() / "bench" / "llama-1b-standin-bf16"
+    if (final / "config.json").is_file() and (final / "model.safetensors.index.json").is_file():
+        return final
+    config = LlamaConfig(**STANDIN, dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    names = sorted(shapes)
+    specs = [TensorSpec(n, torch.bfloat16, shapes[n]) for n in names]
+    shards = plan_shards([s.nbytes for s in specs], 1_000_000_000)
+    files = shard_names(len(shards))
+    log(f"building the stand-in base ({sum(math.prod(s) for s in shapes.values()) / 1e9:.2f} B parameters) in {final}")
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    with atomic_dir(final, overwrite=True) as tmp:
+        for shard, fname in zip(shards, files):
+            with SafetensorsWriter(tmp / fname, [specs[i] for i in shard]) as writer:
+                for spec in writer.order:
+                    if spec.name.endswith("norm.weight"):
+                        t = torch.ones(spec.shape, dtype=torch.bfloat16)
+                    else:
+                        t = torch.empty(spec.shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+                    writer.write(spec.name, t)
+                    weight_map[spec.name] = fname
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config.save_pretrained(tmp)
+    return final
+
 
 def make_adapters(base: Path, root: Path) -> list[str]:
+    """Three random float32 LoRA adapters (ranks 8, 16, 16) on every linear layer of `base`, as peft saves them."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
+    from loradem.assemble import read_base
+
+    checkpoint = read_base(base)
+    shapes = {n: s for n, (s, _) in checkpoint.tensors.items() if n.endswith(".weight") and n.split(".")[-2] in TARGETS}
     paths = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base),
-            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
-        )
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(0.01)  # trained adapters have small deltas; init_lora_weights=False gives large ones
-        model.save_pretrained(root / f"adapter{seed}")
-        paths.append(str(root / f"adapter{seed}"))
+    for seed, rank in enumerate(RANKS):
+        gen = torch.Generator().manual_seed(100 + seed)
+        tensors = {}
+        for name, (rows, cols) in shapes.items():
+            module = name.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) / math.sqrt(cols)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.01
+        folder = root / f"adapter{seed}-r{rank}"
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), task_type="CAUSAL_LM",
+                   base_model_name_or_path=str(base)).save_pretrained(folder)
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        paths.append(str(folder))
     return paths
 
+
+# ---- measuring and comparing ----------------------------------------------------
 
 def measure(method: str, base: Path, adapters: list[str], out: Path, shard_mb: float = 2000) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--base", str(base), "--out", str(out),
            "--shard-mb", str(shard_mb), "--adapters", *adapters]
+    os.sync()  # the previous method's dirty pages are flushed now, not during this one
+    load = os.getloadavg()[0]  # other processes on the machine: the numbers are only as quiet as it is
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - start
+    result["load"] = load
     return result
 
 
-def max_abs_diff(a: Path, b: Path) -> tuple[float, int]:
-    from safetensors.torch import load_file
+def _tensors(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
 
-    ta = {k: v for p in sorted(a.glob("*.safetensors")) for k, v in load_file(p).items()}
-    tb = {k: v for p in sorted(b.glob("*.safetensors")) for k, v in load_file(p).items()}
+    where = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        with safe_open(p, framework="pt") as f:
+            where.update({k: p for k in f.keys()})
+    return where
+
+
+def compare(a: Path, b: Path) -> tuple[float, float, int]:
+    """(max |a - b|, fraction of elements that differ, tensors), one tensor pair in memory at a time."""
+    from safetensors import safe_open
+
+    ta, tb = _tensors(a), _tensors(b)
     if ta.keys() != tb.keys():
         raise SystemExit(f"{a} and {b} hold different tensors: {sorted(ta.keys() ^ tb.keys())[:5]}")
-    return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta), len(ta)
+    worst, differ, total = 0.0, 0, 0
+    for name in ta:
+        with safe_open(ta[name], framework="pt") as fa, safe_open(tb[name], framework="pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+        if x.dtype != y.dtype:
+            raise SystemExit(f"{name}: {x.dtype} in {a}, {y.dtype} in {b}")
+        diff = x.float() - y.float()
+        worst = max(worst, float(diff.abs().max()))
+        differ += int((diff != 0).sum())
+        total += x.numel()
+    return worst, differ / max(1, total), len(ta)
 
 
-def main(base_spec: str) -> None:
+def _read(path: Path, key: str):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def exact_check(base: Path, adapters: list[str], folded: Path) -> tuple[int, int, int]:
+    """Every target of the first and last layer against (base + Σ w·s·B@A in float64) rounded once:
+    (tensors checked, tensors equal bit for bit, elements where torch's own float64 -> dtype conversion,
+    which rounds twice through float32, would differ)."""
+    import torch
+
+    where, base_where = _tensors(folded), _tensors(base)
+    layers = sorted({int(n.split(".")[2]) for n in where if n.startswith("model.layers.")})
+    names = [f"model.layers.{i}.{part}.{t}.weight" for i in (layers[0], layers[-1])
+             for part, targets in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:])) for t in targets]
+    equal = twice = 0
+    for name in names:
+        got = _read(where[name], name)
+        ref = _read(base_where[name], name).double()
+        module = name.removesuffix(".weight")
+        for path, weight in zip(adapters, WEIGHTS):
+            a = _read(Path(path) / "adapter_model.safetensors", f"base_model.model.{module}.lora_A.weight").double()
+            b = _read(Path(path) / "adapter_model.safetensors", f"base_model.model.{module}.lora_B.weight").double()
+            ref += weight * 2.0 * (b @ a)  # lora_alpha = 2r: scale 2
+        once = round_once(ref, got.dtype)
+        equal += torch.equal(got, once)
+        twice += int((ref.to(got.dtype) != once).sum())
+    return len(names), equal, twice
+
+
+def round_once(x, dtype):
+    """float64 -> `dtype` with one rounding, by round-to-odd (independent of loradem's `round_into`): float64 ->
+    float32 keeping a sticky bit (exact), then torch's round-to-nearest-even (float32 has > 2 extra bits)."""
+    import torch
+
+    if dtype in (torch.float32, torch.float64):
+        return x.to(dtype)
+    bits = x.view(torch.int64)
+    low = (1 << 29) - 1
+    odd = (bits & ~low) | (((bits & low) != 0).to(torch.int64) << 29)
+    return odd.view(torch.float64).to(torch.float32).to(dtype)
+
+
+def bench(base_spec: str, root: Path, log=print) -> dict:
+    from loradem.assemble import read_base
     from loradem.base import resolve_base
 
-    base = resolve_base(base_spec)
-    with tempfile.TemporaryDirectory(prefix="bench-assemble-") as tmp:
-        root = Path(tmp)
-        adapters = make_adapters(base, root)
-        rows = {
-            "peft cat+merge+save": measure("peft", base, adapters, root / "peft"),
-            "loradem assemble": measure("loradem", base, adapters, root / "loradem"),
-            "loradem, 100 MB shards": measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100),
-        }
-        diff_peft, n = max_abs_diff(root / "loradem", root / "peft")
-        diff_base, _ = max_abs_diff(root / "loradem", base)
-        diff_shards, _ = max_abs_diff(root / "loradem", root / "loradem-small")
-        size_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6
-    print(f"bench_assemble {dt.date.today().isoformat()}: {base_spec} ({size_mb:.0f} MB), "
-          f"3 adapters r=8 all-linear, weights {WEIGHTS}")
+    base = standin_base(log) if base_spec == "standin" else resolve_base(base_spec)
+    size_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6
+    params = sum(math.prod(s) for s, _ in read_base(base).tensors.values())
+    adapters = make_adapters(base, root / "adapters")
+    log(f"{base_spec}: {params / 1e9:.2f} B parameters, {size_mb:.0f} MB; measuring ...")
+    rows = {"imports only": measure("imports", base, adapters, root / "none")}
+    rows["peft cat+merge+save"] = measure("peft", base, adapters, root / "peft")
+    rows["loradem assemble"] = measure("loradem", base, adapters, root / "loradem")
+    rows["loradem, 100 MB shards"] = measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100)
+    diff_peft, frac_peft, n = compare(root / "loradem", root / "peft")
+    diff_shards, _, _ = compare(root / "loradem", root / "loradem-small")
+    exact = exact_check(base, adapters, root / "loradem")
+    dtype = str(next(iter(read_base(base).tensors.values()))[1]).removeprefix("torch.")
+    return {"base": base_spec, "size_mb": size_mb, "params": params, "rows": rows, "tensors": n, "dtype": dtype,
+            "diff_peft": diff_peft, "frac_peft": frac_peft, "diff_shards": diff_shards, "exact": exact}
+
+
+def report(result: dict) -> str:
+    rows, size = result["rows"], result["size_mb"]
+    baseline = rows["imports only"]["import_mb"]
     peft = rows["peft cat+merge+save"]
-    print(f"{'method':<24} {'wall s':>7} {'process s':>9} {'peak RSS MB':>11} {'after imports MB':>16} {'wall/peft':>9} {'peak/peft':>9}")
+    lines = [
+        f"{result['base']}: {result['params'] / 1e9:.3f} B parameters, {size:.0f} MB of safetensors; "
+        f"3 adapters r={'/'.join(map(str, RANKS))} on all linear layers, weights {WEIGHTS}; "
+        f"RSS after importing torch+transformers+peft alone: {baseline:.0f} MB",
+        f"| method | wall s | process s | peak RSS MB | extra MB (peak - imports) | extra / model size | peft wall / wall | load avg before |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        print(f"{name:<24} {r['wall_s']:>7.2f} {r['process_s']:>9.2f} {r['peak_mb']:>11.0f} {r['import_mb']:>16.0f} "
-              f"{r['wall_s'] / peft['wall_s']:>9.2f} {r['peak_mb'] / peft['peak_mb']:>9.2f}")
-    print(f"max |loradem - peft| over {n} tensors: {diff_peft:.3g}  (max |loradem - base|: {diff_base:.3g}; "
-          f"loradem 2000 MB vs 100 MB shards: {diff_shards:.3g})")
+        if name == "imports only":
+            continue
+        extra = r["peak_mb"] - baseline
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['process_s']:.2f} | {r['peak_mb']:.0f} | {extra:.0f} | "
+                     f"{extra / size:.2f} | {peft['wall_s'] / r['wall_s']:.2f}x | {r['load']:.1f} |")
+    lines.append(f"max |loradem - peft| over {result['tensors']} tensors: {result['diff_peft']:.3g} "
+                 f"({result['frac_peft']:.2%} of elements differ; peft rounds the delta to the base dtype before adding); "
+                 f"loradem 2000 MB vs 100 MB shards: {result['diff_shards']:.3g}; "
+                 f"float64 reference rounded once: {result['exact'][1]} of {result['exact'][0]} tensors (all targets of the "
+                 f"first and last layer) equal bit for bit; torch's own float64 -> {result['dtype']} conversion would have "
+                 f"rounded {result['exact'][2]} of their elements twice and wrongly")
+    return "\n".join(lines)
+
+
+def main(bases: list[str]) -> None:
+    results = []
+    for spec in bases:
+        with tempfile.TemporaryDirectory(prefix="bench-assemble-") as tmp:
+            results.append(bench(spec, Path(tmp)))
+    print(f"\nbench_assemble {dt.datetime.now().isoformat(timespec='minutes')}, {os.cpu_count()} CPU cores\n")
+    for r in results:
+        print(report(r) + "\n")
 
 
 if __name__ == "__main__":
@@ -151,6 +322,7 @@ if __name__ == "__main__":
     parser.add_argument("--out")
     parser.add_argument("--shard-mb", type=float, default=2000)
     parser.add_argument("--adapters", nargs="*")
-    parser.add_argument("--base-spec", default="smollm2-135m", help="base to benchmark (a folder for a dry run)")
+    parser.add_argument("--bases", default="smollm2-135m,standin",
+                        help="comma-separated: smollm2-135m, standin, or a model folder (default: %(default)s)")
     args = parser.parse_args()
-    child(args) if args.method else main(args.base_spec)
+    child(args) if args.method else main(args.bases.split(","))

@@ -5,13 +5,28 @@
 
 Contract:
 - Exact: each output tensor is (base + Σ wᵢ·sᵢ·LᵢRᵢ) accumulated in float64
-  and rounded once to the output dtype; deltas stay low-rank (one ``addmm``
-  per module, in row chunks), full copies (``modules_to_save``) add
+  and rounded once to the output dtype (`round_into`: torch alone rounds
+  float64 -> bfloat16/float16 twice, through float32, and is one ulp off in
+  about 1e-5 of the elements); deltas stay low-rank (one ``addmm`` per
+  module, in row chunks), full copies (``modules_to_save``) add
   wᵢ·(copy − base).
-- Streamed: the base is read one tensor at a time (``safe_open``, pread),
-  output shards are written with ``safetensors.torch.save_file`` as they fill.
-  Peak memory is about one output shard (``max_shard_size_mb``) plus one
-  tensor, never the base twice.
+- Streamed: the base is read one tensor at a time (``safe_open``, pread) and
+  each folded tensor goes straight to its shard file (`loradem.st_writer`:
+  the header is computed from the plan; one thread writes and another hashes
+  while the next tensor is folded, so the shard's sha256 costs no re-read;
+  the inputs are hashed in a fourth thread). Peak memory is a few tensors
+  (the writer holds at most 256 MB, or one larger tensor; plus the tensor
+  being folded and float64 row chunks), whatever the shard size; never the
+  base twice. Output shards are byte-identical to
+  ``safetensors.torch.save_file`` of the same tensors.
+- Weights: one float per adapter, or a list (one weight per layer group,
+  mapped by `loradem.layers.weight_for`; modules outside the decoder layers
+  get the list's mean).
+- ``fold_base="dequantized"``: every tensor transformers quantizes to NF4 is
+  replaced by bitsandbytes' de-quantization of its quantization
+  (`loradem.nf4`) before the deltas are added, so a QLoRA adapter lands on
+  the weights it was trained against. Folding an NF4-trained adapter onto the
+  original weights (the default) is allowed but logged.
 - Plan, then execute: `plan_fold` is pure (names, shapes, weights) and raises
   on a target the base lacks or a shape mismatch before any weight is read.
 - Tied embeddings stay tied unless an adapter changes one side of the pair
@@ -28,25 +43,28 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
+import concurrent.futures
 import json
 import math
 import numbers
-import re
+import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from loradem import __version__
 from loradem.base import resolve_base
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, fingerprint_weights, read_json, sha256_file
+from loradem.io import atomic_dir, fingerprint_weights, read_json
+from loradem.layers import weight_for
 from loradem.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
+from loradem.model_card import HUB_IDS, model_card, provenance
+from loradem.rounding import finite_limit, round_into
+from loradem.st_writer import SafetensorsWriter, TensorSpec
 
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,10 +76,14 @@ ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an adapter trained on the alias may record
-CHUNK_ELEMENTS = 1 << 22  # float64 rows accumulated at once (32 MB)
+CHUNK_ELEMENTS = 1 << 19  # float64 elements accumulated at once (4 MB: stays in cache)
+FOLD_BASES = ("original", "dequantized")
+# threads folding row chunks of one tensor at once (one torch thread each); writing, hashing and the
+# base's fingerprint take three more, so on a small machine the fold still gets two
+FOLD_THREADS = max(2, min(8, (os.cpu_count() or 1) - 3))
 
 Shape = tuple[int, ...]
+Weight = float | Sequence[float]  # one weight, or one per layer group
 
 
 # ---- the plan (pure) ------------------------------------------------------
@@ -77,7 +99,8 @@ class Term:
 
 @dataclass(frozen=True)
 class Job:
-    """One output tensor: read `source` from the base, add `terms`, verify `checks` (peft's base copies)."""
+    """One output tensor: read `source` from the base (NF4 round trip if `dequantize`), add `terms`,
+    verify `checks` (peft's base copies)."""
 
     name: str
     source: str
@@ -85,6 +108,7 @@ class Job:
     dtype: torch.dtype
     terms: tuple[Term, ...] = ()
     checks: tuple[Term, ...] = ()
+    dequantize: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,20 +119,29 @@ class Plan:
 
 def plan_fold(
     base_tensors: Mapping[str, tuple[Shape, torch.dtype]],
-    adapters: Sequence[tuple[LoadedAdapter, float]],
+    adapters: Sequence[tuple[LoadedAdapter, Weight]],
     *,
     tied: Mapping[str, str] | None = None,
+    num_layers: int | None = None,
+    dequantize: frozenset[str] | set[str] = frozenset(),
 ) -> Plan:
     """Which base tensor receives which weighted deltas; raises `LorademError` on any mismatch.
 
     `tied` maps a tensor absent from the checkpoint to the tensor it shares (lm_head.weight ->
-    model.embed_tokens.weight). Zero-weight adapters are validated but contribute no terms.
+    model.embed_tokens.weight). A list weight gives one weight per layer group of the base's
+    `num_layers` decoder layers. Zero weights are validated but contribute no terms. Tensors in
+    `dequantize` are read through the NF4 round trip.
     """
     tied = dict(tied or {})
     terms: dict[str, list[Term]] = {}
     checks: dict[str, list[Term]] = {}
     for i, (adapter, weight) in enumerate(adapters):
         check_weight(weight, adapter.path)
+        if not isinstance(weight, numbers.Real) and num_layers is None:
+            raise LorademError(
+                f"weight for adapter {adapter.path}: per-layer-group weights need the base's num_hidden_layers, "
+                "which its config.json does not give"
+            )
         for entry in (*adapter.lora.values(), *adapter.full.values()):
             target = entry.target
             source = tied.get(target, target)
@@ -122,17 +155,19 @@ def plan_fold(
                     f"adapter {adapter.path}: {_what(entry)}: shape {list(entry.shape)} does not match the base's "
                     f"{source} {list(shape)} (adapter made for a different base?)"
                 )
+            w = float(weight) if isinstance(weight, numbers.Real) else weight_for(entry.module if isinstance(entry, LoraModule) else target, list(weight), num_layers)
             if isinstance(entry, FullTensor) and entry.base_copy:
-                checks.setdefault(target, []).append(Term(i, float(weight), entry))
-            elif weight != 0:
-                terms.setdefault(target, []).append(Term(i, float(weight), entry))
+                checks.setdefault(target, []).append(Term(i, w, entry))
+            elif w != 0:
+                terms.setdefault(target, []).append(Term(i, w, entry))
     untie = {t: s for t, s in tied.items() if t in terms or s in terms}
     for t, s in tied.items():  # a still-tied target's base copies are checked against its source
         if t not in untie and t in checks:
             checks.setdefault(s, []).extend(checks.pop(t))
     jobs = []
     for name, (shape, dtype) in base_tensors.items():
-        jobs.append(Job(name, name, tuple(shape), dtype, tuple(terms.get(name, ())), tuple(checks.get(name, ()))))
+        jobs.append(Job(name, name, tuple(shape), dtype, tuple(terms.get(name, ())), tuple(checks.get(name, ())),
+                        dequantize=name in dequantize))
         for t in (t for t, s in untie.items() if s == name):
             jobs.append(Job(t, name, tuple(shape), dtype, tuple(terms.get(t, ())), tuple(checks.get(t, ()))))
     return Plan(jobs=tuple(jobs), untied=tuple(untie))
@@ -143,8 +178,25 @@ def _what(entry: LoraModule | FullTensor) -> str:
 
 
 def check_weight(weight: object, adapter: object) -> None:
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-        raise LorademError(f"weight for adapter {adapter}: expected a finite number, got {weight!r}")
+    """A finite number, or a non-empty list of finite numbers (one per layer group)."""
+    def finite(w: object) -> bool:
+        return not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w)
+
+    if isinstance(weight, (list, tuple)):
+        if weight and all(finite(w) for w in weight):
+            return
+        raise LorademError(f"weight for adapter {adapter}: expected a non-empty list of finite numbers, got {weight!r}")
+    if not finite(weight):
+        raise LorademError(f"weight for adapter {adapter}: expected a finite number or a list of them, got {weight!r}")
+
+
+def num_hidden_layers(config: Mapping) -> int | None:
+    """The decoder's layer count from a config.json (top level or text_config), if it says."""
+    for c in (config, config.get("text_config") or {}):
+        n = c.get("num_hidden_layers") if isinstance(c, Mapping) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def plan_shards(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
@@ -250,20 +302,32 @@ def _first_line(exc: BaseException) -> str:
 
 # ---- is this adapter for this base? --------------------------------------
 
-def check_same_base(adapter: LoadedAdapter, spec: str, base: BaseCheckpoint) -> None:
-    """Refuse an adapter whose recorded base is not this one (by fingerprint, path or name)."""
+def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
+    """The base fingerprint an adapter records: loradem-train.json's, else its vector.json card's."""
     train_record = adapter.path / "loradem-train.json"
     if train_record.is_file():
         record = read_json(train_record)
         recorded = record.get("base_fingerprint") if isinstance(record, dict) else None
         if recorded:
-            mine = fingerprint_weights(base.folder)
-            if recorded != mine:
-                raise LorademError(
-                    f"adapter {adapter.path}: trained on a base with fingerprint {recorded[:12]}, "
-                    f"this base {spec!r} is {mine[:12]} (pass --allow-name-mismatch to fold it anyway)"
-                )
-            return
+            return recorded
+    if (adapter.path / "vector.json").is_file():
+        from loradem.card import read_card
+
+        return read_card(adapter.path)["base"].get("fingerprint")
+    return None
+
+
+def check_same_base(adapter: LoadedAdapter, spec: str, base: BaseCheckpoint) -> None:
+    """Refuse an adapter whose recorded base is not this one (by fingerprint, path or name)."""
+    recorded = recorded_base_fingerprint(adapter)
+    if recorded:
+        mine = fingerprint_weights(base.folder)
+        if recorded != mine:
+            raise LorademError(
+                f"adapter {adapter.path}: trained on a base with fingerprint {recorded[:12]}, "
+                f"this base {spec!r} is {mine[:12]} (pass --allow-name-mismatch to fold it anyway)"
+            )
+        return
     recorded = adapter.base_model_name_or_path
     if not recorded:
         return
@@ -293,17 +357,56 @@ def _same_weights(a: Path, b: Path) -> bool:
         return False
 
 
+def train_record(adapter: LoadedAdapter) -> dict | None:
+    """What produced the adapter: loradem-train.json, else the card's train block (None if neither)."""
+    path = adapter.path / "loradem-train.json"
+    if path.is_file():
+        record = read_json(path)
+        return record if isinstance(record, dict) else None
+    if (adapter.path / "vector.json").is_file():
+        from loradem.card import read_card
+
+        train = read_card(adapter.path).get("train")
+        return {"train": train} if train else None
+    return None
+
+
+def trained_on_nf4(record: Mapping | None) -> bool | None:
+    """True / False when the record says whether the base was 4-bit during training, None when unknown."""
+    train = record.get("train") if isinstance(record, Mapping) else None
+    if not isinstance(train, Mapping) or "quantization" not in train:
+        return None
+    return train["quantization"] == "nf4"
+
+
 # ---- execution -------------------------------------------------------------
 
-def fold_tensor(job: Job, base: torch.Tensor, adapters: Sequence[LoadedAdapter], out_dtype: torch.dtype) -> torch.Tensor:
+def fold_tensor(
+    job: Job, base: torch.Tensor, adapters: Sequence[LoadedAdapter], out_dtype: torch.dtype,
+    quant_dtype: torch.dtype | None = None, pool: concurrent.futures.Executor | None = None,
+) -> torch.Tensor:
     """base + Σ w·Δ for one tensor, accumulated in float64 by row chunks and rounded once to `out_dtype`.
 
-    May reuse (and overwrite) `base`'s storage when the dtype does not change.
+    With `job.dequantize`, base is first replaced by its NF4 round trip in `quant_dtype` (default: its
+    own dtype). May reuse (and overwrite) `base`'s storage when the dtype does not change. Raises
+    `LorademError` when a changed value is NaN or Inf, or would round to Inf in `out_dtype`.
     """
     for t in job.checks:
         _check_base_copy(adapters[t.adapter], t.entry, base)
+    if job.dequantize:
+        from loradem.nf4 import round_trip
+
+        base = round_trip(base, quant_dtype or base.dtype)
     if not job.terms:
-        return base if base.dtype == out_dtype else base.to(out_dtype)
+        if base.dtype == out_dtype:
+            return base
+        if out_dtype.is_floating_point and base.is_floating_point() and base.numel():
+            _check_finite(job, *torch.aminmax(base.reshape(-1)), out_dtype)  # a narrower dtype can overflow
+        if base.dtype == torch.float64:
+            out = torch.empty(base.shape, dtype=out_dtype)
+            round_into(out, base)
+            return out
+        return base.to(out_dtype)  # from float32 (or narrower): one rounding
     lefts, rights, dense = [], [], []
     for t in job.terms:
         a = adapters[t.adapter]
@@ -319,26 +422,53 @@ def fold_tensor(job: Job, base: torch.Tensor, adapters: Sequence[LoadedAdapter],
     rows = base.shape[0] if base.dim() else 1
     base2, out2 = base.reshape(rows, -1), out.reshape(rows, -1)  # views: LoRA targets are 2-D already
     dense = [(copy.reshape(rows, -1), weight) for copy, weight in dense]
+    # row chunks of about CHUNK_ELEMENTS stay in cache through convert, addmm, check and round;
+    # with a pool, chunks are folded by its threads at once (disjoint rows of `out`)
     step = max(1, CHUNK_ELEMENTS // max(1, base2.shape[1]))
-    for start in range(0, rows, step):
+    cols = base2.shape[1]
+
+    def fold_rows(start: int) -> None:
         end = min(rows, start + step)
-        original = base2[start:end].to(torch.float64)
-        acc = original.clone() if dense else original
+        acc = _buffer("acc", step * cols)[: (end - start) * cols].view(end - start, cols)
+        acc.copy_(base2[start:end])
         if left is not None:
             acc.addmm_(left[start:end], right)
         for copy, weight in dense:
-            acc.add_(copy[start:end].to(torch.float64) - original, alpha=weight)
-        out2[start:end] = acc
+            diff = _buffer("diff", step * cols)[: (end - start) * cols].view(end - start, cols)
+            diff.copy_(copy[start:end])
+            diff.sub_(base2[start:end])
+            acc.add_(diff, alpha=weight)
+        stored = round_into(out2[start:end], acc)
+        if stored.numel():
+            _check_finite(job, *torch.aminmax(stored), out_dtype)
+
+    starts = range(0, rows, step)
+    if pool is None or len(starts) < 2:
+        for start in starts:
+            fold_rows(start)
+    else:
+        for _ in pool.map(fold_rows, starts):  # re-raises the first chunk's error
+            pass
     return out
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """Exact and one pass: NaN/Inf propagate through a float64 sum, which finite ≤32-bit floats cannot overflow."""
-    if not t.is_floating_point():
-        return True
-    if t.dtype == torch.float64:
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(float(t.sum(dtype=torch.float64)))
+_BUFFERS = threading.local()
+
+
+def _buffer(name: str, elements: int) -> torch.Tensor:
+    """A float64 scratch of at least `elements`, one per thread and name, reused across tensors."""
+    have = getattr(_BUFFERS, name, None)
+    if have is None or have.numel() < elements:
+        have = torch.empty(elements, dtype=torch.float64)
+        setattr(_BUFFERS, name, have)
+    return have
+
+
+def _check_finite(job: Job, low, high, out_dtype: torch.dtype) -> None:
+    """NaN fails both comparisons; beyond `finite_limit` a value rounds to Inf in `out_dtype`."""
+    limit = finite_limit(out_dtype)
+    if not (-limit < float(low) and float(high) < limit):
+        raise LorademError(f"{job.name}: the folded tensor has NaN or Inf in {out_dtype} (weights too large?)")
 
 
 def _check_base_copy(adapter: LoadedAdapter, entry: FullTensor, base: torch.Tensor) -> None:
@@ -359,7 +489,27 @@ def _output_dtype(dtype: str | None) -> torch.dtype | None:
 
 
 def _target_dtype(job: Job, out_dtype: torch.dtype | None) -> torch.dtype:
-    return out_dtype if (out_dtype is not None and job.dtype.is_floating_point) else job.dtype
+    if out_dtype is not None and job.dtype.is_floating_point:
+        return out_dtype
+    return job.dtype
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch ops on `n` intra-op threads inside the block (restored after).
+
+    The fold runs one thread of small ops (row chunks) beside the writer's and the fingerprint's
+    threads. With torch's default pool, each small op is an OpenMP barrier; on a busy machine a
+    descheduled pool thread stalls every one of them (measured on 2 shared cores: 1.08 s instead
+    of 0.05 s to fold one 5632x2048 tensor), so the fold uses one intra-op thread and gets its
+    parallelism from the pipeline instead.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def write_shards(
@@ -370,9 +520,14 @@ def write_shards(
     *,
     out_dtype: torch.dtype | None,
     max_shard_bytes: int,
+    quant_dtype: torch.dtype | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, str]:
-    """Stream the plan's jobs into shards under `folder`; returns {tensor name: shard file}."""
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Stream the plan's jobs into shards under `folder`; returns ({tensor: shard file}, {shard file: sha256}).
+
+    Shards take consecutive jobs; inside a shard, tensors are folded in the file's order, so each
+    one is written as soon as it is folded.
+    """
     from safetensors import safe_open
 
     dtypes = [_target_dtype(j, out_dtype) for j in plan.jobs]
@@ -380,6 +535,7 @@ def write_shards(
     shards = plan_shards(sizes, max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
+    hashes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
 
@@ -389,34 +545,36 @@ def write_shards(
                 handles[path] = stack.enter_context(safe_open(path, framework="pt", backend="pread"))
             return handles[path].get_tensor(name)
 
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="fold"))
         done, total, next_report = 0, max(1, sum(sizes)), 0.25
         for shard, fname in zip(shards, names):
-            tensors = {}
-            for i in shard:
-                job = plan.jobs[i]
-                out = fold_tensor(job, read(job.source), adapters, dtypes[i])
-                if (job.terms or out.dtype != job.dtype) and not all_finite(out):
-                    raise LorademError(f"{job.name}: the folded tensor has NaN or Inf in {out.dtype} (weights too large?)")
-                tensors[job.name] = out.contiguous()
-                weight_map[job.name] = fname
-                done += sizes[i]
-                if next_report <= done / total < 1:
-                    log(f"folded {done / total:.0%} of {total / 1e6:.0f} MB")
-                    next_report = (int(done / total * 4) + 1) / 4
+            jobs = {plan.jobs[i].name: i for i in shard}
+            specs = [TensorSpec(plan.jobs[i].name, dtypes[i], plan.jobs[i].shape) for i in shard]
             log(f"writing {fname}: {len(shard)} tensors, {sum(sizes[i] for i in shard) / 1e6:.1f} MB")
-            save_file(tensors, folder / fname, metadata={"format": "pt"})
-            del tensors
+            with SafetensorsWriter(folder / fname, specs) as writer:
+                for spec in writer.order:
+                    i = jobs[spec.name]
+                    job = plan.jobs[i]
+                    out = fold_tensor(job, read(job.source), adapters, dtypes[i], quant_dtype, pool)
+                    writer.write(job.name, out)
+                    del out
+                    weight_map[job.name] = fname
+                    done += sizes[i]
+                    if next_report <= done / total < 1:
+                        log(f"folded {done / total:.0%} of {total / 1e6:.0f} MB")
+                        next_report = (int(done / total * 4) + 1) / 4
+            hashes[fname] = writer.sha256
     if len(names) > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return weight_map
+    return weight_map, hashes
 
 
 # ---- the command ----------------------------------------------------------
 
 def assemble(
     base: str | Path,
-    adapters: Sequence[tuple[str | Path, float]],
+    adapters: Sequence[tuple[str | Path, Weight]],
     out: str | Path,
     *,
     dtype: str | None = None,
@@ -424,9 +582,16 @@ def assemble(
     max_shard_size_mb: float = 2000,
     allow_name_mismatch: bool = False,
     trust_pickle: bool = False,
+    fold_base: str = "original",
+    quant_dtype: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`."""
+    """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`.
+
+    A weight is a float or a list of floats (one per layer group). ``fold_base="dequantized"``
+    folds onto the NF4 round trip of the 4-bit layers, cast first to `quant_dtype` (default: the
+    dtype the adapters' training loaded the base in, from loradem-train.json, else the base's).
+    """
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -435,17 +600,22 @@ def assemble(
         raise LorademError("assemble: expected at least one adapter")
     if not max_shard_size_mb > 0:
         raise LorademError(f"max_shard_size_mb: expected a positive number, got {max_shard_size_mb!r}")
+    if fold_base not in FOLD_BASES:
+        raise LorademError(f"fold_base: expected {' or '.join(FOLD_BASES)}, got {fold_base!r}")
     out_dtype = _output_dtype(dtype)
     spec = str(base)
     folder = resolve_base(spec, log)
     for path, weight in adapters:
         check_weight(weight, path)
+    weights = [list(map(float, w)) if isinstance(w, (list, tuple)) else float(w) for _, w in adapters]
     loaded = [load_adapter(path, trust_pickle=trust_pickle) for path, _ in adapters]
     _refuse_overwriting_inputs(out, folder, loaded)
     checkpoint = read_base(folder)
     if not allow_name_mismatch:
         for adapter in loaded:
             check_same_base(adapter, spec, checkpoint)
+    records = [train_record(a) for a in loaded]
+    quantized, qdtype = _fold_base(fold_base, quant_dtype, checkpoint, loaded, records, log)
     touches_ties = may_touch_ties(loaded, checkpoint)
     tied = tied_pairs(checkpoint) if touches_ties else {}
     if touches_ties and not tied and checkpoint.config.get("tie_word_embeddings"):
@@ -454,26 +624,98 @@ def assemble(
             f"{folder}: tie_word_embeddings is set but transformers does not say which tensors {archs} ties; "
             "cannot fold an embedding LoRA or full copy exactly"
         )
-    plan = plan_fold(checkpoint.tensors, [(a, w) for a, (_, w) in zip(loaded, adapters)], tied=tied)
-    for adapter in loaded:
-        adapter.check_finite()
+    plan = plan_fold(checkpoint.tensors, list(zip(loaded, weights)), tied=tied,
+                     num_layers=num_hidden_layers(checkpoint.config), dequantize=quantized)
+    with torch_threads(1):
+        for adapter in loaded:
+            adapter.check_finite()
     log(f"assembling {len(loaded)} adapter(s) into {folder} -> {out}")
     for name in plan.untied:
         log(f"untying {name} from {tied[name]}: an adapter changes one side of the tied pair")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        weight_map = write_shards(
-            plan, checkpoint, loaded, tmp, out_dtype=out_dtype,
+    # the inputs' sha256 (provenance) are read and hashed beside the fold, not before it (the base's is
+    # cached if this process knows it already); a daemon thread, so a failed fold does not wait for it
+    inputs_sha256 = _in_background(lambda: (fingerprint_weights(folder), [a.sha256() for a in loaded]))
+    with atomic_dir(out, overwrite=overwrite) as tmp, torch_threads(1):
+        weight_map, hashes = write_shards(
+            plan, checkpoint, loaded, tmp, out_dtype=out_dtype, quant_dtype=qdtype,
             max_shard_bytes=int(max_shard_size_mb * 1e6), log=log,
         )
         _write_config(checkpoint, tmp, dtype, plan.untied)
         for name in COPIED_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
-        record = provenance(spec, checkpoint, loaded, [w for _, w in adapters], dtype, plan, tmp, weight_map)
+        base_sha256, adapter_sha256 = inputs_sha256.result()
+        record = provenance(spec, checkpoint, loaded, weights, dtype, plan, hashes, base_sha256, adapter_sha256)
+        record["fold_base"] = fold_base
+        if quantized:
+            record["dequantized"] = {**_nf4_settings(), "load_dtype": _dtype_name(qdtype) or "the base's",
+                                     "tensors": sum(1 for j in plan.jobs if j.dequantize)}
         (tmp / "loradem.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _in_background(fn: Callable[[], object]) -> concurrent.futures.Future:
+    """Run `fn` in a daemon thread; the future holds its result or its exception."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - raised again by future.result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="hash inputs", daemon=True).start()
+    return future
+
+
+def _fold_base(
+    fold_base: str, quant_dtype: str | None, base: BaseCheckpoint, adapters: Sequence[LoadedAdapter],
+    records: Sequence[dict | None], log: Callable[[str], None],
+) -> tuple[frozenset[str], torch.dtype | None]:
+    """The tensors to de-quantize and the dtype they were quantized in; logs a mismatch with the training."""
+    nf4 = [trained_on_nf4(r) for r in records]
+    if fold_base == "original":
+        for adapter, q in zip(adapters, nf4):
+            if q:
+                log(f"warning: adapter {adapter.path} was trained on an NF4 (4-bit) base; folding onto the original "
+                    "weights (fold_base: original), not the de-quantized ones it was trained against")
+        return frozenset(), None
+    for adapter, q in zip(adapters, nf4):
+        if q is False:
+            log(f"warning: adapter {adapter.path} was trained on a full-precision base; fold_base: dequantized "
+                "folds it onto the NF4 round trip of the base")
+    from loradem.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors
+
+    if quant_dtype is not None:
+        if quant_dtype not in LOAD_DTYPES:
+            raise LorademError(f"quant_dtype: expected one of {', '.join(LOAD_DTYPES)}, got {quant_dtype!r}")
+        qdtype = LOAD_DTYPES[quant_dtype]
+    else:
+        known = {load_dtype_of(r) for r, q in zip(records, nf4) if q} - {None}
+        if len(known) > 1:
+            raise LorademError(
+                f"fold_base dequantized: the adapters were trained on bases loaded in different dtypes "
+                f"({', '.join(sorted(map(str, known)))}); pass quant_dtype"
+            )
+        qdtype = known.pop() if known else None
+    names = quantized_tensors(base.folder) & set(base.tensors)
+    if not names:
+        raise LorademError(f"{base.folder}: fold_base dequantized: transformers quantizes none of this base's tensors")
+    log(f"fold_base dequantized: {len(names)} tensors through the NF4 round trip "
+        f"(in {_dtype_name(qdtype) or 'the base dtype'})")
+    return frozenset(names), qdtype
+
+
+def _nf4_settings() -> dict:
+    from loradem.nf4 import settings
+
+    return settings()
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _refuse_overwriting_inputs(out: Path, base: Path, adapters: Sequence[LoadedAdapter]) -> None:
@@ -494,63 +736,3 @@ def _write_config(base: BaseCheckpoint, folder: Path, dtype: str | None, untied:
         if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def provenance(
-    spec: str, base: BaseCheckpoint, adapters: Sequence[LoadedAdapter], weights: Sequence[float],
-    dtype: str | None, plan: Plan, folder: Path, weight_map: Mapping[str, str],
-) -> dict:
-    """The loradem.json record: inputs with their sha256, weights, dtype, and each output shard's sha256."""
-    return {
-        "loradem_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "base": {"name": spec, "path": str(base.folder.resolve()), "sha256": fingerprint_weights(base.folder)},
-        "adapters": [
-            {
-                "path": str(a.path.resolve()),
-                "weights_file": a.weights_file.name,
-                "sha256": a.sha256(),
-                "weight": float(w),
-                "base_model_name_or_path": a.base_model_name_or_path,
-            }
-            for a, w in zip(adapters, weights)
-        ],
-        "dtype": dtype or "auto",
-        "untied": list(plan.untied),
-        "tensors_changed": sum(1 for j in plan.jobs if j.terms),
-        "shards": {name: sha256_file(folder / name) for name in dict.fromkeys(weight_map.values())},
-    }
-
-
-def model_card(record: Mapping) -> str:
-    """README.md with Hugging Face YAML metadata and the table of adapters and weights."""
-    base_name = HUB_IDS.get(record["base"]["name"], record["base"]["name"])
-    # the Hub's base_model must be a repo id; a local folder is named in the text only
-    meta = f"base_model: {json.dumps(base_name)}\n" if re.fullmatch(r"[\w.-]+/[\w.-]+", base_name) else ""
-    dtype = "the base's dtype" if record["dtype"] == "auto" else record["dtype"]
-    rows = "\n".join(
-        f"| `{Path(a['path']).name}` | {a['weight']:g} | `{a['sha256'][:12]}` | {a['base_model_name_or_path'] or '-'} |"
-        for a in record["adapters"]
-    )
-    untied = (
-        f"\nThe tied tensor(s) {', '.join(record['untied'])} were written separately because an adapter changes "
-        "one side of the pair (`tie_word_embeddings: false`).\n" if record["untied"] else ""
-    )
-    return f"""---
-{meta}tags: [loradem, dem, lora, merge]
-library_name: transformers
----
-
-# Distribution Edited Model
-
-Assembled by loradem {record['loradem_version']} as θ = θ₀ + Σ wᵢ·ΔWᵢ
-([DEM, arXiv 2406.15570](https://arxiv.org/abs/2406.15570)): each adapter's
-LoRA delta sᵢ·BᵢAᵢ was added to the base `{base_name}` with weight wᵢ,
-exactly (float64 accumulation, one rounding to {dtype}).
-
-| adapter | weight | sha256 | trained on |
-|---|---|---|---|
-{rows}
-{untied}
-Provenance (inputs' and shards' sha256): `loradem.json`.
-"""

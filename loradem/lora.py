@@ -125,7 +125,7 @@ class _Safetensors:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
-        self.path = path
+        self.path, self._handle = path, None
         try:
             with safe_open(path, framework="pt") as f:
                 self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -135,8 +135,9 @@ class _Safetensors:
     def read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(key)
+        if self._handle is None:  # one open file (pread: no mapping held in memory), parsed once
+            self._handle = safe_open(self.path, framework="pt", backend="pread")
+        return self._handle.get_tensor(key)
 
 
 class _Pickle:

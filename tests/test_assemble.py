@@ -48,21 +48,33 @@ def peft_delta64(layer) -> torch.Tensor:
     return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling["default"]
 
 
-def reference(base: Path, adapters: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
-    """base + Σ w·Δ in float64, every delta taken from peft's own loaded model."""
+def reference(base: Path, adapters: list[tuple[Path, float | list[float]]], start: dict | None = None) -> dict[str, torch.Tensor]:
+    """base (or `start`) + Σ w·Δ in float64, every delta taken from peft's own loaded model.
+
+    A list weight is one weight per layer group, written out here by hand for the 2-layer tiny
+    model (a list of n >= 2 weights: layer i gets w[i], anything outside the layers the mean).
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ref = {k: v.double() for k, v in load_file(base / "model.safetensors").items()}
+    ref = {k: v.double() for k, v in (start or load_file(base / "model.safetensors")).items()}
     for folder, weight in adapters:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
         for name, layer in lora_layers(model).items():
-            ref[f"{name}.weight"] += weight * peft_delta64(layer)
+            ref[f"{name}.weight"] += by_layer(name, weight) * peft_delta64(layer)
         for name, module in model.base_model.model.named_modules():
             if type(module).__name__ == "ModulesToSaveWrapper":
                 copy = module.modules_to_save["default"].weight.double()
-                ref[f"{name}.weight"] += weight * (copy - ref_base(base, f"{name}.weight"))
+                ref[f"{name}.weight"] += by_layer(name, weight) * (copy - ref_base(base, f"{name}.weight"))
     return ref
+
+
+def by_layer(module: str, weight: float | list[float]) -> float:
+    if isinstance(weight, float):
+        return weight
+    assert len(weight) >= 2, "the hand mapping below holds for 2 layers and at least 2 groups"
+    match = re.search(r"\.layers\.(\d+)\.", module)
+    return weight[int(match[1])] if match else sum(weight) / len(weight)
 
 
 def ref_base(base: Path, name: str) -> torch.Tensor:
@@ -136,12 +148,22 @@ def test_weights_equal_float64_reference(tiny_base, mix, with_mts, tmp_path):
         assert torch.equal(got[name], load_file(tiny_base / "model.safetensors")[name])
 
 
-def test_bfloat16_output_is_one_rounding_of_the_reference(tiny_base, mix, tmp_path):
-    out = fold(tiny_base, mix, tmp_path / "bf16", dtype="bfloat16")
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One rounding of float64 into bfloat16/float16 by round-to-odd: float64 -> float32 keeping a sticky bit
+    (exact), then one round-to-nearest-even (valid: float32 has more than 2 extra bits; normal range)."""
+    bits = x.view(torch.int64)
+    low = (1 << 29) - 1
+    odd = (bits & ~low) | (((bits & low) != 0).to(torch.int64) << 29)
+    return odd.view(torch.float64).to(torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_narrow_output_is_one_rounding_of_the_reference(tiny_base, mix, tmp_path, dtype):
+    out = fold(tiny_base, mix, tmp_path / dtype, dtype=dtype)
     got, ref = read_folder(out), reference(tiny_base, mix)
     for name in ref:
-        assert torch.equal(got[name], ref[name].to(torch.bfloat16)), name
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+        assert torch.equal(got[name], round_once(ref[name], getattr(torch, dtype))), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
 
 @pytest.mark.parametrize("ranks", [(4, 4), (2, 8, 4)])
@@ -414,21 +436,22 @@ def test_existing_output_kept_unless_overwrite(tiny_base, one, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tiny_base, one, tmp_path, monkeypatch):
-    import loradem.assemble as mod
+    import loradem.st_writer as mod
 
     calls = []
+    real = mod.tensor_bytes
 
-    def flaky(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
+    def flaky(tensor):
+        calls.append(tensor.shape)
+        if len(calls) == 12:  # in the second shard, in the writer's thread
             raise OSError("disk full")
-        save_file(tensors, path, metadata=metadata)
+        return real(tensor)
 
-    monkeypatch.setattr(mod, "save_file", flaky)
+    monkeypatch.setattr(mod, "tensor_bytes", flaky)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         fold(tiny_base, [(one, 1.0)], out, max_shard_size_mb=0.05)
-    assert len(calls) == 2 and not out.exists()
+    assert len(calls) == 12 and not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -452,3 +475,191 @@ def test_refuses_embedding_change_on_unknown_tied_architecture(tiny_base_tied, t
             tmp_path / "out", base, [(adapter, 1.0)], allow_name_mismatch=True)
     linear = make_adapter(tiny_base_tied, tmp_path / "l", r=2, target_modules=["q_proj"])
     fold(base, [(linear, 1.0)], tmp_path / "fine", allow_name_mismatch=True)  # linear LoRAs never touch the pair
+
+
+# ---- the streamed writer inside the fold ------------------------------------------
+
+def test_shards_are_byte_identical_to_save_file(tiny_base, mix, tmp_path):
+    out = fold(tiny_base, mix, tmp_path / "out", max_shard_size_mb=0.05)
+    record = json.loads((out / "loradem.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2
+    for shard in shards:
+        save_file(load_file(shard), tmp_path / "ref.safetensors", metadata={"format": "pt"})
+        assert shard.read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), shard.name
+        assert record["shards"][shard.name] == sha256_file(shard)  # hashed while written, equal to a re-read
+
+
+# ---- per-layer-group weights -------------------------------------------------------
+
+def test_layer_group_weights_equal_float64_reference(tiny_base, mix, with_mts, tmp_path):
+    adapters = [(mix[0][0], [0.5, -1.25]), (mix[1][0], [0.3, 0.9, 1.7]), (mix[2][0], 0.8), (with_mts, [2.0, -1.0])]
+    out = fold(tiny_base, adapters, tmp_path / "out")
+    got, ref = read_folder(out), reference(tiny_base, adapters)
+    for name in ref:
+        assert_f32_close(got[name], ref[name])
+    # the list is not its mean: layer 0 and layer 1 really got different weights
+    mean_only = reference(tiny_base, [(p, sum(w) / len(w) if isinstance(w, list) else w) for p, w in adapters])
+    assert not torch.allclose(got["model.layers.0.self_attn.q_proj.weight"].double(), mean_only["model.layers.0.self_attn.q_proj.weight"])
+    assert_f32_close(got["lm_head.weight"], mean_only["lm_head.weight"])  # outside the layers: the mean
+    record = json.loads((out / "loradem.json").read_text())
+    assert [a["weight"] for a in record["adapters"]] == [[0.5, -1.25], [0.3, 0.9, 1.7], 0.8, [2.0, -1.0]]
+    assert "| `emb` | [0.5, -1.25] by layer group |" in (out / "README.md").read_text()
+
+
+def test_layer_group_weights_need_the_layer_count(tiny_base, one, tmp_path):
+    base = tmp_path / "nolayers"
+    shutil.copytree(tiny_base, base)
+    config = json.loads((base / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (base / "config.json").write_text(json.dumps(config))
+    refused(r"per-layer-group weights need the base's num_hidden_layers", tmp_path / "out", base, [(one, [1.0, 2.0])],
+            allow_name_mismatch=True)
+    refused(r"expected a non-empty list of finite numbers, got \[\]", tmp_path / "out", tiny_base, [(one, [])])
+    refused(r"expected a non-empty list of finite numbers, got \[1\.0, nan\]", tmp_path / "out", tiny_base, [(one, [1.0, float("nan")])])
+
+
+# ---- fold_base: dequantized (QLoRA) ---------------------------------------------------
+
+def four_bit_weights(base: Path) -> dict[str, torch.Tensor]:
+    """What transformers + bitsandbytes hold for each 4-bit layer of `base` loaded as loradem trains it on a CPU."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=config, device_map={"": "cpu"})
+    return {f"{n}.weight": F.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def nf4_trained(folder: Path, **record) -> Path:
+    (folder / "loradem-train.json").write_text(json.dumps({"train": {"quantization": "nf4"}, "device": "cpu", **record}))
+    return folder
+
+
+def test_dequantized_fold_equals_the_4bit_model_plus_deltas(tiny_base, mix, tmp_path):
+    import bitsandbytes.functional as F
+
+    held = four_bit_weights(tiny_base)
+    base = load_file(tiny_base / "model.safetensors")
+    assert len(held) == 14 and "lm_head.weight" not in held  # transformers keeps the output layer full precision
+    adapter = nf4_trained(copy_adapter(mix[1][0], tmp_path / "q"))
+
+    zero = read_folder(fold(tiny_base, [(adapter, 0.0)], tmp_path / "zero", fold_base="dequantized"))
+    for name, tensor in zero.items():  # weight 0: exactly the weights the adapter was trained against
+        assert torch.equal(tensor, held.get(name, base[name])), name
+
+    logs: list[str] = []
+    out = assemble(tiny_base, [(adapter, 0.7), (mix[0][0], -0.4)], tmp_path / "out", fold_base="dequantized", log=logs.append)
+    start = dict(base)
+    for name in held:  # dequantize(quantize(base)), by bitsandbytes' functional API
+        packed, state = F.quantize_4bit(base[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+        start[name] = F.dequantize_4bit(packed, state)
+        assert torch.equal(start[name], held[name])
+    got, ref = read_folder(out), reference(tiny_base, [(adapter, 0.7), (mix[0][0], -0.4)], start=start)
+    for name in ref:
+        assert_f32_close(got[name], ref[name])
+    assert not any("warning" in line for line in logs)  # one trained on NF4, the other without a record: unknown
+    record = json.loads((out / "loradem.json").read_text())
+    assert record["fold_base"] == "dequantized"
+    assert record["dequantized"]["tensors"] == 14 and record["dequantized"]["blocksize"] == 64
+    assert record["dequantized"]["load_dtype"] == "float32"
+    assert "fold_base: dequantized" in (out / "README.md").read_text()
+
+
+def test_dequantized_casts_to_the_training_dtype_first(tiny_base, one, tmp_path):
+    """A GPU run quantizes the bf16-loaded weight: the round trip happens in bfloat16."""
+    import bitsandbytes.functional as F
+
+    adapter = nf4_trained(copy_adapter(one, tmp_path / "gpu"), device="cuda:0")
+    got = read_folder(fold(tiny_base, [(adapter, 0.0)], tmp_path / "out", fold_base="dequantized"))
+    weight = load_file(tiny_base / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    packed, state = F.quantize_4bit(weight.to(torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4")
+    expected = F.dequantize_4bit(packed, state)
+    assert expected.dtype == torch.bfloat16
+    assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], expected.float())
+    other = nf4_trained(copy_adapter(one, tmp_path / "cpu"))
+    gpu = nf4_trained(copy_adapter(one, tmp_path / "gpu2"), device="cuda:0")
+    refused(r"trained on bases loaded in different dtypes .* pass quant_dtype", tmp_path / "mixed", tiny_base,
+            [(other, 0.5), (gpu, 0.5)], fold_base="dequantized")
+    fold(tiny_base, [(other, 0.5), (gpu, 0.5)], tmp_path / "forced", fold_base="dequantized", quant_dtype="float32")
+
+
+def test_fold_base_warnings_and_refusals(tiny_base, one, tmp_path):
+    nf4 = nf4_trained(copy_adapter(one, tmp_path / "nf4"))
+    logs: list[str] = []
+    out = assemble(tiny_base, [(nf4, 1.0)], tmp_path / "orig", log=logs.append)
+    assert any("trained on an NF4 (4-bit) base; folding onto the original weights" in line for line in logs)
+    assert json.loads((out / "loradem.json").read_text())["fold_base"] == "original"
+    full = copy_adapter(one, tmp_path / "full")
+    (full / "loradem-train.json").write_text(json.dumps({"train": {"quantization": "none"}}))
+    logs.clear()
+    assemble(tiny_base, [(full, 1.0)], tmp_path / "dq", fold_base="dequantized", log=logs.append)
+    assert any("trained on a full-precision base; fold_base: dequantized" in line for line in logs)
+    refused(r"fold_base: expected original or dequantized, got 'nf4'", tmp_path / "out", tiny_base, [(one, 1.0)], fold_base="nf4")
+
+
+# ---- one rounding ------------------------------------------------------------------
+
+def exact_round(value: float, dtype: torch.dtype) -> float:
+    """Round-to-nearest-even of a float64 into `dtype`, decided with exact rationals among the neighbours."""
+    from fractions import Fraction
+
+    start = torch.tensor([value], dtype=torch.float64).to(dtype).view(torch.int16)
+    best = None
+    for step in range(-2, 3):
+        code = start + step  # int16 arithmetic wraps: neighbours of -0.0 are NaN codes, skipped below
+        candidate = code.view(dtype)
+        if not torch.isfinite(candidate).all():
+            continue
+        key = (abs(Fraction(candidate.double().item()) - Fraction(value)), code.item() & 1)
+        best = min(best, (key, candidate.double().item())) if best else (key, candidate.double().item())
+    return best[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_into_is_one_rounding(dtype):
+    """Values within half a float32 ulp of a midpoint: where torch's float64 -> float32 -> narrow conversion
+    rounds twice and goes wrong, round_into still rounds once (normal and subnormal float16 included)."""
+    import random
+
+    from loradem.assemble import round_into
+
+    rng = random.Random(0)
+    values = []
+    for scale in (1.0, 1e-3, 3e-5, 1e-6, 1e-7):  # 3e-5 and below: float16 subnormals
+        for _ in range(300):
+            low = torch.tensor([rng.uniform(-2, 2) * scale], dtype=torch.float64).to(dtype)
+            high = (low.view(torch.int16) + 1).view(dtype)
+            mid = (low.double().item() + high.double().item()) / 2
+            values.append(mid * (1 + rng.choice([-1, 0, 1]) * rng.uniform(0, 2**-25)))
+    x = torch.tensor(values, dtype=torch.float64)
+    out = torch.empty(len(values), dtype=dtype)
+    round_into(out, x)
+    expected = [exact_round(v, dtype) for v in values]
+    assert out.double().tolist() == expected
+    assert sum(a != e for a, e in zip(x.to(dtype).double().tolist(), expected)) > 100  # torch alone is wrong here
+
+
+def test_cli_layer_weights_and_fold_base(tiny_base, one, tmp_path):
+    from loradem.cli import build_parser, main
+
+    args = build_parser().parse_args(["assemble", "--base", "b", "--adapter", "a=0.5,1.5", "--adapter", "c=2", "--out", "o"])
+    assert args.adapter == [("a", [0.5, 1.5]), ("c", 2.0)] and args.fold_base is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["assemble", "--adapter", "a=0.5,x"])
+    out = tmp_path / "out"
+    assert main(["assemble", "--base", str(tiny_base), "--adapter", f"{one}=0.5,1.5", "--out", str(out),
+                 "--fold-base", "dequantized"]) == 0
+    record = json.loads((out / "loradem.json").read_text())
+    assert record["adapters"][0]["weight"] == [0.5, 1.5] and record["fold_base"] == "dequantized"
+
+
+def test_quantized_tensors_skip_the_output_layer_and_ties(tiny_base, tiny_base_tied):
+    from loradem.nf4 import quantized_tensors
+
+    linear = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert quantized_tensors(tiny_base) == linear == quantized_tensors(tiny_base_tied)

@@ -1,0 +1,261 @@
+"""Vector cards: the small shareable record beside an adapter, and importing ready vectors.
+
+    loradem vectors import PATH_OR_HUB_ID --base smollm2-135m     # -> adapters/<source>-<sha12>/
+    loradem vectors info adapters/math-1a2b3c4d5e6f               # prints the card, then the norms
+
+    from loradem.card import read_card, check_card, import_vector
+    card = read_card("adapters/math-1a2b3c4d5e6f")                 # vector.json, validated
+    check_card(folder, base_dir)                                   # same base, untouched weights, or LorademError
+    folder = import_vector("org/math-vector", "adapters", base_dir=base_dir)
+
+A finished adapter folder (``loradem train``) carries ``vector.json``::
+
+    {"loradem_vector": 1, "source": ..., "base": {"name": ..., "fingerprint": <sha256 of the base's weights>},
+     "data": {"fingerprint": ..., "rows": {"train": n, "validation": n, "test": n}, "format": ...},
+     "train": {...}, "lora": {...}, "metrics": {"best_val_loss", "best_step", "steps", "train_tokens"},
+     "adapter_sha256": <sha256 of adapter_model.safetensors>, "loradem_version": ...}
+
+Contract: `check_card` refuses a vector whose card names another base (by the
+fingerprint of its weights, not by name) or whose weights file no longer has
+the card's sha256 (corrupted or edited); shapes are checked by the fold.
+`import_vector` copies adapter_config.json, adapter_model.safetensors and
+vector.json into ``<adapters_dir>/<source>-<sha12>/`` only after those checks,
+written aside and renamed; importing the same weights again returns the
+folder already there. A folder without a card is refused unless
+``allow_no_card=True``, which writes a card holding what can be known (the
+LoRA settings, the weights' sha256, the base *name* from adapter_config.json;
+no base fingerprint, data or metrics) and marks it ``"generated": true``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+from loradem import __version__
+from loradem.errors import LorademError
+from loradem.io import atomic_dir, fingerprint_weights, read_json, sha256_file
+
+CARD_FILE = "vector.json"
+IMPORT_RECORD = "loradem-import.json"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SHARED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
+CARD_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the recipe's source-name rule
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+Log = Callable[[str], None]
+
+
+# ---- reading and checking ---------------------------------------------------
+
+def read_card(folder: str | Path) -> dict:
+    """The folder's vector.json, with its fields checked; raises `LorademError` naming the field."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        raise LorademError(f"{path}: not found (a shared vector carries a vector.json card)")
+    card = read_json(path)
+    if not isinstance(card, dict):
+        raise LorademError(f"{path}: expected a JSON object, got {type(card).__name__}")
+    if card.get("loradem_vector") != CARD_VERSION:
+        raise LorademError(f"{path}: loradem_vector: expected {CARD_VERSION}, got {card.get('loradem_vector')!r}")
+    _field(path, card, "source", str)
+    if not _SAFE_NAME.match(card["source"]):
+        raise LorademError(f"{path}: source: expected a safe folder name, got {card['source']!r}")
+    base = _field(path, card, "base", dict)
+    for key in ("name", "fingerprint"):
+        if base.get(key) is not None and not isinstance(base.get(key), str):
+            raise LorademError(f"{path}: base.{key}: expected a string or null, got {base.get(key)!r}")
+    if base.get("fingerprint") is not None and not _SHA256.match(base["fingerprint"]):
+        raise LorademError(f"{path}: base.fingerprint: expected 64 hex digits, got {base['fingerprint']!r}")
+    sha = _field(path, card, "adapter_sha256", str)
+    if not _SHA256.match(sha):
+        raise LorademError(f"{path}: adapter_sha256: expected 64 hex digits, got {sha!r}")
+    for key in ("data", "train", "lora", "metrics"):
+        if card.get(key) is not None and not isinstance(card[key], dict):
+            raise LorademError(f"{path}: {key}: expected an object or null, got {type(card[key]).__name__}")
+    return card
+
+
+def _field(path: Path, card: Mapping, key: str, kind: type):
+    if key not in card:
+        raise LorademError(f"{path}: {key}: required field is missing")
+    if not isinstance(card[key], kind):
+        raise LorademError(f"{path}: {key}: expected {'an object' if kind is dict else 'a string'}, got {card[key]!r}")
+    return card[key]
+
+
+def check_card(folder: str | Path, base_dir: str | Path) -> dict:
+    """Refuse the vector in `folder` unless its weights match its card and its card's base is `base_dir`."""
+    folder = Path(folder)
+    card = read_card(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LorademError(f"{weights}: not found (a shared vector's weights are safetensors)")
+    actual = sha256_file(weights)
+    if actual != card["adapter_sha256"]:
+        raise LorademError(
+            f"{weights}: sha256 {actual[:12]} differs from the card's adapter_sha256 {card['adapter_sha256'][:12]} "
+            "(the weights were corrupted or edited after the card was written)"
+        )
+    recorded = card["base"].get("fingerprint")
+    if recorded is not None:
+        mine = fingerprint_weights(base_dir)
+        if recorded != mine:
+            raise LorademError(
+                f"{folder / CARD_FILE}: trained on base {card['base'].get('name')!r} with weights {recorded[:12]}, "
+                f"but base {str(base_dir)!r} has weights {mine[:12]}; a vector is only meaningful on its own base"
+            )
+    return card
+
+
+def format_card(card: Mapping) -> str:
+    """A few lines for the terminal: source, base, data, settings, metrics."""
+    base, data, lora, metrics = card["base"], card.get("data") or {}, card.get("lora") or {}, card.get("metrics") or {}
+    fp = (base.get("fingerprint") or "unknown")[:12]
+    lines = [f"card: source {card['source']!r}, base {base.get('name') or '?'} (weights {fp})"
+             + (" [generated on import: no training record]" if card.get("generated") else "")]
+    if data:
+        rows = data.get("rows") or {}
+        lines.append(f"  data: {data.get('format', '?')}, rows train {rows.get('train', '?')} / validation "
+                     f"{rows.get('validation', '?')} / test {rows.get('test', '?')}")
+    if lora:
+        lines.append("  lora: " + ", ".join(f"{k}={lora[k]}" for k in ("r", "alpha", "use_rslora", "target_modules") if k in lora))
+    if metrics:
+        lines.append("  metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    lines.append(f"  weights sha256 {card['adapter_sha256'][:12]}, loradem {card.get('loradem_version', '?')}")
+    return "\n".join(lines)
+
+
+# ---- importing ---------------------------------------------------------------
+
+def import_vector(
+    src: str | Path,
+    adapters_dir: str | Path,
+    *,
+    base_dir: str | Path,
+    source: str | None = None,
+    allow_no_card: bool = False,
+    log: Log = print,
+) -> Path:
+    """Check a shared vector (a folder or a hub id) and copy it into `adapters_dir`; returns its folder there.
+
+    `source` names the folder (default: the card's source). Idempotent: the same weights under the
+    same name are imported once.
+    """
+    adapters_dir = Path(adapters_dir)
+    if source is not None and not _SAFE_NAME.match(source):
+        raise LorademError(f"source: expected a safe folder name, got {source!r}")
+    text = str(src)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        folder, origin = local, str(local.resolve())
+    elif _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        found = _imported_from(text, adapters_dir, source, base_dir)
+        if found is not None:
+            return found
+        folder, origin = _download(text), text
+    else:
+        raise LorademError(f"vector {text!r}: expected an adapter folder or a hub id 'org/name', not found")
+    return _import_folder(folder, origin, adapters_dir, Path(base_dir), source, allow_no_card, log)
+
+
+def _import_folder(folder: Path, origin: str, adapters_dir: Path, base_dir: Path, source: str | None,
+                   allow_no_card: bool, log: Log) -> Path:
+    from loradem.lora import load_adapter
+
+    if not (folder / WEIGHTS_FILE).is_file():
+        hint = " (adapter_model.bin is a pickle; shared vectors must be safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        raise LorademError(f"{folder}: expected {WEIGHTS_FILE}{hint}")
+    load_adapter(folder)  # a plain additive LoRA with a valid config and header, or one line why not
+    if (folder / CARD_FILE).is_file():
+        card, generated = check_card(folder, base_dir), False
+    elif allow_no_card:
+        card, generated = generated_card(folder, source), True
+    else:
+        raise LorademError(
+            f"{folder}: no {CARD_FILE} card (base, data and training unknown); pass allow_no_card "
+            "(--allow-no-card) to import it with a card of what can be known"
+        )
+    name = source or card["source"]
+    final = adapters_dir / f"{name}-{card['adapter_sha256'][:12]}"
+    if final.resolve() == folder.resolve() or _is_imported(final, card["adapter_sha256"]):
+        if final.resolve() != folder.resolve():
+            check_card(final, base_dir)
+        log(f"vector {origin}: already imported as {final}")
+        return final
+    with atomic_dir(final, overwrite=final.exists()) as tmp:
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(folder / file, tmp / file)
+        if generated:
+            (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(folder / CARD_FILE, tmp / CARD_FILE)
+        check_card(tmp, base_dir)  # the copies, not just the originals
+        record = {"origin": origin, "source": name, "card": "generated" if generated else "shipped",
+                  "imported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log(f"vector {origin}: imported as {final}" + (" (card generated: no base fingerprint to check)" if generated else ""))
+    return final
+
+
+def generated_card(folder: Path, source: str | None) -> dict:
+    """A card for a folder that came without one: the LoRA settings and the weights' hash, nothing invented."""
+    config = read_json(folder / CONFIG_FILE)
+    name = source or folder.name
+    if not _SAFE_NAME.match(name):
+        raise LorademError(f"{folder}: its name is not a safe source name; pass source (--source NAME)")
+    lora = {"r": config.get("r"), "alpha": config.get("lora_alpha"), "use_rslora": bool(config.get("use_rslora")),
+            "target_modules": config.get("target_modules")}
+    if isinstance(lora["target_modules"], (set, tuple)):
+        lora["target_modules"] = sorted(lora["target_modules"])
+    return {
+        "loradem_vector": CARD_VERSION,
+        "source": name,
+        "base": {"name": config.get("base_model_name_or_path"), "fingerprint": None},
+        "data": None, "train": None, "lora": lora, "metrics": None,
+        "adapter_sha256": sha256_file(folder / WEIGHTS_FILE),
+        "loradem_version": __version__,
+        "generated": True,
+    }
+
+
+def _is_imported(final: Path, sha: str) -> bool:
+    if not all((final / f).is_file() for f in (*SHARED_FILES, IMPORT_RECORD)):
+        return False
+    try:
+        return read_card(final)["adapter_sha256"] == sha
+    except LorademError:
+        return False
+
+
+def _imported_from(hub_id: str, adapters_dir: Path, source: str | None, base_dir: str | Path) -> Path | None:
+    """An earlier import of `hub_id` (so a recipe run does not download it again)."""
+    if not adapters_dir.is_dir():
+        return None
+    for record_path in sorted(adapters_dir.glob(f"{source or '*'}-*/{IMPORT_RECORD}")):
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        folder = record_path.parent
+        if record.get("origin") == hub_id and _is_imported(folder, read_card(folder)["adapter_sha256"]):
+            check_card(folder, base_dir)
+            return folder
+    return None
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, allow_patterns=list(SHARED_FILES)))
+    except Exception as exc:  # noqa: BLE001 - any hub failure is one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LorademError(f"vector {hub_id!r}: could not fetch from the model hub ({first}); use a local folder") from None

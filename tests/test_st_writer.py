@@ -1,0 +1,151 @@
+"""loradem.st_writer: the streamed file is byte-identical to safetensors' own writer; misuse and failures leave nothing.
+
+    pytest tests/test_st_writer.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loradem.st_writer import DTYPE_CODES, SafetensorsWriter, TensorSpec, file_order, save_streamed
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "model.layers.10.mlp.up_proj.weight": torch.randn(7, 5, generator=g, dtype=torch.float32),
+        "model.layers.2.mlp.up_proj.weight": torch.randn(3, 11, generator=g).to(torch.bfloat16),
+        "lm_head.weight": torch.randn(13, 3, generator=g).to(torch.float16),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+        "scalar_bf16": torch.tensor(-1.5, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(9, dtype=torch.int64).reshape(3, 3),
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "i16": torch.tensor([-300, 4], dtype=torch.int16),
+        "i32": torch.tensor([[1], [2]], dtype=torch.int32),
+        "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+        "f8b": torch.randn(4, generator=g).to(torch.float8_e5m2),
+        "ünïcode.name": torch.ones(2, 2),
+        "a": torch.ones(1),  # sorts before the longer names of its dtype
+        "strided": torch.randn(6, 4, generator=g).T,  # not contiguous
+    }
+    return t
+
+
+def test_byte_identical_to_save_file(tmp_path):
+    tensors = mixed_tensors()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    digest = save_streamed(tensors, tmp_path / "mine.safetensors")  # packs a strided tensor itself
+    ref, mine = (tmp_path / "ref.safetensors").read_bytes(), (tmp_path / "mine.safetensors").read_bytes()
+    assert mine == ref
+    assert digest == hashlib.sha256(ref).hexdigest()
+    with safe_open(tmp_path / "mine.safetensors", framework="pt") as f:
+        assert set(f.keys()) == set(tensors) and f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(raw(got), raw(t)), name
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPE_CODES, key=str))
+def test_every_dtype_alone_and_against_the_others(tmp_path, dtype):
+    base = torch.arange(6).reshape(2, 3)
+    t = base.to(torch.float32).to(dtype) if dtype.is_floating_point or dtype.is_complex else (base % 2 == 0 if dtype == torch.bool else base.to(dtype))
+    tensors = {"x": t, "y": torch.ones(2), "z": torch.ones(3, dtype=torch.int64), "w": torch.ones(1, dtype=torch.uint8)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    save_streamed(tensors, tmp_path / "mine.safetensors")
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_empty_file_and_no_metadata(tmp_path):
+    save_file({}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    save_streamed({}, tmp_path / "mine.safetensors")
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    save_file({"a": torch.ones(3)}, tmp_path / "ref2.safetensors")
+    save_streamed({"a": torch.ones(3)}, tmp_path / "mine2.safetensors", metadata=None)
+    assert (tmp_path / "mine2.safetensors").read_bytes() == (tmp_path / "ref2.safetensors").read_bytes()
+
+
+def test_order_follows_safetensors():
+    specs = [TensorSpec("b", torch.float32, (1,)), TensorSpec("a", torch.bfloat16, (1,)),
+             TensorSpec("c", torch.int64, (1,)), TensorSpec("a2", torch.float32, (1,))]
+    assert [s.name for s in file_order(specs)] == ["c", "a2", "b", "a"]
+    with pytest.raises(ValueError, match="tensor a is declared twice"):
+        file_order([*specs, TensorSpec("a", torch.float32, (2,))])
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_misuse_raises_and_leaves_nothing(tmp_path, threaded):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"earlier")
+    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (3,))]
+    with pytest.raises(ValueError, match=r"expected tensor a next \(safetensors order\), got b"):
+        with SafetensorsWriter(path, specs, threaded=threaded) as w:
+            w.write("b", torch.ones(3))
+    with pytest.raises(ValueError, match=r"tensor a is torch\.float16 \[2\], declared torch\.float32 \[2\]"):
+        with SafetensorsWriter(path, specs, threaded=threaded) as w:
+            w.write("a", torch.ones(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"1 declared tensor\(s\) not written, first b"):
+        with SafetensorsWriter(path, specs, threaded=threaded) as w:
+            w.write("a", torch.ones(2))
+    with pytest.raises(RuntimeError, match="boom"):
+        with SafetensorsWriter(path, specs, threaded=threaded) as w:
+            w.write("a", torch.ones(2))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"earlier"
+    assert not list(tmp_path.glob(".m.safetensors.partial-*"))
+
+
+def test_write_error_in_the_thread_reaches_the_caller(tmp_path, monkeypatch):
+    calls = []
+    real = SafetensorsWriter._write_bytes
+
+    def failing(self, data):
+        calls.append(len(data))
+        if len(calls) == 2:  # the header is written in the caller's thread, the tensors in the writer's
+            raise OSError("disk full")
+        real(self, data)
+
+    path = tmp_path / "f.safetensors"
+    specs = [TensorSpec(n, torch.float32, (4,)) for n in "abcd"]
+    monkeypatch.setattr(SafetensorsWriter, "_write_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with SafetensorsWriter(path, specs) as w:
+            for s in w.order:
+                w.write(s.name, torch.ones(4))
+    assert len(calls) == 2  # nothing written after the failure
+    assert not path.exists() and not list(tmp_path.glob(".f.safetensors.partial-*"))
+
+
+def test_bytes_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
+    import time
+
+    seen = []
+    real = SafetensorsWriter._write_bytes
+
+    def slow(self, data):
+        seen.append(self._inflight)
+        time.sleep(0.002)  # a slow disk: the caller must wait instead of piling up tensors
+        real(self, data)
+
+    monkeypatch.setattr(SafetensorsWriter, "_write_bytes", slow)
+    tensors = {f"t{i:02d}": torch.full((100,), float(i)) for i in range(30)}  # 400 bytes each
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with SafetensorsWriter(tmp_path / "b.safetensors", specs, max_inflight_bytes=1000) as w:
+        for s in w.order:
+            w.write(s.name, tensors[s.name])
+            seen.append(w._inflight)
+    assert max(seen) == 800  # two tensors of 400 bytes at most, and it did pipeline
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
