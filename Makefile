@@ -28,8 +28,14 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q -ra
 
+# The benchmark (not a test): the demo with the data-mixing baseline at equal
+# training tokens, then the demo plus a fourth source added later, then the
+# assembler and search-trial benchmarks against PEFT. Reports in runs/.
 bench: setup
+	$(BIN)/loradem run recipes/demo.yaml --baseline mix
+	$(BIN)/loradem run recipes/demo-plus.yaml --baseline mix
 	$(BIN)/python benchmarks/bench_assemble.py
+	$(BIN)/python benchmarks/bench_search.py
 
 clean-runs:
 	rm -rf runs/

@@ -5,6 +5,7 @@
     loradem train|search|assemble|eval RECIPE
     loradem assemble --base smollm2-135m --adapter PATH=0.7 --adapter PATH=0.4 --out DIR
     loradem vectors info|similarity ADAPTER...
+    loradem vectors import PATH_OR_HUB_ID --base BASE
     loradem check RECIPE                  # validate only
 
 Each subcommand loads the recipe, calls one library function and returns an
@@ -35,17 +36,28 @@ def _recipe_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a recipe YAML file (e.g. recipes/demo.yaml)")
 
 
-def _weight(text: str) -> tuple[str, float]:
+def _weight(text: str) -> tuple[str, float | list[float]]:
+    """PATH=W, or PATH=W1,W2,... (one weight per layer group)."""
     path, sep, w = text.rpartition("=")
     if not sep or not path:
         raise argparse.ArgumentTypeError(f"expected PATH=WEIGHT, got {text!r}")
     try:
-        value = float(w)
+        values = [float(x) for x in w.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number after '=' in {text!r}") from None
-    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number (or comma-separated numbers) after '=' in {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected a finite weight in {text!r}, got {w}")
-    return path, value
+    return path, values[0] if len(values) == 1 else values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arg(p)
     p.add_argument("--force", action="append", default=[], metavar="SOURCE",
                    help="retrain this source even if a finished adapter exists (repeatable)")
+    p.add_argument("--baseline", choices=["mix"],
+                   help="also train the data-mixing baseline (one adapter on all sources' rows, as many "
+                   "training tokens as the per-source adapters together) and add its row to the report")
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
@@ -86,12 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "sources over GPUs or machines")
     p.add_argument("--force", action="append", default=[], metavar="SOURCE",
                    help="retrain this source even if a finished adapter exists (repeatable)")
+    p.add_argument("--baseline", choices=["mix"],
+                   help="then train the data-mixing baseline: one adapter on all sources' training rows, "
+                   "by default for as many tokens as all per-source adapters together (recipe `mix:`); "
+                   "cached in adapters/mix-<key>/")
 
-    p = sub.add_parser("search", help="search per-source weights with Optuna on validation loss",
-                       description="Search one weight per source with Optuna. All adapters stay loaded; a "
-                       "trial only changes their scales. The study lives in runs/<name>/search/search.db "
-                       "and resumes when interrupted.")
+    p = sub.add_parser("search", help="search per-source weights with Optuna on validation data",
+                       description="Search one weight per source (or per source and layer group) with Optuna. "
+                       "All adapters stay loaded; a trial folds their weighted deltas into the resident weights and "
+                       "evaluates (no reload, no write). The study lives in "
+                       "runs/<name>/search/search.db unless --storage says otherwise, and resumes when "
+                       "interrupted. Several workers, or several machines pointed at one --storage, share "
+                       "one study.")
     _recipe_arg(p)
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage: an RDB URL (sqlite:///search.db, postgresql://user@host/db) or a "
+                   "journal file path ending in .log (default: the recipe's search.storage, else "
+                   "runs/<name>/search/search.db)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="worker processes on this machine, each with its own copy of the model "
+                   "(default: %(default)s)")
 
     p = sub.add_parser("assemble", help="fold weighted adapter deltas into the base, exactly",
                        description="Write base + sum_i w_i * (s_i B_i A_i) as an ordinary Hugging Face model "
@@ -100,12 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe YAML (uses runs/<name>/search/weights.json)")
     p.add_argument("--base", help="base model: a local folder or 'smollm2-135m'")
     p.add_argument("--adapter", action="append", type=_weight, default=[], metavar="PATH=WEIGHT",
-                   help="a PEFT LoRA adapter folder and its weight (repeatable)")
+                   help="a PEFT LoRA adapter folder and its weight, or comma-separated weights, one per layer "
+                   "group (repeatable)")
     p.add_argument("--out", help="output model folder (default for a recipe: runs/<name>/model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size-mb", type=float, default=2000,
-                   help="largest safetensors shard written, in MB (default: %(default)s; peak memory is about one shard)")
+                   help="largest safetensors shard written, in MB (default: %(default)s; tensors are streamed, "
+                   "so peak memory does not depend on it)")
+    p.add_argument("--fold-base", choices=["original", "dequantized"],
+                   help="fold onto the base's original weights, or onto the NF4 round trip of its 4-bit layers "
+                   "(what QLoRA adapters were trained against) (default: the recipe's assemble.fold_base, "
+                   "else original)")
     p.add_argument("--allow-name-mismatch", action="store_true",
                    help="accept adapters whose recorded base name differs (shapes must still match)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -128,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("adapters", nargs="+", help="adapter folders (at least two)")
     vp.add_argument("--base", help=base_help)
     vp.add_argument("--png", default="similarity.png", help="heatmap output (default: %(default)s)")
+    vp = vsub.add_parser("import", help="check a shared vector against its card and the base, copy it to adapters/",
+                         description="Copy a shared adapter folder (or a hub id) with its vector.json card into "
+                         "ADAPTERS_DIR/<source>-<sha12>/, after checking that the card's base fingerprint is "
+                         "this base's and that the weights still have the card's sha256.")
+    vp.add_argument("adapters", nargs=1, metavar="PATH", help="adapter folder or hub id 'org/name'")
+    vp.add_argument("--base", required=True, help="base model (folder or 'smollm2-135m') the vector must be for")
+    vp.add_argument("--source", help="source name for the imported folder (default: the card's)")
+    vp.add_argument("--adapters-dir", default="adapters", help="where to import to (default: %(default)s)")
+    vp.add_argument("--allow-no-card", action="store_true",
+                    help="import a folder without vector.json, writing a card of what can be known (no base check)")
     return parser
 
 
@@ -135,21 +180,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     from loradem import pipeline
 
     if args.command == "run":
-        pipeline.run(args.recipe, force=args.force)
+        pipeline.run(args.recipe, force=args.force, baseline=args.baseline)
     elif args.command == "demo":
         pipeline.run(args.recipe)
     elif args.command == "check":
         pipeline.check(args.recipe)
     elif args.command == "train":
-        pipeline.train(args.recipe, only=args.source, force=args.force)
+        pipeline.train(args.recipe, only=args.source, force=args.force, baseline=args.baseline)
     elif args.command == "search":
-        pipeline.search(args.recipe)
+        pipeline.search(args.recipe, storage=args.storage, workers=args.workers)
     elif args.command == "assemble":
         _assemble(args)
     elif args.command == "eval":
         pipeline.evaluate(args.recipe)
     elif args.command == "vectors":
-        pipeline.vectors_cli(args.vectors_command, args.adapters, png=getattr(args, "png", None), base=args.base)
+        pipeline.vectors_cli(args.vectors_command, args.adapters, png=getattr(args, "png", None), base=args.base,
+                             source=getattr(args, "source", None), adapters_dir=getattr(args, "adapters_dir", "adapters"),
+                             allow_no_card=getattr(args, "allow_no_card", False))
     return 0
 
 
@@ -160,13 +207,14 @@ def _assemble(args: argparse.Namespace) -> None:
     if args.recipe:
         if args.base or args.adapter:
             raise LorademError("assemble: give either a RECIPE or --base/--adapter, not both")
-        pipeline.assemble_recipe(args.recipe, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
+        pipeline.assemble_recipe(args.recipe, out=args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                 fold_base=args.fold_base)
         return
     if not args.base or not args.adapter or not args.out:
         raise LorademError("assemble: without a RECIPE, --base, at least one --adapter PATH=WEIGHT and --out are required")
     assemble(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
              max_shard_size_mb=args.max_shard_size_mb, allow_name_mismatch=args.allow_name_mismatch,
-             trust_pickle=args.trust_pickle)
+             trust_pickle=args.trust_pickle, fold_base=args.fold_base or "original")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@
 Rows (names fixed by report.json's contract):
 - ``base``              all weights 0
 - ``adapter:<source>``  that source's adapter alone (weight 1, the others 0)
+- ``mix``               the data-mixing adapter alone (`loradem.mix`), when a finished one exists
+                        for the current adapters; report.json's ``mix`` gives its cost over DEM's
 - ``uniform``           every weight 1/n
 - ``sum``               every weight 1 (the plain sum of the vectors)
 - ``dem``               the searched weights, evaluated on the *assembled* model
@@ -12,7 +14,11 @@ Rows (names fixed by report.json's contract):
 
 The first four are the same resident base with all adapters loaded; a row
 only changes their scales. Each is scored on every source's held-out test rows
-(never seen by training or the search) with the source's metric.
+(never seen by training or the search) with the source's metric. When the
+recipe lists `eval.lm_eval_tasks`, every row also runs them on the same
+in-memory model (`loradem.harness`) and carries ``benchmarks``:
+{task: {metric: value}}; the task names and their data are checked before any
+model runs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,24 @@ def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0
     }
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def _increment(search_record: dict, names: list[str], records: dict[str, dict], rows: list[dict]) -> dict | None:
+    """What adding sources cost under DEM (their adapters + this warm-started search) vs retraining the mix."""
+    previous_from = search_record.get("warm_start")
+    if not previous_from or not Path(previous_from).is_file():
+        return None
+    before = set((read_json(previous_from).get("weights") or {}))
+    new = [n for n in names if n not in before]
+    if not new:
+        return None
+    dem = _cost(records, new, float(search_record.get("search_seconds") or 0.0))
+    mix = next((r["cost"] for r in rows if r["name"] == "mix"), None)
+    return {"previous": str(previous_from), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix}
+
+
 def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | None:
     if len(set(metrics.values())) != 1:
         return None  # an average of exact match and loss means nothing
@@ -49,10 +73,13 @@ def compare_models(
     search_record: dict,
     model_dir: Path,
     *,
+    recipe_path: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Evaluate base, each adapter, uniform, sum and the assembled DEM model; write the report; return its rows."""
     from loradem.evaluate import evaluate_source
+    from loradem.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
+    from loradem.mix import find_mix
     from loradem.multi import load_base, load_multi, load_tokenizer, set_weights
     from loradem.report import write_report
 
@@ -61,6 +88,11 @@ def compare_models(
     max_length = recipe.train.max_length
     records = {n: (read_json(adapters[n] / "loradem-train.json") if (adapters[n] / "loradem-train.json").is_file() else {}) for n in names}
     predictions: dict[str, dict[str, list[str]]] = {}
+    lm_tasks = list(recipe.eval.lm_eval_tasks)
+    lm_include = resolve_include_path(recipe.eval.lm_eval_include_path)
+    benchmarks: dict[str, dict[str, dict[str, float]]] = {}
+    if lm_tasks:  # an unknown task or unreachable data fails here, before any model runs
+        load_lm_eval_tasks(lm_tasks, include_path=lm_include, log=log)
 
     def score(model, tokenizer, row_name: str) -> dict[str, float]:
         out = {}
@@ -70,6 +102,9 @@ def compare_models(
             if "predictions" in res:
                 predictions.setdefault(row_name, {})[s.name] = res["predictions"]
         log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items()))
+        if lm_tasks:
+            benchmarks[row_name] = run_lm_eval(model, tokenizer, lm_tasks, include_path=lm_include, limit=recipe.eval.lm_eval_limit,
+                                               batch_size=recipe.eval.batch_size, log=lambda m: log(f"{row_name:<20} {m}"))
         return out
 
     n = len(names)
@@ -79,7 +114,7 @@ def compare_models(
     candidates.append(("uniform", {k: 1.0 / n for k in names}, names))
     candidates.append(("sum", {k: 1.0 for k in names}, names))
 
-    model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names})
+    model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)  # a row = one exact fold, plain-speed forward
     rows = []
     for row_name, weights, used in candidates:
         set_weights(model, weights)
@@ -87,6 +122,17 @@ def compare_models(
         rows.append({"name": row_name, "per_source": per_source, "average": _average(per_source, metrics),
                      "cost": _cost(records, used), "weights": weights})
     del model
+
+    mix_dir = find_mix(recipe, base_dir, adapters, splits)
+    if mix_dir is not None:  # the data-mixing adapter alone (weight 1), after the per-source rows
+        mix_model, mix_tokenizer = load_multi(base_dir, {"mix": mix_dir})
+        set_weights(mix_model, {"mix": 1.0})
+        per_source = score(mix_model, mix_tokenizer, "mix")
+        del mix_model
+        mix_record = read_json(mix_dir / "loradem-train.json")
+        mix_row = {"name": "mix", "per_source": per_source, "average": _average(per_source, metrics),
+                   "cost": _cost({"mix": mix_record}, ["mix"])}
+        rows.insert(1 + n, mix_row)
 
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     merged = load_base(model_dir)
@@ -101,5 +147,29 @@ def compare_models(
         "model": str(model_dir),
         "predictions": predictions,
     }
-    write_report(recipe.out_dir, recipe, rows, extra=extra)
+    extra["increment"] = _increment(search_record, names, records, rows)
+    vectors_json = recipe.out_dir / "vectors.json"
+    if vectors_json.is_file():
+        extra["vectors"] = read_json(vectors_json)
+    if mix_dir is not None:
+        mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == "dem")["cost"]
+        extra["mix"] = {
+            "adapter": str(mix_dir),
+            "target_tokens": mix_record.get("target_tokens"),
+            "shares": mix_record.get("shares"),
+            # DEM's cost: every per-source adapter's training plus the weight search
+            "cost_ratio_mix_to_dem": {
+                "train_tokens": _ratio(mix_cost["train_tokens"], dem_cost["train_tokens"]),
+                "seconds": _ratio(mix_cost["total_seconds"], dem_cost["total_seconds"]),
+            },
+        }
+    if lm_tasks:
+        from importlib.metadata import version
+
+        extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": recipe.eval.lm_eval_limit,
+                            "include_path": str(lm_include) if lm_include else None}
+        for row in rows:
+            if row["name"] in benchmarks:
+                row["benchmarks"] = benchmarks[row["name"]]
+    write_report(recipe.out_dir, recipe, rows, extra=extra, recipe_path=recipe_path)
     return rows

@@ -67,7 +67,9 @@ def check(recipe_path: str | Path) -> Recipe:
 
 # ---- train -----------------------------------------------------------------
 
-def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list[str] = ()) -> dict[str, Path]:
+def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list[str] = (),
+          baseline: str | None = None) -> dict[str, Path]:
+    """Train the missing per-source adapters (returned); with baseline="mix", then the data-mixing adapter."""
     from loradem.train import train_all
 
     recipe, base_dir = _prepare(recipe_path)
@@ -75,11 +77,25 @@ def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list
         recipe.source(name)  # unknown names fail before any work
     adapters = train_all(recipe, base_dir, only=only, force=list(force), log=_log("train"))
     _write_adapters_json(recipe, base_dir)
+    if baseline == "mix":
+        _train_mix(recipe, base_dir)
     return adapters
 
 
+def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Path:
+    from loradem.mix import train_mix
+
+    splits = splits or _splits(recipe)
+    return train_mix(recipe, base_dir, finished_adapters(recipe, base_dir, splits), splits, log=_log("mix"))
+
+
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True) -> dict[str, Path]:
-    """The finished adapter folder of every source, found by its key; raise if one is missing."""
+    """The finished adapter folder of every source, found by its key; raise if one is missing.
+
+    A source with a ready `vector:` gets its imported copy (`loradem.card.import_vector`: checked
+    against its card and this base, copied once into adapters_dir) instead of a trained adapter.
+    """
+    from loradem.card import import_vector
     from loradem.train import adapter_dir, adapter_key, is_finished
 
     splits = splits or _splits(recipe)
@@ -87,6 +103,9 @@ def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None
     found: dict[str, Path] = {}
     missing = []
     for s in recipe.sources:
+        if s.vector is not None:
+            found[s.name] = import_vector(s.vector, recipe.adapters_dir, base_dir=base_dir, source=s.name, log=_log("vectors"))
+            continue
         folder = adapter_dir(recipe, s, adapter_key(recipe, s, base_fp, splits[s.name].fingerprint))
         if is_finished(folder):
             found[s.name] = folder
@@ -138,14 +157,23 @@ def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], l
     return result
 
 
-def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None) -> None:
-    from loradem import vectors
+def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None,
+                source: str | None = None, adapters_dir: str = "adapters", allow_no_card: bool = False) -> None:
+    from loradem import card, vectors
     from loradem.base import resolve_base
 
     base_dir = resolve_base(base) if base else None
 
+    if action == "import":
+        if base_dir is None:
+            raise LorademError("vectors import: --base is required (a vector is checked against its base)")
+        for p in paths:
+            card.import_vector(p, adapters_dir, base_dir=base_dir, source=source, allow_no_card=allow_no_card)
+        return
     if action == "info":
         for p in paths:
+            if (Path(p) / card.CARD_FILE).is_file():
+                print(card.format_card(card.read_card(p)))
             print(vectors.format_info(p, vectors.vector_info(p, base=base_dir)))
         return
     if len(paths) < 2:
@@ -159,14 +187,16 @@ def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: 
 
 # ---- search ------------------------------------------------------------------
 
-def search(recipe_path: str | Path) -> dict:
+def search(recipe_path: str | Path, *, storage: str | None = None, workers: int = 1) -> dict:
+    """Run or resume the weight search; `storage` (an Optuna RDB URL or a .log journal file) wins over the recipe's."""
     from loradem.search import search_weights
 
     recipe, base_dir = _prepare(recipe_path)
     splits = _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
     validation = {n: splits[n].validation for n in adapters}
-    return search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
+    return search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search",
+                          storage=storage, workers=workers, log=_log("search"))
 
 
 def searched_weights(recipe: Recipe) -> dict:
@@ -183,23 +213,29 @@ def searched_weights(recipe: Recipe) -> dict:
 
 # ---- assemble ------------------------------------------------------------------
 
-def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
+                    fold_base: str | None = None) -> Path:
     recipe, base_dir = _prepare(recipe_path)
-    return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite)
+    return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite, fold_base=fold_base)
 
 
-def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
+              fold_base: str | None = None) -> Path:
+    """Fold the searched weights (per layer group when the search found `layer_weights`) into the base."""
     from loradem.assemble import assemble
 
-    weights = searched_weights(recipe)["weights"]
+    record = searched_weights(recipe)
+    weights = {n: float(w) for n, w in record["weights"].items()}
+    weights.update({n: [float(x) for x in w] for n, w in (record.get("layer_weights") or {}).items()})
     adapters = finished_adapters(recipe, base_dir)
     target = Path(out) if out else recipe.out_dir / "model"
     # the run's own model folder is loradem's to replace; a user-given --out is not
     replace = overwrite or out is None
     dt = dtype or (None if recipe.assemble.dtype == "auto" else recipe.assemble.dtype)
     return assemble(
-        base_dir, [(adapters[n], float(weights[n])) for n in adapters], target, dtype=dt, overwrite=replace,
-        max_shard_size_mb=recipe.assemble.max_shard_size_mb, log=_log("assemble"),
+        base_dir, [(adapters[n], weights[n]) for n in adapters], target, dtype=dt, overwrite=replace,
+        max_shard_size_mb=recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
+        log=_log("assemble"),
     )
 
 
@@ -207,10 +243,10 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
 
 def evaluate(recipe_path: str | Path) -> list[dict]:
     recipe, base_dir = _prepare(recipe_path)
-    return _evaluate(recipe, base_dir)
+    return _evaluate(recipe, base_dir, recipe_path=str(recipe_path))
 
 
-def _evaluate(recipe: Recipe, base_dir: Path) -> list[dict]:
+def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None) -> list[dict]:
     from loradem.compare import compare_models
 
     splits = _splits(recipe)
@@ -219,13 +255,15 @@ def _evaluate(recipe: Recipe, base_dir: Path) -> list[dict]:
     model_dir = recipe.out_dir / "model"
     if not (model_dir / "loradem.json").is_file():
         raise LorademError(f"{model_dir}: no assembled model; run `loradem assemble <recipe>` first")
-    return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir, log=_log("eval"))
+    return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir,
+                          recipe_path=recipe_path, log=_log("eval"))
 
 
 # ---- run ---------------------------------------------------------------------------
 
-def run(recipe_path: str | Path, *, force: list[str] = ()) -> Path:
-    """Every stage in order; returns the run folder (report.md is inside)."""
+def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
+    """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
+    row in the report); returns the run folder (report.md is inside)."""
     from loradem.search import search_weights
     from loradem.train import train_all
 
@@ -240,6 +278,8 @@ def run(recipe_path: str | Path, *, force: list[str] = ()) -> Path:
     train_all(recipe, base_dir, force=list(force), log=_log("train"))
     _write_adapters_json(recipe, base_dir)
     adapters = finished_adapters(recipe, base_dir, splits)
+    if baseline == "mix":
+        _train_mix(recipe, base_dir, splits)
 
     analyse_vectors(recipe, base_dir, adapters, log=_log("vectors"))
 
@@ -247,6 +287,6 @@ def run(recipe_path: str | Path, *, force: list[str] = ()) -> Path:
     search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
 
     _assemble(recipe, base_dir)
-    _evaluate(recipe, base_dir)
+    _evaluate(recipe, base_dir, recipe_path=str(recipe_path))
     print(f"done in {time.time() - t0:.0f} s: {recipe.out_dir / 'report.md'}", flush=True)
     return recipe.out_dir

@@ -210,6 +210,17 @@ class EvalSettings(_Strict):
     )
     lm_eval_limit: Optional[int] = Field(None, gt=0, description="Cap on examples per lm-eval task.")
 
+    @field_validator("lm_eval_include_path")
+    @classmethod
+    def _resolve_include(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        candidate = path if path.is_absolute() else Path((info.context or {}).get("root", ".")) / path
+        if not candidate.is_dir():
+            raise ValueError(f"expected a folder of lm-eval task YAMLs, {str(candidate)!r} is not a directory")
+        return str(candidate.resolve())
+
 
 class MixSettings(_Strict):
     tokens: Union[Literal["match"], Annotated[int, Field(gt=0)]] = Field(
@@ -384,7 +395,8 @@ def reference_markdown() -> str:
             elif f.is_required():
                 default = "required"
             elif f.default_factory is not None:
-                default = "see block" if isinstance(f.default_factory, type) and issubclass(f.default_factory, BaseModel) else "{}"
+                made = f.default_factory()
+                default = "see block" if isinstance(made, BaseModel) else f"`{made!r}`"
             else:
                 default = f"`{f.default!r}`" if isinstance(f.default, str) else f"`{f.default}`" if f.default is not None else "`null`"
             kind = "mapping" if name in ("train", "lora") and model is Source else _type_name(f.annotation)

@@ -4,17 +4,18 @@
 
 A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
 "cost": {"train_tokens", "train_seconds", "search_seconds", "total_seconds"},
-"weights": {source: w}}`` (weights optional; a per-source value may be None
-when not evaluated). Names in use: ``base``, ``adapter:<source>``,
-``uniform``, ``sum``, ``dem``, ``mix``, ``dem-<option>``.
+"weights": {source: w}, "benchmarks": {task: {metric: value}}}`` (weights and
+benchmarks optional; a per-source value may be None when not evaluated).
+Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
+``mix``, ``dem-<option>``.
 
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the recipe
 name, each source's metric, the rows, and `extra`), report.md (the table,
-the searched weights, how to reproduce), per_source.png (grouped bars of
-each source's metric per model) and cost_vs_score.png (average score
-against total cost, one labelled point per model). Exact match prints as a
-percentage, loss with 3 decimals.
+the searched weights, the lm-eval benchmarks when any row has them, how to
+reproduce), per_source.png (grouped bars of each source's metric per model)
+and cost_vs_score.png (average score against total cost, one labelled point
+per model). Exact match prints as a percentage, loss with 3 decimals.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def check_rows(rows: list[dict], sources: list[str]) -> None:
         weights = row.get("weights")
         if weights is not None and (not isinstance(weights, dict) or any(not _is_number(w) for w in weights.values())):
             raise LorademError(f"{where}: weights: expected {{source: number}}, got {weights!r}")
+        bench = row.get("benchmarks")  # optional: lm-eval tasks run on this row's model
+        if bench is not None and (not isinstance(bench, dict) or any(
+                not isinstance(m, dict) or any(not isinstance(k, str) or not _is_number(v) for k, v in m.items())
+                for m in bench.values())):
+            raise LorademError(f"{where}: benchmarks: expected {{task: {{metric: finite number}}}}, got {bench!r}")
 
 
 def format_value(value: Optional[float], metric: str) -> str:
@@ -107,7 +113,69 @@ def _seconds(s: float) -> str:
 
 # ---- report.md ------------------------------------------------------------------
 
-def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe_path: Optional[str]) -> str:
+def benchmark_lines(rows: list[dict], lm_eval_limit: Optional[int] = None) -> list[str]:
+    """The lm-eval table of report.md: one column per task and metric, '–' where a row has none; [] when no row has any."""
+    columns: list[tuple[str, str]] = []
+    for row in rows:
+        for task, values in (row.get("benchmarks") or {}).items():
+            columns += [(task, m) for m in values if (task, m) not in columns]
+    if not columns:
+        return []
+    note = ("Standard benchmarks run by lm-evaluation-harness on each row's model, with lm-eval's metric names "
+            "(acc, acc_norm, exact_match: higher is better; brier_score, perplexity: lower is better).")
+    if lm_eval_limit:
+        note += f" At most {lm_eval_limit} examples per task (`eval.lm_eval_limit`): an estimate, not the full benchmark."
+    lines = ["", "## Benchmarks", "", note, "", "| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        bench = row.get("benchmarks") or {}
+        cells = [f"{bench[t][m]:.4f}" if m in bench.get(t, {}) else "–" for t, m in columns]
+        lines.append(f"| `{row['name']}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_lines(rows: list[dict], extra: dict) -> list[str]:
+    """Search, cost and vector facts under the table (from report.json's extra data, measured by the run)."""
+    lines: list[str] = []
+    search = extra.get("search") or {}
+    dem = next((r for r in rows if r["name"] == "dem"), None)
+    if search and dem:
+        c = dem["cost"]
+        frac = search.get("eval_fraction")
+        lines += ["", "## Run", "",
+                  f"- Weight search: {search.get('n_trials')} trials ({search.get('sampler')}, objective "
+                  f"{_num(search.get('objective'))}), {_seconds(c['search_seconds'])} s, next to "
+                  f"{_seconds(c['train_seconds'])} s of training for the per-source adapters"
+                  + (f"; {100 * frac:.1f}% of trial time was evaluation." if isinstance(frac, (int, float)) else ".")]
+    mix = extra.get("mix")
+    if mix and mix.get("cost_ratio_mix_to_dem"):
+        r = mix["cost_ratio_mix_to_dem"]
+        lines.append(f"- Data mixing vs DEM cost: {_num(r.get('train_tokens'))}x the training tokens, "
+                     f"{_num(r.get('seconds'))}x the seconds (DEM = all per-source adapters + the weight search).")
+    inc = extra.get("increment")
+    if inc:
+        d, m = inc["dem_cost"], inc.get("mix_retrain_cost")
+        line = (f"- Adding {', '.join(inc['new_sources'])} under DEM: {d['train_tokens']:,} training tokens and "
+                f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']})")
+        if m:
+            line += f"; retraining the mixing baseline on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
+        lines.append(line + ".")
+    vec = extra.get("vectors") or {}
+    if vec.get("norms"):
+        lines.append("- Delta norms: " + ", ".join(f"{k} {v:.3f}" for k, v in vec["norms"].items()) + ".")
+    if vec.get("cosine"):
+        names = list(vec["cosine"])
+        pairs = [f"{a}/{b} {vec['cosine'][a][b]:+.3f}" for i, a in enumerate(names) for b in names[i + 1:]]
+        lines.append("- Cosine similarity of deltas: " + ", ".join(pairs) + ".")
+    return lines
+
+
+def _num(x) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) else "–"
+
+
+def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe_path: Optional[str],
+             lm_eval_limit: Optional[int] = None, extra: Optional[dict] = None) -> str:
     sources = list(metrics)
     avg_kind = average_metric(metrics)
     head = ["model", *[f"{s} ({METRIC_LABEL[m]})" for s, m in metrics.items()], "average",
@@ -133,6 +201,8 @@ def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe
         for row in weighted:
             ws = [f"{row['weights'][s]:.3f}" if s in row["weights"] else "–" for s in sources]
             lines.append(f"| `{row['name']}` | " + " | ".join(ws) + " |")
+    lines += summary_lines(rows, extra or {})
+    lines += benchmark_lines(rows, lm_eval_limit)
     lines += ["", "## How to reproduce", "", "```", f"loradem run {recipe_path or '<recipe.yaml>'}", "```", ""]
     return "\n".join(lines)
 
@@ -196,7 +266,7 @@ def write_report(
         raise LorademError(f"report: extra: keys {clash} would overwrite the report's own")
     doc = {"recipe": recipe.name, "metric": metrics, "rows": rows, **({"recipe_path": recipe_path} if recipe_path else {}),
            **(extra or {})}
-    md = markdown(recipe.name, metrics, rows, recipe_path)
+    md = markdown(recipe.name, metrics, rows, recipe_path, lm_eval_limit=recipe.eval.lm_eval_limit, extra=extra)
     bars = png_bytes(per_source_figure(metrics, rows))
     scatter = png_bytes(cost_vs_score_figure(metrics, rows))
     out_dir = Path(out_dir)

@@ -97,3 +97,11 @@ def test_readme_recipe_reference_is_current():
     from loradem.recipe import reference_markdown
 
     assert reference_markdown() in (REPO / "README.md").read_text()
+
+
+def test_lm_eval_include_path_resolves_against_the_recipe(recipe_dir):
+    (recipe_dir / "tasks").mkdir()
+    recipe = load_recipe(write(recipe_dir, eval={"lm_eval_include_path": "tasks"}))
+    assert Path(recipe.eval.lm_eval_include_path) == (recipe_dir / "tasks").resolve()
+    with pytest.raises(LorademError, match=r"eval\.lm_eval_include_path: expected a folder of lm-eval task YAMLs"):
+        load_recipe(write(recipe_dir, eval={"lm_eval_include_path": "nowhere"}))
