@@ -472,3 +472,19 @@ def test_data_parallel_training_under_torchrun_writes_one_finished_adapter(tmp_p
     assert (record["steps"], record["world_size"]) == (2, 2) and record["train_tokens"] >= 16 * min(lengths)
     assert record["train_tokens"] > 8 * max(lengths)  # more than one process alone could have fed
     assert not list(Path(tempfile.gettempdir()).glob(".loradem-rank-*"))
+
+
+@pytest.mark.slow
+def test_adding_a_source_to_the_recipe_trains_only_that_source(tmp_path, tiny_base):
+    first_source = addition_source(tmp_path)
+    added = {"name": "sort", "validation": 2, "test": 0, "data": write_jsonl(
+        tmp_path / "sort.jsonl", task_rows("sort", seed=0, rows=12))}
+    before = train_all(make_recipe(tmp_path, tiny_base, [first_source], max_steps=1), tiny_base, log=lambda m: None)
+    kept = digest(before["addition"])
+
+    log: list[str] = []
+    after = train_all(make_recipe(tmp_path, tiny_base, [first_source, added], max_steps=1), tiny_base, log=log.append)
+    assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["sort"]
+    assert lines(log, "addition: skipped")
+    assert after["addition"] == before["addition"] and digest(after["addition"]) == kept
+    assert is_finished(after["sort"])
