@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Optional
 import yaml
 
 from loradem.errors import LorademError
+from loradem.io import yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_HINT = "public tasks need their datasets reachable (a dataset hub, or a local datasets cache)"
@@ -90,10 +91,7 @@ def _read_task_yaml(path: Path) -> dict:
     try:
         cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader plus !function kept as text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise LorademError(f"{path}: {where}not valid YAML ({problem})") from None
+        raise LorademError(f"{path}: {yaml_problem(exc, column=False)}") from None
     if not isinstance(cfg, dict):
         raise LorademError(f"{path}: expected a mapping of lm-eval task keys, got {type(cfg).__name__}")
     return cfg

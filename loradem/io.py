@@ -97,12 +97,25 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` aside, then rename it into place: `path` is either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_path(path)
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def yaml_problem(exc: Exception, *, column: bool = True) -> str:
+    """A YAML parse error as 'line L, column C: not valid YAML (problem)'."""
+    mark = getattr(exc, "problem_mark", None)
+    where = (f"line {mark.line + 1}, column {mark.column + 1}: " if column else f"line {mark.line + 1}: ") if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}not valid YAML ({problem})"
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from loradem.errors import LorademError
+from loradem.io import yaml_problem
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SAFE_NAME_HELP = "a safe folder name (letters, digits, '.', '_', '-'; starts with a letter or digit; at most 64 characters)"
@@ -349,10 +350,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise LorademError(f"{path}: {where}not valid YAML ({problem})") from None
+        raise LorademError(f"{path}: {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise LorademError(f"{path}: (top level): expected a mapping of recipe keys, got {type(raw).__name__}")
     raw.setdefault("name", _default_name(path))

@@ -22,26 +22,17 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_json, atomic_write_text
+from loradem.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
 METRIC_LABEL = {"exact_match": "exact match", "loss": "loss"}
 
 
 # ---- files --------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from loradem.errors import LorademError
+from loradem.io import atomic_write_bytes
 from loradem.lora import LoadedAdapter, load_adapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -212,8 +212,5 @@ def save_heatmap(names: Sequence[str], matrix: np.ndarray, path: str | Path, tit
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
-    partial.write_bytes(buffer.getvalue())
-    os.replace(partial, path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
