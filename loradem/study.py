@@ -79,10 +79,35 @@ class Storage:
 
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(self.target))
-        kwargs: dict[str, Any] = {}
-        if self.target.startswith("sqlite"):
-            kwargs = {"connect_args": {"timeout": 60}}  # workers wait for the file lock instead of failing
-        return optuna.storages.RDBStorage(self.target, engine_kwargs=kwargs)
+        if not self.target.startswith("sqlite"):
+            return optuna.storages.RDBStorage(self.target)
+        # workers wait for the file lock instead of failing
+        storage = optuna.storages.RDBStorage(self.target, engine_kwargs={"connect_args": {"timeout": 60}})
+        _serialize_sqlite(storage.engine)
+        return storage
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make every SQLite transaction BEGIN IMMEDIATE (SQLAlchemy's documented pysqlite recipe).
+
+    Optuna pops an enqueued trial with SELECT ... FOR UPDATE, then sets it RUNNING; SQLite ignores
+    FOR UPDATE and pysqlite opens the transaction only at the UPDATE, so two processes could both
+    read WAITING and both run the same trial (measured: 4 processes popping 80 queued trials got
+    ~90-98 pops). With BEGIN IMMEDIATE the read and the write hold the file's write lock together;
+    the second process then reads RUNNING and takes the next trial. PostgreSQL and MySQL honour
+    FOR UPDATE, and the journal file storage pops under its own file lock.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite: let SQLAlchemy's "begin" below open transactions
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # the connections RDBStorage opened while creating tables predate the listeners
 
 
 def _open_error(storage: Storage, exc: BaseException) -> LorademError:
