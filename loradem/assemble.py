@@ -19,9 +19,11 @@ Contract:
   being folded and float64 row chunks), whatever the shard size; never the
   base twice. Output shards are byte-identical to
   ``safetensors.torch.save_file`` of the same tensors.
-- Weights: one float per adapter, or a list (one weight per layer group,
+- Weights: one float per adapter, a list (one weight per layer group,
   mapped by `loradem.layers.weight_for`; modules outside the decoder layers
-  get the list's mean).
+  get the list's mean), or a dict (one weight per module, keyed by the
+  module's path in the base, `LoraModule.module`; it must name exactly the
+  adapter's LoRA modules and full copies).
 - ``fold_base="dequantized"``: every tensor transformers quantizes to NF4 is
   replaced by bitsandbytes' de-quantization of its quantization
   (`loradem.nf4`) before the deltas are added, so a QLoRA adapter lands on
@@ -60,7 +62,7 @@ import torch
 from loradem.base import resolve_base
 from loradem.errors import LorademError
 from loradem.io import atomic_dir, fingerprint_weights, read_json
-from loradem.layers import weight_for
+from loradem.layers import Weight, check_module_values, check_module_weights, weight_for
 from loradem.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
 from loradem.model_card import HUB_IDS, model_card, provenance
 from loradem.rounding import finite_limit, round_into
@@ -83,7 +85,6 @@ FOLD_BASES = ("original", "dequantized")
 FOLD_THREADS = max(2, min(8, (os.cpu_count() or 1) - 3))
 
 Shape = tuple[int, ...]
-Weight = float | Sequence[float]  # one weight, or one per layer group
 
 
 # ---- the plan (pure) ------------------------------------------------------
@@ -129,15 +130,19 @@ def plan_fold(
 
     `tied` maps a tensor absent from the checkpoint to the tensor it shares (lm_head.weight ->
     model.embed_tokens.weight). A list weight gives one weight per layer group of the base's
-    `num_layers` decoder layers. Zero weights are validated but contribute no terms. Tensors in
-    `dequantize` are read through the NF4 round trip.
+    `num_layers` decoder layers; a dict weight one per module (`LoraModule.module`; a full copy's
+    module is its target without the parameter name), naming exactly the adapter's modules. Zero
+    weights are validated but contribute no terms. Tensors in `dequantize` are read through the NF4
+    round trip.
     """
     tied = dict(tied or {})
     terms: dict[str, list[Term]] = {}
     checks: dict[str, list[Term]] = {}
     for i, (adapter, weight) in enumerate(adapters):
         check_weight(weight, adapter.path)
-        if not isinstance(weight, numbers.Real) and num_layers is None:
+        if isinstance(weight, Mapping):  # a typo'd or missing module must not pass silently
+            check_module_weights(weight, _weighted_modules(adapter), f"weight for adapter {adapter.path}")
+        elif isinstance(weight, (list, tuple)) and num_layers is None:
             raise LorademError(
                 f"weight for adapter {adapter.path}: per-layer-group weights need the base's num_hidden_layers, "
                 "which its config.json does not give"
@@ -155,10 +160,11 @@ def plan_fold(
                     f"adapter {adapter.path}: {_what(entry)}: shape {list(entry.shape)} does not match the base's "
                     f"{source} {list(shape)} (adapter made for a different base?)"
                 )
-            w = float(weight) if isinstance(weight, numbers.Real) else weight_for(entry.module if isinstance(entry, LoraModule) else target, list(weight), num_layers)
-            if isinstance(entry, FullTensor) and entry.base_copy:
-                checks.setdefault(target, []).append(Term(i, w, entry))
-            elif w != 0:
+            if isinstance(entry, FullTensor) and entry.base_copy:  # checked against the base, never weighted
+                checks.setdefault(target, []).append(Term(i, 0.0, entry))
+                continue
+            w = _weight_of(entry, weight, num_layers)
+            if w != 0:
                 terms.setdefault(target, []).append(Term(i, w, entry))
     untie = {t: s for t, s in tied.items() if t in terms or s in terms}
     for t, s in tied.items():  # a still-tied target's base copies are checked against its source
@@ -173,21 +179,46 @@ def plan_fold(
     return Plan(jobs=tuple(jobs), untied=tuple(untie))
 
 
+def _weight_of(entry: LoraModule | FullTensor, weight: Weight, num_layers: int | None) -> float:
+    if isinstance(weight, numbers.Real):
+        return float(weight)
+    if isinstance(weight, Mapping):
+        return weight_for(_module_of(entry), weight, num_layers)
+    return weight_for(entry.module if isinstance(entry, LoraModule) else entry.target, list(weight), num_layers)
+
+
+def _module_of(entry: LoraModule | FullTensor) -> str:
+    """The module path a per-module weight names: a LoRA's module, a full copy's target without its parameter."""
+    return entry.module if isinstance(entry, LoraModule) else entry.target.rpartition(".")[0]
+
+
+def _weighted_modules(adapter: LoadedAdapter) -> set[str]:
+    """The modules of an adapter that a per-module weight must name (peft's base copies are not weighted)."""
+    return {m.module for m in adapter.lora.values()} | {_module_of(f) for f in adapter.full.values() if not f.base_copy}
+
+
 def _what(entry: LoraModule | FullTensor) -> str:
     return f"module {entry.module}" if isinstance(entry, LoraModule) else f"full tensor {entry.key}"
 
 
 def check_weight(weight: object, adapter: object) -> None:
-    """A finite number, or a non-empty list of finite numbers (one per layer group)."""
+    """A finite number, a non-empty list of finite numbers (one per layer group), or a non-empty dict
+    module path -> finite number (one per module; `plan_fold` checks the paths against the adapter)."""
     def finite(w: object) -> bool:
         return not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w)
 
+    if isinstance(weight, Mapping):
+        check_module_values(weight, f"weight for adapter {adapter}", lambda key: f"weight for adapter {adapter}: module {key}")
+        return
     if isinstance(weight, (list, tuple)):
         if weight and all(finite(w) for w in weight):
             return
         raise LorademError(f"weight for adapter {adapter}: expected a non-empty list of finite numbers, got {weight!r}")
     if not finite(weight):
-        raise LorademError(f"weight for adapter {adapter}: expected a finite number or a list of them, got {weight!r}")
+        raise LorademError(
+            f"weight for adapter {adapter}: expected a finite number or a list of them (one per layer group) "
+            f"or a dict of them (one per module), got {weight!r}"
+        )
 
 
 def num_hidden_layers(config: Mapping) -> int | None:
@@ -588,7 +619,8 @@ def assemble(
 ) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`.
 
-    A weight is a float or a list of floats (one per layer group). ``fold_base="dequantized"``
+    A weight is a float, a list of floats (one per layer group) or a dict of them (one per module,
+    keyed by the module's path in the base model). ``fold_base="dequantized"``
     folds onto the NF4 round trip of the 4-bit layers, cast first to `quant_dtype` (default: the
     dtype the adapters' training loaded the base in, from loradem-train.json, else the base's).
     """
@@ -607,7 +639,7 @@ def assemble(
     folder = resolve_base(spec, log)
     for path, weight in adapters:
         check_weight(weight, path)
-    weights = [list(map(float, w)) if isinstance(w, (list, tuple)) else float(w) for _, w in adapters]
+    weights = [_plain(w) for _, w in adapters]
     loaded = [load_adapter(path, trust_pickle=trust_pickle) for path, _ in adapters]
     _refuse_overwriting_inputs(out, folder, loaded)
     checkpoint = read_base(folder)
@@ -654,6 +686,15 @@ def assemble(
         (tmp / "README.md").write_text(model_card(record))
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _plain(weight: Weight) -> float | list[float] | dict[str, float]:
+    """A checked weight as plain Python floats: what plan_fold gets and loradem.json records."""
+    if isinstance(weight, Mapping):
+        return {k: float(w) for k, w in weight.items()}
+    if isinstance(weight, (list, tuple)):
+        return [float(w) for w in weight]
+    return float(weight)
 
 
 def _in_background(fn: Callable[[], object]) -> concurrent.futures.Future:

@@ -1,8 +1,8 @@
 """The `loradem` command: a thin layer over the library.
 
     loradem demo                          # = loradem run recipes/demo.yaml
-    loradem run RECIPE                    # train -> vectors -> search -> assemble -> eval -> report
-    loradem train|search|assemble|eval RECIPE
+    loradem run RECIPE                    # train -> vectors -> search (-> learn) -> assemble -> eval -> report
+    loradem train|search|learn|assemble|eval RECIPE
     loradem assemble --base smollm2-135m --adapter PATH=0.7 --adapter PATH=0.4 --out DIR
     loradem vectors info|similarity ADAPTER...
     loradem vectors import PATH_OR_HUB_ID --base BASE
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from loradem import __version__
 from loradem.errors import LorademError
@@ -73,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run every stage of a recipe", description="Run every stage: train the "
-                       "missing adapters, analyse the vectors, search the weights, assemble the model, "
+                       "missing adapters, analyse the vectors, search the weights, learn per-module weights (when learn.enabled), assemble the model, "
                        "evaluate and write report.md / report.json.")
     _recipe_arg(p)
     p.add_argument("--force", action="append", default=[], metavar="SOURCE",
@@ -121,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="worker processes on this machine, each with its own copy of the model "
                    "(default: %(default)s)")
+
+    p = sub.add_parser("learn", help="learn one weight per source per LoRA module by gradient (LoRA Soups' CAT)",
+                       description="With every adapter loaded on the frozen base, fit one weight per source per "
+                       "LoRA module (recipe `learn:`; a few hundred numbers) with Adam on a sample of each "
+                       "source's training rows, keeping the weights with the best validation loss. Writes "
+                       "runs/<name>/learn/weights.json and learn.png; `loradem eval` adds the row 'dem-learned', and "
+                       "assemble.weights: learned folds them into the model.")
+    _recipe_arg(p)
 
     p = sub.add_parser("assemble", help="fold weighted adapter deltas into the base, exactly",
                        description="Write base + sum_i w_i * (s_i B_i A_i) as an ordinary Hugging Face model "
@@ -189,6 +196,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline.train(args.recipe, only=args.source, force=args.force, baseline=args.baseline)
     elif args.command == "search":
         pipeline.search(args.recipe, storage=args.storage, workers=args.workers)
+    elif args.command == "learn":
+        pipeline.learn(args.recipe)
     elif args.command == "assemble":
         _assemble(args)
     elif args.command == "eval":

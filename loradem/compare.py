@@ -74,9 +74,11 @@ def compare_models(
     model_dir: Path,
     *,
     recipe_path: str | None = None,
+    learned_record: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Evaluate base, each adapter, uniform, sum and the assembled DEM model; write the report; return its rows."""
+    """Evaluate base, each adapter, uniform, sum, the assembled DEM model and (learn.enabled) the learned per-module
+    weights; write the report; return its rows."""
     from loradem.evaluate import evaluate_source
     from loradem.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
     from loradem.mix import find_mix
@@ -135,14 +137,38 @@ def compare_models(
         rows.insert(1 + n, mix_row)
 
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
-    merged = load_base(model_dir)
-    per_source = score(merged, load_tokenizer(model_dir), "dem")
-    rows.append({"name": "dem", "per_source": per_source, "average": _average(per_source, metrics),
-                 "cost": _cost(records, names, float(search_record.get("search_seconds") or 0.0)),
-                 "weights": dem_weights})
+    search_seconds = float(search_record.get("search_seconds") or 0.0)
+    learned = learned_record if learned_record is not None and recipe.learn.enabled else None
+    merged = load_base(model_dir)  # the assembled folder: the row its weights belong to is scored from it
+    per_source = score(merged, load_tokenizer(model_dir), "dem" if learned is None or recipe.assemble.weights == "search" else "dem-learned")
+    del merged
+    model_row = {"name": "dem", "per_source": per_source}
+    if learned is not None:  # the other of the two rows is scored on the exact in-memory fold
+        other = "dem-learned" if recipe.assemble.weights == "search" else "dem"
+        model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
+        set_weights(model, learned["module_weights"] if other == "dem-learned" else
+                    {k: search_record.get("layer_weights", {}).get(k, dem_weights[k]) for k in names})
+        other_scores = score(model, tokenizer, other)
+        del model
+        scores = {other: other_scores, ("dem" if other == "dem-learned" else "dem-learned"): per_source}
+        model_row = {"name": "dem", "per_source": scores["dem"]}
+    rows.append({**model_row, "average": _average(model_row["per_source"], metrics),
+                 "cost": _cost(records, names, search_seconds), "weights": dem_weights})
+    if learned is not None:
+        cost = _cost(records, names, search_seconds)
+        # the learned weights are trained: their tokens count as training tokens, their seconds as training time
+        cost["train_tokens"] += int(learned.get("learn_tokens") or 0)
+        cost["learn_seconds"] = round(float(learned.get("learn_seconds") or 0.0), 1)
+        cost["train_seconds"] = round(cost["train_seconds"] + cost["learn_seconds"], 1)
+        cost["total_seconds"] = round(cost["total_seconds"] + cost["learn_seconds"], 1)
+        rows.append({"name": "dem-learned", "per_source": scores["dem-learned"],
+                     "average": _average(scores["dem-learned"], metrics), "cost": cost,
+                     "weights": {k: float(v) for k, v in learned["weights"].items()}})
 
     extra = {
         "search": {k: search_record.get(k) for k in ("objective", "n_trials", "sampler", "search_seconds", "eval_fraction")},
+        "learn": ({k: learned.get(k) for k in ("objective", "initial_objective", "best_step", "steps", "granularity", "n_parameters",
+                                               "learn_tokens", "learn_seconds", "fit_rows")} if learned is not None else None),
         "test_rows": {k: len(splits[k].test) for k in names},
         "model": str(model_dir),
         "predictions": predictions,

@@ -32,7 +32,7 @@ def provenance(
                 "path": str(a.path.resolve()),
                 "weights_file": a.weights_file.name,
                 "sha256": sha,
-                "weight": w if isinstance(w, float) else list(w),
+                "weight": w if isinstance(w, float) else dict(w) if isinstance(w, Mapping) else list(w),
                 "base_model_name_or_path": a.base_model_name_or_path,
             }
             for a, w, sha in zip(adapters, weights, adapter_sha256 or [a.sha256() for a in adapters])
@@ -45,7 +45,12 @@ def provenance(
 
 
 def _weight_text(weight) -> str:
-    return f"{weight:g}" if isinstance(weight, (int, float)) else "[" + ", ".join(f"{w:g}" for w in weight) + "] by layer group"
+    if isinstance(weight, (int, float)):
+        return f"{weight:g}"
+    if isinstance(weight, Mapping):  # one weight per LoRA module: too many for a table cell
+        values = list(weight.values())
+        return f"{sum(values) / len(values):g} mean of {len(values)} per-module weights (each in loradem.json)"
+    return "[" + ", ".join(f"{w:g}" for w in weight) + "] by layer group"
 
 
 def model_card(record: Mapping) -> str:

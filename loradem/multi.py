@@ -23,8 +23,12 @@ tied weights, quantized bases) keep using scales.
 
 A weight may also be a list, one weight per layer group
 (`loradem.layers.weight_for`: consecutive decoder blocks in `len(list)` groups;
-modules outside the blocks get the list's mean), so a per-layer-group search
-sets per-layer scales the same way the assembler folds them.
+modules outside the blocks get the list's mean), or a dict, one weight per
+LoRA module keyed by the module's path in the base model
+(``model.layers.0.self_attn.q_proj``; `loradem.layers.canonical_module` drops
+PEFT's ``base_model.model.``), naming exactly the modules that carry that
+adapter. Either way a search sets per-module scales the same way the
+assembler folds them.
 
 Source names may contain '.', which PEFT's module dicts refuse; adapters are
 registered as ``s<index>_<name with non-identifier characters as '_'>``, and
@@ -36,12 +40,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from loradem.errors import LorademError
+from loradem.layers import Weight, check_module_values
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,7 +56,6 @@ _LAYERS_ATTR = "loradem_lora_layers"
 _MODULES_ATTR = "loradem_lora_modules"
 _NUM_LAYERS_ATTR = "loradem_num_layers"
 _FOLD_ATTR = "loradem_folded"
-Weight = Union[float, Sequence[float]]
 # adapter features whose effect is not a weighted sum of low-rank deltas
 _NOT_ADDITIVE = {
     "use_dora": "DoRA is not additive (it rescales the base weight's rows)",
@@ -265,7 +270,10 @@ def adapter_names(model) -> dict[str, str]:
 
 
 def _check_weight(source: str, w, num_layers: int) -> None:
-    if isinstance(w, (list, tuple)):
+    """A finite number, a list of them (one per layer group) or a non-empty dict module path -> finite number."""
+    if isinstance(w, Mapping):
+        check_module_values(w, f"weights: {source}", lambda key: f"weights: {source}[{key!r}]")
+    elif isinstance(w, (list, tuple)):
         if not 1 <= len(w) <= num_layers:
             raise LorademError(
                 f"weights: {source}: expected one weight per layer group, 1 to {num_layers} groups for this "
@@ -275,16 +283,21 @@ def _check_weight(source: str, w, num_layers: int) -> None:
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
                 raise LorademError(f"weights: {source}[{i}]: expected a finite number, got {x!r}")
     elif isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-        raise LorademError(f"weights: {source}: expected a finite number or a list of them (one per layer group), got {w!r}")
+        raise LorademError(
+            f"weights: {source}: expected a finite number or a list of them (one per layer group) "
+            f"or a dict of them (one per LoRA module), got {w!r}"
+        )
 
 
 def set_weights(model, weights: dict[str, Weight]) -> None:
     """Make `model` compute θ₀ + Σ wᵢ·ΔWᵢ (ΔWᵢ = sᵢ·Bᵢ·Aᵢ); weight 0 turns an adapter off. Mutates the model's LoRA scales.
 
-    A weight is a number (every module) or a list of one weight per layer group, applied per
-    LoRA layer by `loradem.layers.weight_for` (modules outside the decoder blocks get the mean).
+    A weight is a number (every module), a list of one weight per layer group, or a dict of one weight
+    per LoRA module (canonical module path, exactly the modules carrying that adapter), applied per
+    LoRA layer by `loradem.layers.weight_for` (modules outside the decoder blocks get a list's mean).
+    Everything is checked before any scale changes.
     """
-    from loradem.layers import weight_for
+    from loradem.layers import canonical_module, check_module_weights, weight_for
 
     names = adapter_names(model)
     unknown = sorted(set(weights) - set(names))
@@ -297,10 +310,26 @@ def set_weights(model, weights: dict[str, Weight]) -> None:
     num_layers = getattr(model, _NUM_LAYERS_ATTR)
     for source, w in weights.items():
         _check_weight(source, w, num_layers)
-    plain = {s: [float(x) for x in w] if isinstance(w, (list, tuple)) else float(w) for s, w in weights.items()}
+    plain = {s: _plain(w) for s, w in weights.items()}
+    modules = [canonical_module(m) for m in getattr(model, _MODULES_ATTR)]
+    layers = getattr(model, _LAYERS_ATTR)
+    for source, w in plain.items():
+        if isinstance(w, dict):  # a typo'd or missing module must not pass silently
+            carrying = [m for m, layer in zip(modules, layers) if names[source] in layer.scaling]
+            check_module_weights(w, carrying, f"weights: {source}")
     folded = getattr(model, _FOLD_ATTR, {})
-    for module, layer in zip(getattr(model, _MODULES_ATTR), getattr(model, _LAYERS_ATTR)):
+    for module, layer in zip(modules, layers):
         for source, w in plain.items():
-            layer.set_scale(names[source], w if isinstance(w, float) else weight_for(module, w, num_layers))
+            if names[source] in layer.scaling:  # PEFT ignores set_scale for an adapter the layer lacks
+                layer.set_scale(names[source], w if isinstance(w, float) else weight_for(module, w, num_layers))
         if id(layer) in folded:
             folded[id(layer)].apply(layer.scaling)
+
+
+def _plain(w) -> float | list[float] | dict[str, float]:
+    """A checked weight as plain Python floats (one, a list, or a dict by module path)."""
+    if isinstance(w, Mapping):
+        return {k: float(x) for k, x in w.items()}
+    if isinstance(w, (list, tuple)):
+        return [float(x) for x in w]
+    return float(w)

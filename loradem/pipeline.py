@@ -199,19 +199,54 @@ def search(recipe_path: str | Path, *, storage: str | None = None, workers: int 
                           storage=storage, workers=workers, log=_log("search"))
 
 
-def searched_weights(recipe: Recipe) -> dict:
-    path = recipe.out_dir / "search" / "weights.json"
+def learn(recipe_path: str | Path) -> dict:
+    """Fit the per-module weights (recipe `learn:`) on training rows, selected on validation loss."""
+    recipe, base_dir = _prepare(recipe_path)
+    if not recipe.learn.enabled:
+        raise LorademError(f"{recipe_path}: learn.enabled is false; set `learn: {{enabled: true}}` to learn per-module weights")
+    return _learn(recipe, base_dir)
+
+
+def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
+    from loradem.learn import learn_weights
+
+    splits = splits or _splits(recipe)
+    adapters = finished_adapters(recipe, base_dir, splits)
+    return learn_weights(recipe, base_dir, adapters, splits, recipe.out_dir / "learn", log=_log("learn"))
+
+
+def _weights_record(recipe: Recipe, stage: str, key: str, how: str) -> dict:
+    """runs/<name>/<stage>/weights.json, checked to hold `key` for exactly the recipe's sources."""
+    path = recipe.out_dir / stage / "weights.json"
     if not path.is_file():
-        raise LorademError(f"{path}: no searched weights; run `loradem search <recipe>` first")
+        raise LorademError(f"{path}: no {'searched' if stage == 'search' else 'learned'} weights; run `loradem {stage} <recipe>` first{how}")
     data = read_json(path)
-    weights = data.get("weights")
+    weights = data.get(key)
     names = [s.name for s in recipe.sources]
     if not isinstance(weights, dict) or sorted(weights) != sorted(names):
-        raise LorademError(f"{path}: weights are for sources {sorted(weights or {})}, the recipe has {sorted(names)}; re-run `loradem search`")
+        raise LorademError(f"{path}: {key} are for sources {sorted(weights or {})}, the recipe has {sorted(names)}; re-run `loradem {stage}`")
     return data
 
 
+def searched_weights(recipe: Recipe) -> dict:
+    return _weights_record(recipe, "search", "weights", "")
+
+
+def learned_weights(recipe: Recipe) -> dict:
+    return _weights_record(recipe, "learn", "module_weights", " (with learn.enabled: true)")
+
+
 # ---- assemble ------------------------------------------------------------------
+
+def model_weights(recipe: Recipe) -> dict:
+    """The weights the assembled model folds: {source: number | per-layer-group list | {module: weight}}."""
+    if recipe.assemble.weights == "learned":
+        return {n: {m: float(x) for m, x in w.items()} for n, w in learned_weights(recipe)["module_weights"].items()}
+    record = searched_weights(recipe)
+    weights = {n: float(w) for n, w in record["weights"].items()}
+    weights.update({n: [float(x) for x in w] for n, w in (record.get("layer_weights") or {}).items()})
+    return weights
+
 
 def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
                     fold_base: str | None = None) -> Path:
@@ -221,12 +256,11 @@ def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: s
 
 def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
               fold_base: str | None = None) -> Path:
-    """Fold the searched weights (per layer group when the search found `layer_weights`) into the base."""
+    """Fold the searched weights (per layer group when the search found `layer_weights`), or the learned
+    per-module ones (assemble.weights: learned), into the base."""
     from loradem.assemble import assemble
 
-    record = searched_weights(recipe)
-    weights = {n: float(w) for n, w in record["weights"].items()}
-    weights.update({n: [float(x) for x in w] for n, w in (record.get("layer_weights") or {}).items()})
+    weights = model_weights(recipe)
     adapters = finished_adapters(recipe, base_dir)
     target = Path(out) if out else recipe.out_dir / "model"
     # the run's own model folder is loradem's to replace; a user-given --out is not
@@ -255,8 +289,11 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
     model_dir = recipe.out_dir / "model"
     if not (model_dir / "loradem.json").is_file():
         raise LorademError(f"{model_dir}: no assembled model; run `loradem assemble <recipe>` first")
+    learned = None
+    if recipe.learn.enabled:
+        learned = learned_weights(recipe)
     return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir,
-                          recipe_path=recipe_path, log=_log("eval"))
+                          recipe_path=recipe_path, learned_record=learned, log=_log("eval"))
 
 
 # ---- run ---------------------------------------------------------------------------
@@ -285,6 +322,8 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
 
     validation = {n: splits[n].validation for n in adapters}
     search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
+    if recipe.learn.enabled:
+        _learn(recipe, base_dir, splits)
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path))

@@ -191,7 +191,23 @@ class SearchSettings(_Strict):
         return self
 
 
+class LearnSettings(_Strict):
+    enabled: bool = Field(False, description="Learn one weight per source per LoRA module by gradient (LoRA Soups' CAT, arXiv 2410.13025) after the search; adds the row 'dem-learned' to the report.")
+    granularity: Literal["module", "layer"] = Field(
+        "module", description="'module': a weight per source per LoRA module; 'layer': one per source per decoder layer (shared by its modules)."
+    )
+    steps: int = Field(60, gt=0, description="Optimizer steps; each is a forward and backward pass of the whole model over one batch.")
+    learning_rate: float = Field(0.05, gt=0, description="Adam's learning rate on the weights.")
+    batch_size: int = Field(8, gt=0, description="Rows per step.")
+    rows_per_source: int = Field(64, gt=0, description="Training rows per source (a seeded sample; never validation or test rows) the weights are fit on.")
+    init: float = Field(0.5, description="Every weight's starting value.")
+    eval_every: int = Field(20, gt=0, description="Steps between validation-loss checks; the weights with the best validation loss are kept (the start included).")
+
+
 class AssembleSettings(_Strict):
+    weights: Literal["search", "learned"] = Field(
+        "search", description="Which weights the assembled model folds: the searched ones, or the learned per-module ones (needs learn.enabled)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Output dtype; 'auto' keeps the base's.")
     max_shard_size_mb: int = Field(2000, gt=0, description="Largest safetensors shard written, in MB.")
     fold_base: Literal["original", "dequantized"] = Field(
@@ -243,6 +259,7 @@ class Recipe(_Strict):
     assemble: AssembleSettings = Field(default_factory=AssembleSettings, description="Folding into the base (see `assemble`).")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation on held-out test rows (see `eval`).")
     mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained by `loradem train --baseline mix` (see `mix`).")
+    learn: LearnSettings = Field(default_factory=LearnSettings, description="Learned per-module weights (see `learn`).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -261,6 +278,12 @@ class Recipe(_Strict):
         if re.match(r"^[\w.-]+/[\w.-]+$", value):
             return value  # a hub id, used as is when a hub is reachable
         raise ValueError(f"expected {' or '.join(BASE_ALIASES)}, a local model folder, or a hub id 'org/name', got {value!r}")
+
+    @model_validator(mode="after")
+    def _learned_needs_learn(self) -> "Recipe":
+        if self.assemble.weights == "learned" and not self.learn.enabled:
+            raise ValueError("assemble.weights: 'learned' needs learn.enabled: true")
+        return self
 
     @field_validator("sources")
     @classmethod
@@ -382,7 +405,7 @@ def reference_markdown() -> str:
     """The recipe reference as markdown tables, one per block (the README embeds it)."""
     blocks = [
         ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
-        ("search", SearchSettings), ("assemble", AssembleSettings), ("eval", EvalSettings), ("mix", MixSettings),
+        ("search", SearchSettings), ("learn", LearnSettings), ("assemble", AssembleSettings), ("eval", EvalSettings), ("mix", MixSettings),
     ]
     out = []
     for title, model in blocks:

@@ -138,6 +138,14 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
                   f"{_num(search.get('objective'))}), {_seconds(c['search_seconds'])} s, next to "
                   f"{_seconds(c['train_seconds'])} s of training for the per-source adapters"
                   + (f"; {100 * frac:.1f}% of trial time was evaluation." if isinstance(frac, (int, float)) else ".")]
+    learn = extra.get("learn")
+    if learn:
+        lines.append(
+            f"- Learned per-module weights (`dem-learned`, LoRA Soups' CAT): {learn.get('n_parameters')} weights "
+            f"({learn.get('granularity')}), {learn.get('steps')} steps on {sum((learn.get('fit_rows') or {}).values())} training rows, "
+            f"{int(learn.get('learn_tokens') or 0):,} tokens in {_seconds(float(learn.get('learn_seconds') or 0))} s "
+            f"(counted as training); validation loss {_num(learn.get('initial_objective'))} at the start, "
+            f"{_num(learn.get('objective'))} kept (step {learn.get('best_step')}). Weights by layer: `learn/learn.png`.")
     mix = extra.get("mix")
     if mix and mix.get("cost_ratio_mix_to_dem"):
         r = mix["cost_ratio_mix_to_dem"]

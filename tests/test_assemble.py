@@ -48,11 +48,13 @@ def peft_delta64(layer) -> torch.Tensor:
     return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling["default"]
 
 
-def reference(base: Path, adapters: list[tuple[Path, float | list[float]]], start: dict | None = None) -> dict[str, torch.Tensor]:
+def reference(base: Path, adapters: list[tuple[Path, float | list[float] | dict[str, float]]],
+              start: dict | None = None) -> dict[str, torch.Tensor]:
     """base (or `start`) + Σ w·Δ in float64, every delta taken from peft's own loaded model.
 
     A list weight is one weight per layer group, written out here by hand for the 2-layer tiny
     model (a list of n >= 2 weights: layer i gets w[i], anything outside the layers the mean).
+    A dict weight is one per module, by the module's name in the base model.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -69,9 +71,11 @@ def reference(base: Path, adapters: list[tuple[Path, float | list[float]]], star
     return ref
 
 
-def by_layer(module: str, weight: float | list[float]) -> float:
+def by_layer(module: str, weight: float | list[float] | dict[str, float]) -> float:
     if isinstance(weight, float):
         return weight
+    if isinstance(weight, dict):
+        return weight[module]  # a module the dict lacks is a KeyError here, not a default
     assert len(weight) >= 2, "the hand mapping below holds for 2 layers and at least 2 groups"
     match = re.search(r"\.layers\.(\d+)\.", module)
     return weight[int(match[1])] if match else sum(weight) / len(weight)
@@ -663,3 +667,90 @@ def test_quantized_tensors_skip_the_output_layer_and_ties(tiny_base, tiny_base_t
     linear = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     assert quantized_tensors(tiny_base) == linear == quantized_tensors(tiny_base_tied)
+
+
+# ---- per-module weights -------------------------------------------------------------
+
+def weighted_modules(folder: Path) -> list[str]:
+    """The modules an adapter file changes (LoRA factors and full copies; peft's base copies change nothing)."""
+    out = set()
+    for key in load_file(folder / "adapter_model.safetensors"):
+        rest = key.removeprefix("base_model.model.")
+        if ".base_layer." in rest or re.search(r"\.(lora_B\.weight|lora_embedding_B)$", rest):
+            continue
+        m = re.match(r"(.*)\.(lora_A\.weight|lora_embedding_A)$", rest)
+        out.add(m[1] if m else rest.rpartition(".")[0])
+    return sorted(out)
+
+
+def by_module(folder: Path, seed: int) -> dict[str, float]:
+    """A different weight for every module of an adapter, in [-1, 2]."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: round(float(torch.rand((), generator=g)) * 3 - 1, 3) for m in weighted_modules(folder)}
+
+
+def test_module_weights_equal_float64_reference(tiny_base, mix, with_mts, tmp_path):
+    folders = [*(p for p, _ in mix), with_mts]
+    adapters = [(p, by_module(p, seed)) for seed, p in enumerate(folders)]
+    assert "model.embed_tokens" in adapters[0][1] and "lm_head" in adapters[3][1]  # an embedding LoRA, a full copy
+    assert len(adapters[1][1]) == 14 and len(set(adapters[1][1].values())) > 10  # all-linear: 14 modules, spread
+    out = fold(tiny_base, adapters, tmp_path / "out")
+    got, ref = read_folder(out), reference(tiny_base, adapters)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert_f32_close(got[name], ref[name])
+    # the same values on other modules (rotated by one) are another model: the mapping matters
+    rotated = [(p, dict(zip(w, [*list(w.values())[1:], list(w.values())[0]]))) for p, w in adapters]
+    wrong = reference(tiny_base, rotated)
+    assert sum(not torch.allclose(got[n].double(), wrong[n], atol=1e-5) for n in ref) >= 14
+    record = json.loads((out / "loradem.json").read_text())
+    assert [a["weight"] for a in record["adapters"]] == [w for _, w in adapters]
+    card = (out / "README.md").read_text()
+    mean = sum(adapters[0][1].values()) / len(adapters[0][1])
+    assert f"| `emb` | {mean:g} mean of {len(adapters[0][1])} per-module weights (each in loradem.json) |" in card
+
+
+def test_module_weights_all_equal_are_the_float(tiny_base, mix, tmp_path):
+    flat = read_folder(fold(tiny_base, mix, tmp_path / "flat"))
+    per = read_folder(fold(tiny_base, [(p, dict.fromkeys(weighted_modules(p), w)) for p, w in mix], tmp_path / "per"))
+    assert all(torch.equal(per[n], flat[n]) for n in flat)
+
+
+def test_module_weights_need_no_layer_count(tiny_base, one, tmp_path):
+    base = tmp_path / "nolayers"
+    shutil.copytree(tiny_base, base)
+    config = json.loads((base / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (base / "config.json").write_text(json.dumps(config))
+    weights = by_module(one, 7)
+    got = read_folder(fold(base, [(one, weights)], tmp_path / "out", allow_name_mismatch=True))
+    ref = reference(tiny_base, [(one, weights)])
+    for name in ref:
+        assert_f32_close(got[name], ref[name])
+
+
+def test_refuses_bad_module_weights(tiny_base, one, with_mts, tmp_path):
+    good = dict.fromkeys(weighted_modules(one), 0.5)
+    assert sorted(good) == [f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv"]
+    out = tmp_path / "out"
+    refused(r"weight for adapter .*one: model\.layers\.0\.self_attn\.k_proj: not a LoRA module of this adapter "
+            r"\(per-module weights are keyed by the module's path in the base model, e\.g\. model\.layers\.0\.self_attn\.q_proj\)$",
+            out, tiny_base, [(one, {**good, "model.layers.0.self_attn.k_proj": 1.0})])
+    refused(r"weight for adapter .*one: module model\.layers\.1\.self_attn\.v_proj: expected a finite number, got nan$",
+            out, tiny_base, [(one, {**good, "model.layers.1.self_attn.v_proj": float("nan")})])
+    refused(r"module model\.layers\.1\.self_attn\.v_proj: expected a finite number, got inf$",
+            out, tiny_base, [(one, {**good, "model.layers.1.self_attn.v_proj": float("inf")})])
+    refused(r"module model\.layers\.1\.self_attn\.v_proj: expected a finite number, got True$",
+            out, tiny_base, [(one, {**good, "model.layers.1.self_attn.v_proj": True})])
+    refused(r"weight for adapter .*one: no weight for module model\.layers\.1\.self_attn\.q_proj: "
+            r"per-module weights must name every LoRA module of the adapter$",
+            out, tiny_base, [(one, {k: v for k, v in good.items() if k != "model.layers.1.self_attn.q_proj"})])
+    refused(r"weight for adapter .*one: expected a non-empty dict of per-module weights", out, tiny_base, [(one, {})])
+    refused(r"weight for adapter .*one: 0: expected a module path \(str\)", out, tiny_base, [(one, {**good, 0: 1.0})])
+    # PEFT's module names are not the base's
+    refused(r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj \(and 3 more\): not a LoRA module", out, tiny_base,
+            [(one, {"base_model.model." + k: v for k, v in good.items()})])
+    # a full copy (modules_to_save) needs its module's weight too
+    lora_only = {m: 1.0 for m in weighted_modules(with_mts) if m != "lm_head"}
+    refused(r"weight for adapter .*mts: no weight for module lm_head: per-module weights must name every LoRA module",
+            out, tiny_base, [(with_mts, lora_only)])

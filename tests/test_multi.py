@@ -40,17 +40,19 @@ def _pattern(patterns: dict, module: str, default):
 
 def module_weight(short: str, w, num_layers: int = 2) -> float:
     """A reference for per-layer-group weights on an evenly divisible model: block i of n is in group i*G//n;
-    modules outside the blocks get the mean."""
+    modules outside the blocks get the mean. A dict is per module, by base-model path (a miss is a KeyError)."""
     if isinstance(w, (int, float)):
         return float(w)
+    if isinstance(w, dict):
+        return float(w[short])
     m = re.search(r"(?:^|\.)layers\.(\d+)\.", short)
     assert num_layers % len(w) == 0
     return float(w[int(m.group(1)) * len(w) // num_layers]) if m else sum(w) / len(w)
 
 
-def folded_model(base_dir: Path, mix: list[tuple[Path, float | list[float]]]):
+def folded_model(base_dir: Path, mix: list[tuple[Path, float | list[float] | dict[str, float]]]):
     """A plain transformers model whose weights are base + Σ w·s·B@A, summed in float64 from the files
-    (w a float, or one weight per layer group)."""
+    (w a float, one weight per layer group, or one per module)."""
     from transformers import AutoModelForCausalLM
 
     state = {k: v.double() for k, v in load_file(base_dir / "model.safetensors").items()}
@@ -290,3 +292,79 @@ def test_fold_leaves_tied_weights_to_scales(tiny_base_tied, tmp_path):
         set_weights(folded, {"a": w})
         set_weights(scaled, {"a": w})
         torch.testing.assert_close(logits(folded, tok), logits(scaled, tok), rtol=1e-5, atol=2e-5)
+
+
+# ---- per-module weights -------------------------------------------------------------
+
+def lora_modules(folder: Path) -> list[str]:
+    """An adapter's LoRA modules as the base model names them, read from its file (not from loradem)."""
+    keys = load_file(folder / "adapter_model.safetensors")
+    return sorted(k[len("base_model.model."): -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight"))
+
+
+def per_module(adapters: dict[str, Path], seed: int) -> dict[str, dict[str, float]]:
+    """A different weight for every (source, module), spread over [-1, 2] so a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    return {s: {m: round(float(torch.rand((), generator=g)) * 3 - 1, 3) for m in lora_modules(f)} for s, f in adapters.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_module_weights_equal_float64_fold(tiny_base, adapters, multi, seed):
+    model, tok = multi
+    weights = per_module(adapters, seed)
+    assert len(set(weights["sort"].values())) == len(weights["sort"]) == 6  # really one weight per module
+    set_weights(model, weights)
+    got = logits(model, tok)
+    ref = folded_model(tiny_base, [(adapters[s], w) for s, w in weights.items()])
+    torch.testing.assert_close(got, logits(ref, tok), rtol=1e-5, atol=2e-5)
+    # the same weights on other modules (each source's values rotated by one) give another model
+    rotated = {s: dict(zip(w, [*list(w.values())[1:], list(w.values())[0]])) for s, w in weights.items()}
+    wrong = folded_model(tiny_base, [(adapters[s], w) for s, w in rotated.items()])
+    assert (logits(wrong, tok) - got).abs().max() > 1e-3
+
+
+def test_per_module_weights_all_equal_are_the_float(adapters, multi):
+    model, tok = multi
+    set_weights(model, {"add.v2": 0.6, "rev": -0.2, "sort": 1.1})
+    flat = logits(model, tok)
+    set_weights(model, {s: dict.fromkeys(lora_modules(f), w) for (s, f), w in zip(adapters.items(), (0.6, -0.2, 1.1))})
+    assert torch.equal(logits(model, tok), flat)
+
+
+def _bad(adapters, source: str, edit) -> dict:
+    weights = {s: dict.fromkeys(lora_modules(f), 0.5) for s, f in adapters.items()}
+    edit(weights[source])
+    return weights
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda w: w.update({"model.layers.0.self_attn.q_prj": 1.0}),
+         r"^weights: add\.v2: model\.layers\.0\.self_attn\.q_prj: not a LoRA module of this adapter"),
+        # a LoRA module of the model, but of another adapter
+        (lambda w: w.update({"model.layers.0.mlp.gate_proj": 1.0}),
+         r"^weights: add\.v2: model\.layers\.0\.mlp\.gate_proj: not a LoRA module of this adapter"),
+        # PEFT's name is not the canonical one
+        (lambda w: w.update({"base_model.model." + k: w.pop(k) for k in list(w)}),
+         r"^weights: add\.v2: base_model\.model\.model\.layers\.0\.self_attn\.q_proj \(and 3 more\): not a LoRA module"),
+        (lambda w: w.pop("model.layers.1.self_attn.v_proj"),
+         r"^weights: add\.v2: no weight for module model\.layers\.1\.self_attn\.v_proj: "
+         r"per-module weights must name every LoRA module of the adapter$"),
+        (lambda w: w.update({"model.layers.1.self_attn.q_proj": float("nan")}),
+         r"^weights: add\.v2\['model\.layers\.1\.self_attn\.q_proj'\]: expected a finite number, got nan$"),
+        (lambda w: w.update({"model.layers.1.self_attn.q_proj": True}),
+         r"^weights: add\.v2\['model\.layers\.1\.self_attn\.q_proj'\]: expected a finite number, got True$"),
+        (lambda w: w.update({"model.layers.1.self_attn.q_proj": "0.5"}), r"expected a finite number, got '0\.5'"),
+        (lambda w: w.update({3: 0.5}), r"^weights: add\.v2: 3: expected a module path \(str\)"),
+        (lambda w: w.clear(), r"^weights: add\.v2: expected a non-empty dict of per-module weights"),
+    ],
+    ids=["typo", "other-adapter", "peft-name", "missing", "nan", "bool", "str", "int-key", "empty"],
+)
+def test_bad_per_module_weights_are_refused_before_any_change(adapters, multi, edit, message):
+    model, tok = multi
+    set_weights(model, {"add.v2": 0.3, "rev": 0.9, "sort": -0.4})
+    before = logits(model, tok)
+    with pytest.raises(LorademError, match=message):
+        set_weights(model, _bad(adapters, "add.v2", edit))
+    assert torch.equal(logits(model, tok), before)  # checked before any scale (or folded weight) changed

@@ -1,0 +1,184 @@
+"""Learned per-module weights (LoRA Soups' CAT): what is fit, what is kept, what is written, and that it folds exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import loradem.learn
+from loradem.errors import LorademError
+from loradem.evaluate import encode_for_loss, mean_loss
+from loradem.learn import attach_weights, learn_weights, module_weights
+from loradem.pipeline import learned_weights
+from loradem.multi import load_multi, set_weights
+from loradem.recipe import Recipe
+from test_multi import make_adapter
+from test_pipeline import _read_all, tiny_recipe  # noqa: F401 - tiny_recipe is a fixture
+
+SOURCES = ["add", "rev"]
+
+
+def _rows(kind: str, n: int) -> list[dict]:
+    if kind == "add":
+        return [{"prompt": f"What is {a} + {a + 3}? Answer: ", "completion": str(2 * a + 3)} for a in range(n)]
+    words = ["planet", "hello", "world", "lora", "merge", "vector", "tiny", "model", "search", "learn"]
+    return [{"messages": [{"role": "user", "content": f"Reverse the word '{w}'."}, {"role": "assistant", "content": w[::-1]}]}
+            for w in (words * 3)[:n]]
+
+
+class _Splits:
+    def __init__(self, kind: str):
+        self.train, self.validation, self.test = _rows(kind, 24), _rows(kind, 4), _rows(kind, 2)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("learn-adapters")
+    return {
+        "add": make_adapter(tiny_base, root / "add", seed=21, r=4, targets=["q_proj", "v_proj", "down_proj"]),
+        "rev": make_adapter(tiny_base, root / "rev", seed=22, r=2, targets=["o_proj", "up_proj", "v_proj"], use_rslora=True),
+    }
+
+
+def make_recipe(tmp_path: Path, base: Path, **learn) -> Recipe:
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    return Recipe.model_validate({
+        "name": "t", "base": str(base), "seed": 0, "train": {"max_length": 64}, "output_dir": str(tmp_path / "run"),
+        "sources": [{"name": s, "data": str(data)} for s in SOURCES],
+        "search": {"max_rows_per_source": 4, "batch_size": 4},
+        "learn": {"enabled": True, "steps": 6, "batch_size": 4, "rows_per_source": 8, "eval_every": 3, "learning_rate": 0.2, **learn},
+    })
+
+
+SPLITS = {"add": _Splits("add"), "rev": _Splits("rev")}
+
+
+def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapters, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_base)
+    lines: list[str] = []
+    result = learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lines.append)
+
+    # every LoRA module of each adapter has a weight, and they moved away from the start
+    assert set(result["module_weights"]["add"]) == {f"model.layers.{i}.{m}" for i in (0, 1)
+                                                    for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert set(result["module_weights"]["rev"]) == {f"model.layers.{i}.{m}" for i in (0, 1)
+                                                    for m in ("self_attn.o_proj", "mlp.up_proj", "self_attn.v_proj")}
+    assert result["n_parameters"] == 12
+    assert result["objective"] <= result["initial_objective"]
+    if result["best_step"] > 0:
+        assert any(abs(w - 0.5) > 1e-4 for ws in result["module_weights"].values() for w in ws.values())
+    assert [h["step"] for h in result["history"]] == list(range(7))
+    assert [h["step"] for h in result["history"] if "val_loss" in h] == [0, 3, 6]
+    assert result["learn_tokens"] == sum(len(ids) for batch in _batches_of(recipe, tiny_base) for ids in batch)
+
+    # the written weights, folded exactly, give the recorded validation loss (the module mapping is right)
+    model, tok = load_multi(tiny_base, adapters, fold=True)
+    set_weights(model, result["module_weights"])
+    losses = {s: mean_loss(model, encode_for_loss(SPLITS[s].validation, tok, 64)) for s in SOURCES}
+    assert sum(losses.values()) / 2 == pytest.approx(result["objective"], rel=1e-5)
+    on_disk = json.loads((tmp_path / "learn" / "weights.json").read_text())
+    assert on_disk["module_weights"] == result["module_weights"]
+    assert (tmp_path / "learn" / "learn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "learn").glob("*.partial*"))
+
+    # the same inputs again: reused, nothing refit
+    def refuse(*a, **k):
+        raise AssertionError("refit")
+
+    lines.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("loradem.multi.load_multi", refuse)
+        assert learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lines.append) == on_disk
+    assert lines and lines[0].startswith("learn: reusing")
+
+
+def _batches_of(recipe: Recipe, base: Path) -> list[list[list[int]]]:
+    """The token ids of the batches learn_weights steps through (the same seeded sample and order)."""
+    from loradem.multi import load_tokenizer
+
+    tok = load_tokenizer(base)
+    fit = loradem.learn.fit_rows(recipe, SPLITS)
+    encoded = [row for s in SOURCES for row in encode_for_loss(fit[s], tok, recipe.train.max_length)]
+    return [[ids for ids, _ in batch] for batch in loradem.learn._batches(encoded, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)]
+
+
+def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, adapters):
+    model, tok = load_multi(tiny_base, adapters)
+    params = attach_weights(model, SOURCES, "module", 0.5)
+    assert all(not p.requires_grad for p in model.parameters())  # base and LoRA factors frozen
+    batch = encode_for_loss(_rows("add", 2) + _rows("rev", 2), tok, 64)
+    from loradem.evaluate import _collate_right
+
+    ids, mask, labels = _collate_right(batch, "cpu")
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad) and p.grad != 0 for p in params.values())
+
+    model, _ = load_multi(tiny_base, adapters)
+    shared = attach_weights(model, SOURCES, "layer", 0.5)
+    assert sorted(shared) == sorted((f"layers.{i}", s) for i in (0, 1) for s in SOURCES)
+    with torch.no_grad():
+        shared[("layers.1", "add")].mul_(3.0)
+    weights = module_weights(model, shared, SOURCES, "layer")
+    assert [round(w, 6) for m, w in sorted(weights["add"].items())] == [0.5] * 3 + [1.5] * 3  # layers.0.*, then layers.1.*
+    assert [round(w, 6) for w in weights["rev"].values()] == [0.5] * 6
+
+
+def test_learning_keeps_the_start_when_every_step_is_worse(tiny_base, adapters, tmp_path, monkeypatch):
+    """Validation loss decides: a run whose checks all come out worse than step 0 keeps the initial weights."""
+    calls = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(loradem.learn, "_val_loss", lambda *a, **k: (next(calls), {s: 0.0 for s in SOURCES}))
+    result = learn_weights(make_recipe(tmp_path, tiny_base, init=0.7), tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
+    assert result["best_step"] == 0 and result["objective"] == 1.0
+    assert {round(w, 6) for ws in result["module_weights"].values() for w in ws.values()} == {0.7}
+
+
+def test_errors_name_what_is_wrong(tiny_base, adapters, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_base)
+    with pytest.raises(Exception, match="assemble.weights: 'learned' needs learn.enabled: true"):
+        Recipe.model_validate({**recipe.model_dump(mode="json"), "learn": {"enabled": False}, "assemble": {"weights": "learned"}})
+    with pytest.raises(LorademError, match=r"learn/weights.json: no learned weights; run `loradem learn <recipe>`"):
+        learned_weights(recipe)
+    with pytest.raises(LorademError, match=r"learn: no adapter for source\(s\) rev"):
+        learn_weights(recipe, tiny_base, {"add": adapters["add"]}, SPLITS, tmp_path / "learn", log=lambda s: None)
+    empty = {"add": SPLITS["add"], "rev": type("S", (), {"train": [], "validation": [], "test": []})()}
+    with pytest.raises(LorademError, match="learn: source 'rev': no training rows"):
+        learn_weights(recipe, tiny_base, adapters, empty, tmp_path / "learn", log=lambda s: None)
+    assert not (tmp_path / "learn").exists()
+
+
+@pytest.mark.slow
+def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base):  # noqa: F811
+    from loradem.cli import main
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["learn"] = {"enabled": True, "steps": 4, "batch_size": 4, "rows_per_source": 8, "eval_every": 2}
+    data["assemble"] = {"weights": "learned"}
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_recipe)]) == 0
+    run = Path("runs/tiny")
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows)[-2:] == ["dem", "dem-learned"]
+    learned = json.loads((run / "learn" / "weights.json").read_text())
+    assert rows["dem-learned"]["cost"]["train_tokens"] == rows["dem"]["cost"]["train_tokens"] + learned["learn_tokens"]
+    assert "Learned per-module weights" in (run / "report.md").read_text()
+
+    # the model folder holds base + sum over modules of w[source][module] * s * B A, in float64
+    adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}
+    base, merged = _read_all(tiny_base), _read_all(run / "model")
+    expected = {k: v.double() for k, v in base.items()}
+    for source, folder in adapters.items():
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        factors = _read_all(folder)
+        for key in (k for k in factors if ".lora_A." in k):
+            a, b = factors[key].double(), factors[key.replace(".lora_A.", ".lora_B.")].double()
+            scale = cfg["lora_alpha"] / (a.shape[0] ** 0.5 if cfg.get("use_rslora") else a.shape[0])
+            module = key.replace("base_model.model.", "", 1).replace(".lora_A.weight", "")
+            expected[module + ".weight"] += learned["module_weights"][source][module] * scale * (b @ a)
+    for k, v in merged.items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
