@@ -41,12 +41,23 @@ def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0
     }
 
 
+def _add_learning(cost: dict, learned: dict) -> dict:
+    """Learned weights are trained: their tokens count as training tokens, their seconds as training time."""
+    cost["train_tokens"] += int(learned.get("learn_tokens") or 0)
+    cost["learn_seconds"] = round(float(learned.get("learn_seconds") or 0.0), 1)
+    cost["train_seconds"] = round(cost["train_seconds"] + cost["learn_seconds"], 1)
+    cost["total_seconds"] = round(cost["total_seconds"] + cost["learn_seconds"], 1)
+    return cost
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def _increment(search_record: dict, names: list[str], records: dict[str, dict], rows: list[dict]) -> dict | None:
-    """What adding sources cost under DEM (their adapters + this warm-started search) vs retraining the mix."""
+def _increment(search_record: dict, names: list[str], records: dict[str, dict], rows: list[dict],
+               learned: dict | None = None) -> dict | None:
+    """What adding sources cost under DEM (their adapters + this warm-started search, + relearning the per-module
+    weights when the run learns them) vs retraining the mix."""
     previous_from = search_record.get("warm_start")
     if not previous_from or not Path(previous_from).is_file():
         return None
@@ -55,6 +66,8 @@ def _increment(search_record: dict, names: list[str], records: dict[str, dict], 
     if not new:
         return None
     dem = _cost(records, new, float(search_record.get("search_seconds") or 0.0))
+    if learned is not None:
+        _add_learning(dem, learned)
     mix = next((r["cost"] for r in rows if r["name"] == "mix"), None)
     return {"previous": str(previous_from), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix}
 
@@ -155,12 +168,7 @@ def compare_models(
     rows.append({**model_row, "average": _average(model_row["per_source"], metrics),
                  "cost": _cost(records, names, search_seconds), "weights": dem_weights})
     if learned is not None:
-        cost = _cost(records, names, search_seconds)
-        # the learned weights are trained: their tokens count as training tokens, their seconds as training time
-        cost["train_tokens"] += int(learned.get("learn_tokens") or 0)
-        cost["learn_seconds"] = round(float(learned.get("learn_seconds") or 0.0), 1)
-        cost["train_seconds"] = round(cost["train_seconds"] + cost["learn_seconds"], 1)
-        cost["total_seconds"] = round(cost["total_seconds"] + cost["learn_seconds"], 1)
+        cost = _add_learning(_cost(records, names, search_seconds), learned)
         rows.append({"name": "dem-learned", "per_source": scores["dem-learned"],
                      "average": _average(scores["dem-learned"], metrics), "cost": cost,
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
@@ -173,17 +181,20 @@ def compare_models(
         "model": str(model_dir),
         "predictions": predictions,
     }
-    extra["increment"] = _increment(search_record, names, records, rows)
+    extra["increment"] = _increment(search_record, names, records, rows, learned if recipe.assemble.weights == "learned" else None)
     vectors_json = recipe.out_dir / "vectors.json"
     if vectors_json.is_file():
         extra["vectors"] = read_json(vectors_json)
     if mix_dir is not None:
-        mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == "dem")["cost"]
+        assembled = "dem-learned" if learned is not None and recipe.assemble.weights == "learned" else "dem"
+        mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == assembled)["cost"]
         extra["mix"] = {
             "adapter": str(mix_dir),
             "target_tokens": mix_record.get("target_tokens"),
             "shares": mix_record.get("shares"),
-            # DEM's cost: every per-source adapter's training plus the weight search
+            # DEM's cost (the assembled model's row): every per-source adapter's training, the weight search,
+            # and the learned weights' training when the model folds them
+            "dem_row": assembled,
             "cost_ratio_mix_to_dem": {
                 "train_tokens": _ratio(mix_cost["train_tokens"], dem_cost["train_tokens"]),
                 "seconds": _ratio(mix_cost["total_seconds"], dem_cost["total_seconds"]),

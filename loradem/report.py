@@ -149,8 +149,10 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
     mix = extra.get("mix")
     if mix and mix.get("cost_ratio_mix_to_dem"):
         r = mix["cost_ratio_mix_to_dem"]
-        lines.append(f"- Data mixing vs DEM cost: {_num(r.get('train_tokens'))}x the training tokens, "
-                     f"{_num(r.get('seconds'))}x the seconds (DEM = all per-source adapters + the weight search).")
+        what = "all per-source adapters + the weight search" + (
+            " + the learned weights" if mix.get("dem_row") == "dem-learned" else "")
+        lines.append(f"- Data mixing vs DEM (`{mix.get('dem_row', 'dem')}`, the assembled model) cost: {_num(r.get('train_tokens'))}x the "
+                     f"training tokens, {_num(r.get('seconds'))}x the seconds (DEM = {what}).")
     inc = extra.get("increment")
     if inc:
         d, m = inc["dem_cost"], inc.get("mix_retrain_cost")

@@ -159,14 +159,20 @@ def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base)
     data["learn"] = {"enabled": True, "steps": 4, "batch_size": 4, "rows_per_source": 8, "eval_every": 2}
     data["assemble"] = {"weights": "learned"}
     tiny_recipe.write_text(yaml.safe_dump(data))
-    assert main(["run", str(tiny_recipe)]) == 0
+    assert main(["run", str(tiny_recipe), "--baseline", "mix"]) == 0
     run = Path("runs/tiny")
     report = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows)[-2:] == ["dem", "dem-learned"]
+    assert list(rows)[-2:] == ["dem", "dem-learned"] and "mix" in rows
     learned = json.loads((run / "learn" / "weights.json").read_text())
     assert rows["dem-learned"]["cost"]["train_tokens"] == rows["dem"]["cost"]["train_tokens"] + learned["learn_tokens"]
-    assert "Learned per-module weights" in (run / "report.md").read_text()
+    assert rows["dem-learned"]["cost"]["learn_seconds"] == round(learned["learn_seconds"], 1)
+    # the cost ratio is taken against the model the run assembled: the learned one
+    mix = report["mix"]
+    assert mix["dem_row"] == "dem-learned"
+    assert mix["cost_ratio_mix_to_dem"]["train_tokens"] == round(rows["mix"]["cost"]["train_tokens"] / rows["dem-learned"]["cost"]["train_tokens"], 4)
+    md = (run / "report.md").read_text()
+    assert "Learned per-module weights" in md and "Data mixing vs DEM (`dem-learned`, the assembled model)" in md
 
     # the model folder holds base + sum over modules of w[source][module] * s * B A, in float64
     adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}
