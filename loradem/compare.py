@@ -69,7 +69,8 @@ def _increment(search_record: dict, names: list[str], records: dict[str, dict], 
     if learned is not None:
         _add_learning(dem, learned)
     mix = next((r["cost"] for r in rows if r["name"] == "mix"), None)
-    return {"previous": str(previous_from), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix}
+    return {"previous": str(previous_from), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix,
+            "relearned": learned is not None}
 
 
 def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | None:

@@ -157,7 +157,8 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
     if inc:
         d, m = inc["dem_cost"], inc.get("mix_retrain_cost")
         line = (f"- Adding {', '.join(inc['new_sources'])} under DEM: {d['train_tokens']:,} training tokens and "
-                f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']})")
+                f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']}"
+                + (" + relearning the per-module weights" if inc.get("relearned") else "") + ")")
         if m:
             line += f"; retraining the mixing baseline on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
         lines.append(line + ".")
@@ -202,9 +203,12 @@ def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe
         for row in weighted:
             ws = [f"{row['weights'][s]:.3f}" if s in row["weights"] else "–" for s in sources]
             lines.append(f"| `{row['name']}` | " + " | ".join(ws) + " |")
+        if any(r["name"] == "dem-learned" for r in weighted):
+            lines += ["", "`dem-learned` shows each source's mean over its per-module weights (every one is in `learn/weights.json`)."]
     lines += summary_lines(rows, extra or {})
     lines += benchmark_lines(rows, lm_eval_limit)
-    lines += ["", "## How to reproduce", "", "```", f"loradem run {recipe_path or '<recipe.yaml>'}", "```", ""]
+    baseline = " --baseline mix" if any(r["name"] == "mix" for r in rows) else ""
+    lines += ["", "## How to reproduce", "", "```", f"loradem run {recipe_path or '<recipe.yaml>'}{baseline}", "```", ""]
     return "\n".join(lines)
 
 

@@ -173,6 +173,7 @@ def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base)
     assert mix["cost_ratio_mix_to_dem"]["train_tokens"] == round(rows["mix"]["cost"]["train_tokens"] / rows["dem-learned"]["cost"]["train_tokens"], 4)
     md = (run / "report.md").read_text()
     assert "Learned per-module weights" in md and "Data mixing vs DEM (`dem-learned`, the assembled model)" in md
+    assert "`dem-learned` shows each source's mean over its per-module weights" in md and "tiny.yaml --baseline mix\n" in md
 
     # the model folder holds base + sum over modules of w[source][module] * s * B A, in float64
     adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}

@@ -109,3 +109,16 @@ def test_all_loss_sources_print_loss_averages(tmp_path):
     write_report(tmp_path / "out", recipe, rows)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| `base` | 2.346 | 2.346 | 0 |" in md and "| `dem` | – | – | 10 |" in md
+
+
+def test_summary_states_what_an_added_source_cost_including_relearned_weights():
+    from loradem.report import summary_lines
+
+    inc = {"previous": "runs/demo/search/weights.json", "new_sources": ["uppercase"],
+           "dem_cost": {"train_tokens": 54226, "total_seconds": 555.2},
+           "mix_retrain_cost": {"train_tokens": 132524, "total_seconds": 1375.0}}
+    plain = summary_lines([], {"increment": inc})
+    assert plain == ["- Adding uppercase under DEM: 54,226 training tokens and 555 s (the new adapter(s) + a search warm-started "
+                     "from runs/demo/search/weights.json); retraining the mixing baseline on all sources: 132,524 tokens, 1375 s."]
+    relearned = summary_lines([], {"increment": {**inc, "relearned": True}})
+    assert relearned[0].replace(" + relearning the per-module weights", "") == plain[0] and "+ relearning" in relearned[0]
