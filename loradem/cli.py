@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
-                       "exact-match tasks on the embedded SmolLM2-135M-Instruct; measured 20 min on 2 CPU cores).")
+                       "exact-match tasks on the embedded SmolLM2-135M-Instruct; measured 22 min on 2 CPU cores).")
     p.add_argument("--recipe", default="recipes/demo.yaml", help="demo recipe (default: %(default)s)")
 
     p = sub.add_parser("check", help="validate a recipe and its data without running anything",

@@ -81,7 +81,8 @@ def attach_weights(model, sources: list[str], granularity: str, init: float) -> 
                 continue
             s0 = float(layer.scaling[n])
             if (key, s) not in params:
-                params[(key, s)] = torch.nn.Parameter(torch.tensor(s0 * init, dtype=torch.float32))
+                device = layer.lora_A[n].weight.device if n in layer.lora_A else None
+                params[(key, s)] = torch.nn.Parameter(torch.tensor(s0 * init, dtype=torch.float32, device=device))
                 scales[(key, s)] = s0
             elif scales[(key, s)] != s0:
                 raise LorademError(f"learn: granularity 'layer': source {s!r} has different LoRA scales within {key}; use 'module'")
@@ -163,7 +164,8 @@ def learn_weights(recipe, base_dir: Path, adapters: dict[str, Path], splits: dic
     params = attach_weights(model, sources, settings.granularity, settings.init)
     importance = {s.name: s.importance for s in recipe.sources}
     max_length = recipe.train.max_length
-    encoded = [row for s in sources for row in encode_for_loss(fit[s], tokenizer, max_length)]
+    # a source of importance 0 is not fit on (as in the search), but its weights still learn from the others' rows
+    encoded = [row for s in sources if importance[s] > 0 for row in encode_for_loss(fit[s], tokenizer, max_length)]
     val_encoded = {s: encode_for_loss(val[s], tokenizer, max_length) for s in sources}
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(list(params.values()), lr=settings.learning_rate)

@@ -189,3 +189,17 @@ def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base)
             expected[module + ".weight"] += learned["module_weights"][source][module] * scale * (b @ a)
     for k, v in merged.items():
         torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_source_of_importance_zero_is_not_fit_on(tiny_base, adapters, tmp_path):
+    data = make_recipe(tmp_path, tiny_base).model_dump(mode="json")
+    data["sources"][1]["importance"] = 0.0
+    recipe = Recipe.model_validate(data)
+    result = learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
+    from loradem.multi import load_tokenizer
+
+    fit = loradem.learn.fit_rows(recipe, SPLITS)
+    only_add = encode_for_loss(fit["add"], load_tokenizer(tiny_base), 64)
+    batches = loradem.learn._batches(only_add, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)
+    assert result["learn_tokens"] == sum(len(ids) for batch in batches for ids, _ in batch)
+    assert set(result["per_source"]) == {"add"} and set(result["module_weights"]) == {"add", "rev"}
