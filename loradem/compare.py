@@ -150,28 +150,27 @@ def compare_models(
                    "cost": _cost({"mix": mix_record}, ["mix"])}
         rows.insert(1 + n, mix_row)
 
+    from loradem.search import fold_weights
+
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     search_seconds = float(search_record.get("search_seconds") or 0.0)
-    learned = learned_record if learned_record is not None and recipe.learn.enabled else None
-    merged = load_base(model_dir)  # the assembled folder: the row its weights belong to is scored from it
-    per_source = score(merged, load_tokenizer(model_dir), "dem" if learned is None or recipe.assemble.weights == "search" else "dem-learned")
+    learned = learned_record
+    assembled = "dem-learned" if learned is not None and recipe.assemble.weights == "learned" else "dem"
+    merged = load_base(model_dir)  # the assembled folder scores the row whose weights it folds
+    scores = {assembled: score(merged, load_tokenizer(model_dir), assembled)}
     del merged
-    model_row = {"name": "dem", "per_source": per_source}
     if learned is not None:  # the other of the two rows is scored on the exact in-memory fold
-        other = "dem-learned" if recipe.assemble.weights == "search" else "dem"
+        other = "dem" if assembled == "dem-learned" else "dem-learned"
         model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
-        set_weights(model, learned["module_weights"] if other == "dem-learned" else
-                    {k: search_record.get("layer_weights", {}).get(k, dem_weights[k]) for k in names})
-        other_scores = score(model, tokenizer, other)
+        set_weights(model, learned["module_weights"] if other == "dem-learned" else fold_weights(search_record))
+        scores[other] = score(model, tokenizer, other)
         del model
-        scores = {other: other_scores, ("dem" if other == "dem-learned" else "dem-learned"): per_source}
-        model_row = {"name": "dem", "per_source": scores["dem"]}
-    rows.append({**model_row, "average": _average(model_row["per_source"], metrics),
+    rows.append({"name": "dem", "per_source": scores["dem"], "average": _average(scores["dem"], metrics),
                  "cost": _cost(records, names, search_seconds), "weights": dem_weights})
     if learned is not None:
-        cost = _add_learning(_cost(records, names, search_seconds), learned)
         rows.append({"name": "dem-learned", "per_source": scores["dem-learned"],
-                     "average": _average(scores["dem-learned"], metrics), "cost": cost,
+                     "average": _average(scores["dem-learned"], metrics),
+                     "cost": _add_learning(_cost(records, names, search_seconds), learned),
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
 
     extra = {
@@ -182,12 +181,11 @@ def compare_models(
         "model": str(model_dir),
         "predictions": predictions,
     }
-    extra["increment"] = _increment(search_record, names, records, rows, learned if recipe.assemble.weights == "learned" else None)
+    extra["increment"] = _increment(search_record, names, records, rows, learned if assembled == "dem-learned" else None)
     vectors_json = recipe.out_dir / "vectors.json"
     if vectors_json.is_file():
         extra["vectors"] = read_json(vectors_json)
     if mix_dir is not None:
-        assembled = "dem-learned" if learned is not None and recipe.assemble.weights == "learned" else "dem"
         mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == assembled)["cost"]
         extra["mix"] = {
             "adapter": str(mix_dir),

@@ -242,10 +242,9 @@ def model_weights(recipe: Recipe) -> dict:
     """The weights the assembled model folds: {source: number | per-layer-group list | {module: weight}}."""
     if recipe.assemble.weights == "learned":
         return {n: {m: float(x) for m, x in w.items()} for n, w in learned_weights(recipe)["module_weights"].items()}
-    record = searched_weights(recipe)
-    weights = {n: float(w) for n, w in record["weights"].items()}
-    weights.update({n: [float(x) for x in w] for n, w in (record.get("layer_weights") or {}).items()})
-    return weights
+    from loradem.search import fold_weights
+
+    return fold_weights(searched_weights(recipe))
 
 
 def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,

@@ -186,6 +186,13 @@ def run_trials(job: TrialJob, log: Callable[[str], None] = print) -> None:
 
 # ---- outputs ------------------------------------------------------------------------
 
+def fold_weights(record: dict) -> dict[str, float | list[float]]:
+    """What a weights.json folds: each source's weight, or its per-layer-group list when the search had them."""
+    weights: dict[str, float | list[float]] = {n: float(w) for n, w in record["weights"].items()}
+    weights.update({n: [float(x) for x in w] for n, w in (record.get("layer_weights") or {}).items()})
+    return weights
+
+
 def summarize(trials: list, pruned: list, space: SearchSpace, recipe, storage: Storage, name: str, importances: Optional[dict]) -> dict:
     """weights.json's content from the completed (and pruned) trials."""
     settings = recipe.search

@@ -511,12 +511,17 @@ def test_layer_group_weights_equal_float64_reference(tiny_base, mix, with_mts, t
     assert "| `emb` | [0.5, -1.25] by layer group |" in (out / "README.md").read_text()
 
 
-def test_layer_group_weights_need_the_layer_count(tiny_base, one, tmp_path):
-    base = tmp_path / "nolayers"
-    shutil.copytree(tiny_base, base)
-    config = json.loads((base / "config.json").read_text())
+def without_layer_count(base: Path, out: Path) -> Path:
+    """A copy of `base` whose config.json does not give num_hidden_layers."""
+    shutil.copytree(base, out)
+    config = json.loads((out / "config.json").read_text())
     del config["num_hidden_layers"]
-    (base / "config.json").write_text(json.dumps(config))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_layer_group_weights_need_the_layer_count(tiny_base, one, tmp_path):
+    base = without_layer_count(tiny_base, tmp_path / "nolayers")
     refused(r"per-layer-group weights need the base's num_hidden_layers", tmp_path / "out", base, [(one, [1.0, 2.0])],
             allow_name_mismatch=True)
     refused(r"expected a non-empty list of finite numbers, got \[\]", tmp_path / "out", tiny_base, [(one, [])])
@@ -717,11 +722,7 @@ def test_module_weights_all_equal_are_the_float(tiny_base, mix, tmp_path):
 
 
 def test_module_weights_need_no_layer_count(tiny_base, one, tmp_path):
-    base = tmp_path / "nolayers"
-    shutil.copytree(tiny_base, base)
-    config = json.loads((base / "config.json").read_text())
-    del config["num_hidden_layers"]
-    (base / "config.json").write_text(json.dumps(config))
+    base = without_layer_count(tiny_base, tmp_path / "nolayers")
     weights = by_module(one, 7)
     got = read_folder(fold(base, [(one, weights)], tmp_path / "out", allow_name_mismatch=True))
     ref = reference(tiny_base, [(one, weights)])
