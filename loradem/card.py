@@ -125,6 +125,10 @@ def format_card(card: Mapping) -> str:
         rows = data.get("rows") or {}
         lines.append(f"  data: {data.get('format', '?')}, rows train {rows.get('train', '?')} / validation "
                      f"{rows.get('validation', '?')} / test {rows.get('test', '?')}")
+    if card.get("anchor"):
+        a = card["anchor"]
+        lines.append(f"  anchored: + {a.get('rows', '?')} anchor rows ({a.get('prompts', '?')} prompts, "
+                     f"fraction {a.get('fraction', '?')}): trained to leave other inputs alone")
     if lora:
         lines.append("  lora: " + ", ".join(f"{k}={lora[k]}" for k in ("r", "alpha", "use_rslora", "target_modules") if k in lora))
     if metrics:

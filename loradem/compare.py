@@ -31,14 +31,21 @@ from loradem.recipe import Recipe
 
 
 def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0) -> dict:
+    """Training tokens and seconds of the `used` adapters. An anchored adapter's seconds add the base's generation
+    of the anchor rows when its training generated them (the first source to need them; later ones read the cache)."""
     tokens = sum(int(records[n].get("train_tokens") or 0) for n in used)
-    seconds = sum(float(records[n].get("train_seconds") or 0.0) for n in used)
+    seconds = sum(float(records[n].get("train_seconds") or 0.0) + _anchor_seconds(records[n]) for n in used)
     return {
         "train_tokens": tokens,
         "train_seconds": round(seconds, 1),
         "search_seconds": round(search_seconds, 1),
         "total_seconds": round(seconds + search_seconds, 1),
     }
+
+
+def _anchor_seconds(record: dict) -> float:
+    anchored = record.get("anchor")
+    return float(anchored.get("generation_seconds") or 0.0) if isinstance(anchored, dict) else 0.0
 
 
 def _add_learning(cost: dict, learned: dict) -> dict:

@@ -172,7 +172,7 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_answers(
+def generate_replies(
     model,
     tokenizer,
     prompts: Sequence[Prompt],
@@ -180,15 +180,16 @@ def generate_answers(
     max_new_tokens: int = 24,
     batch_size: int = 32,
     log: Optional[Callable[[str], None]] = print,
-) -> list[str]:
-    """Greedy completions of `prompts` (strings, or message lists rendered with the chat template), decoded up to eos."""
+) -> list[tuple[str, bool]]:
+    """Greedy completions of `prompts` (strings, or message lists rendered with the chat template), decoded up
+    to eos, each with whether it ended (eos within `max_new_tokens`) or was cut off."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise LorademError("generate_answers: the tokenizer has neither a pad nor an eos token")
     config = _greedy_config(tokenizer, max_new_tokens)
     device = _device(model)
     encoded = [render_prompt(p, tokenizer) for p in prompts]
-    out: list[str] = []
+    out: list[tuple[str, bool]] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         width = max(len(x) for x in batch)
@@ -199,10 +200,25 @@ def generate_answers(
             mask[i, width - len(x) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         for row in gen[:, width:].tolist():
-            out.append(tokenizer.decode(_cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True))
+            text = tokenizer.decode(_cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
+            out.append((text, tokenizer.eos_token_id in row))
         if log:
             log(f"generate: {min(start + batch_size, len(encoded))}/{len(encoded)} prompts")
     return out
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    log: Optional[Callable[[str], None]] = print,
+) -> list[str]:
+    """Greedy completions of `prompts` (strings, or message lists rendered with the chat template), decoded up to eos."""
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
+    return [text for text, _ in replies]
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:

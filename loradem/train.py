@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers import TrainerCallback
 
 import loradem
+from loradem import anchor
 from loradem.data import Splits, load_splits
 from loradem.errors import LorademError
 from loradem.io import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
@@ -80,7 +81,8 @@ Log = Callable[[str], Any]
 # ---- keys and folders ---------------------------------------------------
 
 def adapter_key(recipe: Recipe, source: Source, base_fingerprint: str, data_fingerprint: str) -> str:
-    """Short hash of everything that decides the adapter's weights."""
+    """Short hash of everything that decides the adapter's weights (anchor settings only when enabled, so
+    adapters trained without anchors keep their keys)."""
     return stable_hash({
         "base": base_fingerprint,
         "data": data_fingerprint,
@@ -88,6 +90,7 @@ def adapter_key(recipe: Recipe, source: Source, base_fingerprint: str, data_fing
         "lora": recipe.lora_for(source).model_dump(),
         "seed": recipe.seed,
         "loradem": loradem.__version__.split(".")[0],
+        **({"anchor": anchor.identity(recipe.anchor)} if recipe.anchor.enabled else {}),
     })
 
 
@@ -271,13 +274,25 @@ def train_source(
             f"source {source.name!r}: no validation rows; the best checkpoint is chosen on them "
             "(set `validation:` to a row count or fraction above 0)"
         )
+    train_rows, anchored = splits.train, None
+    if recipe.anchor.enabled:
+        if splits.format != "messages":
+            raise LorademError(f"source {source.name!r}: anchored training needs messages rows (the anchors are "
+                               f"chat turns), this source has {splits.format!r} rows; set anchor.enabled: false")
+        rows, info = anchor.anchor_rows(recipe, Path(base_dir), log=log)
+        train_rows = anchor.with_anchors(splits.train, rows, recipe.anchor.fraction, seed=recipe.seed, source=source.name)
+        anchored = {**anchor.identity(recipe.anchor), "rows": len(train_rows) - len(splits.train),
+                    "cache": info["key"], "generation_seconds": info["spent_seconds"]}
+        log(f"{source.name}: + {anchored['rows']} anchor rows ({recipe.anchor.fraction:.0%} of its training set)")
     with output_folder(final) as tmp:
         record = fit(
             source.name, Path(base_dir), recipe.train_for(source), recipe.lora_for(source), seed=recipe.seed,
-            fmt=splits.format, train_rows=splits.train, val_rows=splits.validation, out=tmp, log=log,
+            fmt=splits.format, train_rows=train_rows, val_rows=splits.validation, out=tmp, log=log,
             callbacks=callbacks,
         )
         record.update(source=source.name, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
+        if anchored:
+            record["anchor"] = anchored
         if is_main_process():
             finish_folder(tmp, record, base_name=recipe.base, rows=split_rows(splits), fmt=splits.format)
     log(
@@ -478,6 +493,7 @@ def make_card(record: dict, *, base_name: str, rows: dict[str, int], fmt: str, a
         "data": {"fingerprint": record["data_fingerprint"], "rows": dict(rows), "format": fmt},
         "train": record["train"],
         "lora": record["lora"],
+        **({"anchor": record["anchor"]} if record.get("anchor") else {}),
         "metrics": {k: record[k] for k in ("best_val_loss", "best_step", "steps", "train_tokens")},
         "adapter_sha256": adapter_sha256,
         "loradem_version": (record.get("versions") or {}).get("loradem", loradem.__version__),

@@ -1,0 +1,173 @@
+"""Anchored training: teach each distribution vector to leave inputs outside its source alone.
+
+    from loradem.anchor import anchor_rows, with_anchors
+    anchors, info = anchor_rows(recipe, base_dir)          # generic prompts answered by the base itself
+    rows = with_anchors(splits.train, anchors, recipe.anchor.fraction, seed=0, source="sort")
+
+Why: an adapter trained only on its own source changes the model everywhere. On
+the demo, the addition adapter makes the model answer *every* prompt with one
+number, so the plain sum of the three adapters answers sort prompts in the
+addition format (1.1% average exact match). Data mixing never has this
+problem: its single adapter sees every source and learns which format goes
+with which prompt. DEM cannot show one source's adapter the other sources'
+data (adding a source later would retrain all of them), but it can show every
+adapter the same *generic* prompts answered by the base model itself. Trained
+on those rows too, a vector learns "change nothing here", and the sum of
+vectors interferes less (README, "Interference").
+
+Anchor rows: `recipe.anchor.data` is ``builtin`` (`builtin_prompts`, everyday
+questions generated from templates; none asks to add, sort, reverse or
+capitalize) or a file of ``messages`` / ``prompt_completion`` rows, whose
+answers are ignored. Each prompt is answered by the base with greedy decoding;
+replies that do not end (eos) within ``max_new_tokens`` are dropped. The rows
+are cached per (base weights, prompts, max_new_tokens) in
+``<adapters_dir>/.anchors/<key>.jsonl`` beside ``<key>.json`` (the count and
+the generation's seconds), so sources trained later reuse them.
+
+Each source then trains on its own rows plus ``fraction / (1 - fraction)``
+times as many anchor rows (a seeded sample, repeating rows when there are too
+few), shuffled together: ``fraction`` is the anchor share of the training set.
+Steps and batch size are unchanged, so the training compute barely changes.
+The mixing baseline trains without anchors (it sees every source).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from loradem.errors import LorademError
+from loradem.io import atomic_write_json, atomic_write_text, fingerprint_weights, read_json, sha256_file, stable_hash
+
+Row = dict[str, Any]
+Log = Callable[[str], Any]
+
+_COUNTRIES = ("France", "Spain", "Italy", "Japan", "Egypt", "Canada", "Brazil", "Kenya", "Norway", "Peru",
+              "India", "China", "Mexico", "Greece", "Chile", "Poland")
+_ANIMALS = ("dog", "cat", "horse", "spider", "bird", "cow", "ant", "duck", "goat", "frog", "sheep", "bee")
+_ADJECTIVES = ("hot", "tall", "happy", "fast", "strong", "bright", "early", "heavy", "soft", "loud", "empty", "rich")
+_JOBS = ("doctor", "teacher", "farmer", "pilot", "baker", "painter", "nurse", "judge", "chef", "driver")
+_HABITATS = ("ocean", "desert", "forest", "jungle", "arctic", "river")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_TOPICS = ("the sea", "winter", "a garden", "music", "a city", "the moon", "rain", "books", "coffee", "a forest")
+
+
+def _templates(rng: random.Random) -> list[Callable[[], str]]:
+    from loradem.demo_data import WORDS
+
+    return [
+        lambda: f"What is the capital of {rng.choice(_COUNTRIES)}?",
+        lambda: f"Give one word that rhymes with '{rng.choice(WORDS)}'.",
+        lambda: f"Write one short sentence about {rng.choice(_TOPICS)}.",
+        lambda: f"Is {rng.randint(1, 999)} an even number? Answer yes or no.",
+        lambda: f"How many legs does a {rng.choice(_ANIMALS)} have?",
+        lambda: f"What is the opposite of '{rng.choice(_ADJECTIVES)}'?",
+        lambda: f"Name an animal that lives in the {rng.choice(_HABITATS)}.",
+        lambda: f"What does a {rng.choice(_JOBS)} do? Answer in one sentence.",
+        lambda: f"Which is bigger, {rng.randint(1, 99)} or {rng.randint(1, 99)}?",
+        lambda: f"What is {rng.randint(2, 9)} times {rng.randint(2, 9)}?",
+        lambda: f"Define the word '{rng.choice(WORDS)}' in a few words.",
+        lambda: f"What day comes after {rng.choice(_DAYS)}?",
+        lambda: f"Give a synonym for '{rng.choice(_ADJECTIVES)}'.",
+        lambda: f"Use the word '{rng.choice(WORDS)}' in a sentence.",
+        lambda: f"How many letters are in the word '{rng.choice(WORDS)}'?",
+        lambda: f"What is the first letter of '{rng.choice(WORDS)}'?",
+    ]
+
+
+def builtin_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct everyday questions from 16 templates, the same for the same (n, seed)."""
+    rng = random.Random(f"{seed}:anchor")
+    templates = _templates(rng)
+    seen: dict[str, None] = {}
+    for _ in range(100 * n):
+        if len(seen) == n:
+            break
+        seen.setdefault(rng.choice(templates)(), None)
+    if len(seen) < n:
+        raise LorademError(f"anchor.prompts: the builtin templates give only {len(seen)} distinct prompts, not {n}")
+    return list(seen)
+
+
+def _file_prompts(path: str) -> list[list[dict]]:
+    from loradem.data import read_rows
+
+    rows, fmt = read_rows(path)
+    if fmt == "messages":
+        return [r["messages"][:-1] for r in rows]
+    if fmt == "prompt_completion":
+        return [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    raise LorademError(f"anchor.data: {path}: expected messages or prompt/completion rows (only their prompts are "
+                       f"used), got {fmt!r} rows")
+
+
+def prompts_for(settings) -> list[list[dict]]:
+    """The anchor prompts as chat messages (each a list of turns ending before the answer)."""
+    if settings.data == "builtin":
+        return [[{"role": "user", "content": p}] for p in builtin_prompts(settings.prompts)]
+    return _file_prompts(settings.data)
+
+
+def identity(settings) -> dict:
+    """What decides the anchor rows besides the base: part of every anchored adapter's key."""
+    source = "builtin" if settings.data == "builtin" else sha256_file(settings.data)
+    return {"prompts": source, "n": settings.prompts if settings.data == "builtin" else None,
+            "fraction": settings.fraction, "max_new_tokens": settings.max_new_tokens}
+
+
+def anchor_rows(recipe, base_dir: Path, *, log: Log = print) -> tuple[list[Row], dict]:
+    """The anchor rows (messages: prompt + the base's own greedy reply) and their record, from the cache
+    or generated now; the record's ``spent_seconds`` is the generation time paid by this call (0 when cached)."""
+    settings = recipe.anchor
+    ident = identity(settings)
+    key = stable_hash({"base": fingerprint_weights(base_dir), "prompts": ident["prompts"], "n": ident["n"],
+                       "max_new_tokens": settings.max_new_tokens})
+    folder = Path(recipe.adapters_dir) / ".anchors"
+    rows_path, record_path = folder / f"{key}.jsonl", folder / f"{key}.json"
+    if rows_path.is_file() and record_path.is_file():
+        rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
+        return rows, {**read_json(record_path), "spent_seconds": 0.0}
+    prompts = prompts_for(settings)
+    log(f"anchor: answering {len(prompts)} generic prompts with the base itself (greedy, "
+        f"at most {settings.max_new_tokens} new tokens; cached in {rows_path})")
+    from loradem.evaluate import generate_replies
+    from loradem.multi import load_base, load_tokenizer
+
+    model, tokenizer = load_base(base_dir), load_tokenizer(base_dir)
+    start = time.perf_counter()
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=50,
+                               log=None)
+    seconds = time.perf_counter() - start
+    rows = [{"messages": [*p, {"role": "assistant", "content": text}]}
+            for p, (text, ended) in zip(prompts, replies) if ended and text.strip()]
+    if not rows:
+        raise LorademError(f"anchor: the base ended none of its {len(prompts)} replies within "
+                           f"anchor.max_new_tokens={settings.max_new_tokens}; raise it")
+    record = {"key": key, "prompts": len(prompts), "rows": len(rows), "dropped": len(prompts) - len(rows),
+              "max_new_tokens": settings.max_new_tokens, "generation_seconds": round(seconds, 3)}
+    atomic_write_text(rows_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(record_path, record)  # written last: the pair counts as cached only when both exist
+    log(f"anchor: kept {len(rows)} of {len(prompts)} replies ({record['dropped']} did not end), {seconds:.0f} s")
+    return rows, {**record, "spent_seconds": record["generation_seconds"]}
+
+
+def anchor_count(n_train: int, fraction: float) -> int:
+    """Anchor rows added to `n_train` source rows so that they are `fraction` of the whole."""
+    return int(round(n_train * fraction / (1.0 - fraction)))
+
+
+def with_anchors(train: list[Row], anchors: list[Row], fraction: float, *, seed: int, source: str) -> list[Row]:
+    """`train` plus `anchor_count` anchor rows (seeded sample, repeats only when needed), shuffled together."""
+    if not anchors:
+        raise LorademError("anchor: no anchor rows to add")
+    rng = random.Random(f"{seed}:{source}:anchor")
+    n = anchor_count(len(train), fraction)
+    picked: list[Row] = []
+    while len(picked) < n:
+        picked.extend(rng.sample(anchors, min(len(anchors), n - len(picked))))
+    rows = [*train, *picked]
+    rng.shuffle(rows)
+    return rows
