@@ -205,10 +205,10 @@ class LearnSettings(_Strict):
 
 
 class AnchorSettings(_Strict):
-    enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (README 'Anchored training'). On the demo it lifts the plain sum from 1.1% to 31.7% average but lowers the learned weights' best from 42.8% to 37.2%.")
+    enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (README 'Anchored training'). On the demo (fraction 0.25) the plain sum went from 1.1% to 30.0% average and the searched weights from 4.4% to 27.8%; learned weights stayed at 41.7% (42.8% without).")
     data: str = Field("builtin", description="'builtin' (everyday questions generated from templates, loradem.anchor) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used.")
     prompts: int = Field(400, gt=0, description="How many builtin prompts (ignored for a file).")
-    fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same.")
+    fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same. On the demo 0.1 / 0.25 / 0.5 gave the searched weights 25.6 / 27.8 / 18.9% average.")
     max_new_tokens: int = Field(48, gt=0, description="The base's replies that have not ended within this many tokens are dropped.")
 
     @field_validator("data")
