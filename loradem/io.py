@@ -1,6 +1,6 @@
 """Safe outputs and fingerprints.
 
-Every output folder or file is written aside (``.<name>.partial-<pid>``) and
+Every output folder or file is written aside (``.<name>.partial-<host>-<pid>``) and
 renamed into place only when complete, so an interrupted run leaves no half
 output behind and earlier results stay intact. Fingerprints are sha256 over
 file contents (safetensors has no checksum of its own).
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,14 +59,38 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 
 
 def _partial_path(final: Path) -> Path:
-    return final.parent / f".{final.name}.partial-{os.getpid()}"
+    return final.parent / f".{final.name}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    except OSError:
+        return False
+    return True
+
+
+def _is_leftover(partial: Path, name: str) -> bool:
+    """Whether `partial` (``.<name>.partial-<host>-<pid>``, or ``-<pid>`` from before hosts were named) was left
+    by a process that is gone: one of this host's, not running any more, or this very process. A live writer's
+    partial, and any other host's (its pid means nothing here), is left alone."""
+    tag = partial.name[len(f".{name}.partial-"):]
+    host, _, pid = tag.rpartition("-")
+    if not pid.isdigit() or (host and host != socket.gethostname()):
+        return False
+    return int(pid) == os.getpid() or not _pid_alive(int(pid))
 
 
 def clean_partials(parent: Path, name: str) -> None:
-    """Remove leftovers of interrupted writes of `name` in `parent`."""
+    """Remove leftovers of interrupted writes of `name` in `parent` (never a live writer's; see `_is_leftover`)."""
     if parent.is_dir():
         for p in parent.glob(f".{name}.partial-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if _is_leftover(p, name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

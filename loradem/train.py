@@ -33,9 +33,10 @@ Sources with ``vector:`` (a ready distribution vector) are not trained:
 `train_all` logs "<name>: uses ready vector <path>" and leaves them out of its
 result (`pipeline.finished_adapters` finds them).
 
-Killed mid-source (SIGKILL, power loss): only ``.<source>-<key>.partial-<pid>``
+Killed mid-source (SIGKILL, power loss): only ``.<source>-<key>.partial-<host>-<pid>``
 is left, which `is_finished` never sees (it looks at the final name only) and
-the next run deletes before it restarts that source **from scratch**. Resuming
+the next run on that host deletes (its process is gone) before it restarts that
+source **from scratch**. Resuming
 from TRL's intermediate checkpoints would mean loading the pickled
 ``optimizer.pt`` / ``rng_state.pth`` through torch.load, which loradem refuses
 to do (checkpoints are saved with ``save_only_model``, adapter weights only).
