@@ -146,7 +146,7 @@ def make_adapters(base: Path, root: Path) -> list[str]:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from loradem.assemble import read_base
+    from loradem.checkpoint import read_base
 
     checkpoint = read_base(base)
     shapes = {n: s for n, (s, _) in checkpoint.tensors.items() if n.endswith(".weight") and n.split(".")[-2] in TARGETS}
@@ -259,7 +259,7 @@ def round_once(x, dtype):
 
 
 def bench(base_spec: str, root: Path, log=print) -> dict:
-    from loradem.assemble import read_base
+    from loradem.checkpoint import read_base
     from loradem.base import resolve_base
 
     base = standin_base(log) if base_spec == "standin" else resolve_base(base_spec)

@@ -60,12 +60,14 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from loradem.base import resolve_base
+from loradem.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, fingerprint_weights, read_json
+from loradem.io import atomic_dir, fingerprint_weights
 from loradem.layers import Weight, check_module_values, check_module_weights, weight_for
 from loradem.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
-from loradem.model_card import HUB_IDS, model_card, provenance
+from loradem.model_card import model_card, provenance
 from loradem.rounding import finite_limit, round_into
+from loradem.same_base import check_same_base, train_record, trained_on_nf4
 from loradem.st_writer import SafetensorsWriter, TensorSpec
 
 COPIED_FILES = (
@@ -73,18 +75,12 @@ COPIED_FILES = (
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
 )
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 CHUNK_ELEMENTS = 1 << 19  # float64 elements accumulated at once (4 MB: stays in cache)
 FOLD_BASES = ("original", "dequantized")
 # threads folding row chunks of one tensor at once (one torch thread each); writing, hashing and the
 # base's fingerprint take three more, so on a small machine the fold still gets two
 FOLD_THREADS = max(2, min(8, (os.cpu_count() or 1) - 3))
 
-Shape = tuple[int, ...]
 
 
 # ---- the plan (pure) ------------------------------------------------------
@@ -245,169 +241,6 @@ def plan_shards(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
 
 def shard_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-# ---- the base checkpoint --------------------------------------------------
-
-@dataclass(frozen=True)
-class BaseCheckpoint:
-    folder: Path
-    config: dict
-    files: dict[str, Path]  # tensor name -> safetensors file
-    tensors: dict[str, tuple[Shape, torch.dtype]]  # in checkpoint order
-
-
-def read_base(folder: Path) -> BaseCheckpoint:
-    """Index a base folder's safetensors (sharded via model.safetensors.index.json or a single file)."""
-    from safetensors import safe_open
-
-    config = read_json(folder / "config.json")
-    files: dict[str, Path] = {}
-    tensors: dict[str, tuple[Shape, torch.dtype]] = {}
-    for path in _weight_files(folder):
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    if key in files:
-                        raise LorademError(f"{path}: tensor {key} is also in {files[key].name}")
-                    sl = f.get_slice(key)
-                    dtype = ST_DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise LorademError(f"{path}: tensor {key}: unsupported dtype {sl.get_dtype()}")
-                    files[key], tensors[key] = path, (tuple(sl.get_shape()), dtype)
-        except LorademError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise LorademError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
-    return BaseCheckpoint(folder, config, files, tensors)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise LorademError(f"{index}: expected a non-empty weight_map")
-        names = list(dict.fromkeys(weight_map.values()))
-        for name in names:
-            if not (folder / name).is_file():
-                raise LorademError(f"{index}: shard {name} is listed but missing")
-        return [folder / n for n in names]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    found = sorted(folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return found
-    raise LorademError(f"{folder}: expected model.safetensors or model.safetensors.index.json")
-
-
-def tied_pairs(base: BaseCheckpoint) -> dict[str, str]:
-    """Tensors the architecture ties that the checkpoint stores once: {lm_head.weight: model.embed_tokens.weight}."""
-    import transformers
-
-    pairs: dict[str, str] = {}
-    for arch in base.config.get("architectures") or []:
-        keys = getattr(getattr(transformers, arch, None), "_tied_weights_keys", None)
-        if isinstance(keys, dict):
-            pairs.update({t: s for t, s in keys.items() if t not in base.tensors and s in base.tensors})
-    return pairs
-
-
-def may_touch_ties(adapters: Sequence[LoadedAdapter], base: BaseCheckpoint) -> bool:
-    """Whether an adapter could change a tied pair, so the tie map is needed (importing it costs ~2 s, ~100 MB).
-
-    transformers ties an absent tensor to an input embedding (nn.Embedding, which peft wraps as an
-    Embedding LoRA), so only embedding LoRAs, full tensors or targets absent from the checkpoint can.
-    """
-    if base.config.get("tie_word_embeddings") is False:
-        return False
-    return any(
-        m.kind == "embedding" or m.target not in base.tensors for a in adapters for m in a.lora.values()
-    ) or any(a.full for a in adapters)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---- is this adapter for this base? --------------------------------------
-
-def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
-    """The base fingerprint an adapter records: loradem-train.json's, else its vector.json card's."""
-    train_record = adapter.path / "loradem-train.json"
-    if train_record.is_file():
-        record = read_json(train_record)
-        recorded = record.get("base_fingerprint") if isinstance(record, dict) else None
-        if recorded:
-            return recorded
-    if (adapter.path / "vector.json").is_file():
-        from loradem.card import read_card
-
-        return read_card(adapter.path)["base"].get("fingerprint")
-    return None
-
-
-def check_same_base(adapter: LoadedAdapter, spec: str, base: BaseCheckpoint) -> None:
-    """Refuse an adapter whose recorded base is not this one (by fingerprint, path or name)."""
-    recorded = recorded_base_fingerprint(adapter)
-    if recorded:
-        mine = fingerprint_weights(base.folder)
-        if recorded != mine:
-            raise LorademError(
-                f"adapter {adapter.path}: trained on a base with fingerprint {recorded[:12]}, "
-                f"this base {spec!r} is {mine[:12]} (pass --allow-name-mismatch to fold it anyway)"
-            )
-        return
-    recorded = adapter.base_model_name_or_path
-    if not recorded:
-        return
-    as_path = Path(recorded).expanduser()
-    if as_path.is_dir():
-        if as_path.resolve() == base.folder.resolve() or _same_weights(as_path, base.folder):
-            return
-    elif _names(recorded) & (_names(spec) | _names(str(base.folder)) | _names(base.config.get("_name_or_path"))
-                             | _names(HUB_IDS.get(spec))):
-        return
-    raise LorademError(
-        f"adapter {adapter.path}: made for base {recorded!r} (base_model_name_or_path), not {spec!r} "
-        "(pass --allow-name-mismatch if they are the same model)"
-    )
-
-
-def _names(value: str | None) -> set[str]:
-    if not value:
-        return set()
-    return {value.casefold(), Path(value.rstrip("/")).name.casefold()}
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    try:
-        return fingerprint_weights(a) == fingerprint_weights(b)
-    except LorademError:
-        return False
-
-
-def train_record(adapter: LoadedAdapter) -> dict | None:
-    """What produced the adapter: loradem-train.json, else the card's train block (None if neither)."""
-    path = adapter.path / "loradem-train.json"
-    if path.is_file():
-        record = read_json(path)
-        return record if isinstance(record, dict) else None
-    if (adapter.path / "vector.json").is_file():
-        from loradem.card import read_card
-
-        train = read_card(adapter.path).get("train")
-        return {"train": train} if train else None
-    return None
-
-
-def trained_on_nf4(record: Mapping | None) -> bool | None:
-    """True / False when the record says whether the base was 4-bit during training, None when unknown."""
-    train = record.get("train") if isinstance(record, Mapping) else None
-    if not isinstance(train, Mapping) or "quantization" not in train:
-        return None
-    return train["quantization"] == "nf4"
 
 
 # ---- execution -------------------------------------------------------------

@@ -73,7 +73,7 @@ class _Base:
             )
         from safetensors import safe_open
 
-        from loradem.assemble import read_base, tied_pairs
+        from loradem.checkpoint import read_base, tied_pairs
         from loradem.base import resolve_base
 
         if self._checkpoint is None:

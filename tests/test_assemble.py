@@ -17,7 +17,8 @@ from test_lora import (
     assert_f32_close, build_tiny_gpt2, copy_adapter, edit_config, edit_tensors, lora_layers, make_adapter,
 )
 
-from loradem.assemble import assemble, model_card, plan_fold, plan_shards, read_base
+from loradem.assemble import assemble, model_card, plan_fold, plan_shards
+from loradem.checkpoint import read_base
 from loradem.errors import LorademError
 from loradem.io import fingerprint_weights, sha256_file
 from loradem.lora import load_adapter
