@@ -185,7 +185,7 @@ def generate_replies(
     to eos, each with whether it ended (eos within `max_new_tokens`) or was cut off."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise LorademError("generate_answers: the tokenizer has neither a pad nor an eos token")
+        raise LorademError("generate: the tokenizer has neither a pad nor an eos token")
     config = _greedy_config(tokenizer, max_new_tokens)
     device = _device(model)
     encoded = [render_prompt(p, tokenizer) for p in prompts]
@@ -207,18 +207,9 @@ def generate_replies(
     return out
 
 
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    *,
-    max_new_tokens: int = 24,
-    batch_size: int = 32,
-    log: Optional[Callable[[str], None]] = print,
-) -> list[str]:
-    """Greedy completions of `prompts` (strings, or message lists rendered with the chat template), decoded up to eos."""
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
-    return [text for text, _ in replies]
+def generate_answers(model, tokenizer, prompts: Sequence[Prompt], **kwargs) -> list[str]:
+    """`generate_replies`' texts alone (same keyword arguments): greedy completions decoded up to eos."""
+    return [text for text, _ in generate_replies(model, tokenizer, prompts, **kwargs)]
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
