@@ -29,11 +29,13 @@ test: setup
 	$(BIN)/pytest -q -ra
 
 # The benchmark (not a test): the demo with the data-mixing baseline at equal
-# training tokens, then the demo plus a fourth source added later, then the
-# assembler and search-trial benchmarks against PEFT. Reports in runs/.
+# training tokens and every adopted option side by side (demo-options: the
+# plain adapters' searched and learned weights, and the anchored variant's),
+# then the same plus a fourth source added later, then the assembler and
+# search-trial benchmarks against PEFT. Reports in runs/.
 bench: setup
-	$(BIN)/loradem run recipes/demo.yaml --baseline mix
-	$(BIN)/loradem run recipes/demo-plus.yaml --baseline mix
+	$(BIN)/loradem run recipes/demo-options.yaml --baseline mix
+	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
 

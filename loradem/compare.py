@@ -11,6 +11,10 @@ Rows (names fixed by report.json's contract):
 - ``sum``               every weight 1 (the plain sum of the vectors)
 - ``dem``               the searched weights, evaluated on the *assembled* model
                         folder read back from disk (the artifact users ship)
+- ``dem-learned``       the learned per-module weights (learn.enabled)
+- ``<variant>:<row>``   for each recipe variant (`variants:`), its own adapters alone, uniform, sum,
+                        dem and dem-learned, scored on an in-memory exact fold of its adapters;
+                        report.json's ``variants`` gives what each overrides, its search and learning
 
 The first four are the same resident base with all adapters loaded; a row
 only changes their scales. Each is scored on every source's held-out test rows
@@ -80,6 +84,50 @@ def _increment(search_record: dict, names: list[str], records: dict[str, dict], 
             "relearned": learned is not None}
 
 
+def _records(adapters: dict[str, Path], names: list[str]) -> dict[str, dict]:
+    return {n: (read_json(adapters[n] / "loradem-train.json") if (adapters[n] / "loradem-train.json").is_file() else {}) for n in names}
+
+
+def _search_summary(record: dict) -> dict:
+    return {k: record.get(k) for k in ("objective", "n_trials", "sampler", "search_seconds", "eval_fraction")}
+
+
+def _learn_summary(learned: dict | None) -> dict | None:
+    if learned is None:
+        return None
+    return {k: learned.get(k) for k in ("objective", "initial_objective", "best_step", "steps", "granularity", "n_parameters",
+                                        "learn_tokens", "learn_seconds", "fit_rows")}
+
+
+def _variant_rows(v: dict, base_dir: Path, names: list[str], metrics: dict[str, str], score) -> list[dict]:
+    """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
+    learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly."""
+    from loradem.multi import load_multi, set_weights
+    from loradem.search import fold_weights
+
+    prefix, adapters, search_record, learned = v["variant"].name + ":", v["adapters"], v["search"], v["learned"]
+    records = _records(adapters, names)
+    search_seconds = float(search_record.get("search_seconds") or 0.0)
+    n = len(names)
+    plan = [(f"adapter:{k}", {j: float(j == k) for j in names}, None, _cost(records, [k])) for k in names]
+    plan += [("uniform", {k: 1.0 / n for k in names}, None, _cost(records, names)),
+             ("sum", {k: 1.0 for k in names}, None, _cost(records, names)),
+             ("dem", fold_weights(search_record), {k: float(search_record["weights"][k]) for k in names},
+              _cost(records, names, search_seconds))]
+    if learned is not None:
+        plan.append(("dem-learned", learned["module_weights"], {k: float(w) for k, w in learned["weights"].items()},
+                     _add_learning(_cost(records, names, search_seconds), learned)))
+    model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
+    rows = []
+    for name, weights, shown, cost in plan:
+        set_weights(model, weights)
+        per_source = score(model, tokenizer, prefix + name)
+        rows.append({"name": prefix + name, "per_source": per_source, "average": _average(per_source, metrics),
+                     "cost": cost, "weights": shown if shown is not None else weights})
+    del model
+    return rows
+
+
 def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | None:
     if len(set(metrics.values())) != 1:
         return None  # an average of exact match and loss means nothing
@@ -96,6 +144,7 @@ def compare_models(
     *,
     recipe_path: str | None = None,
     learned_record: dict | None = None,
+    variants: list[dict] = (),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Evaluate base, each adapter, uniform, sum, the assembled DEM model and (learn.enabled) the learned per-module
@@ -109,7 +158,7 @@ def compare_models(
     names = [s.name for s in recipe.sources]
     metrics = {s.name: s.metric for s in recipe.sources}
     max_length = recipe.train.max_length
-    records = {n: (read_json(adapters[n] / "loradem-train.json") if (adapters[n] / "loradem-train.json").is_file() else {}) for n in names}
+    records = _records(adapters, names)
     predictions: dict[str, dict[str, list[str]]] = {}
     lm_tasks = list(recipe.eval.lm_eval_tasks)
     lm_include = resolve_include_path(recipe.eval.lm_eval_include_path)
@@ -180,15 +229,26 @@ def compare_models(
                      "cost": _add_learning(_cost(records, names, search_seconds), learned),
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
 
+    variant_extra = {}
+    for v in variants:  # each variant's own adapter set, scored on in-memory exact folds, after the recipe's rows
+        rows += _variant_rows(v, base_dir, names, metrics, score)
+        variant_extra[v["variant"].name] = {
+            "description": v["variant"].description, "overrides": v["variant"].overrides(), "out_dir": str(v["recipe"].out_dir),
+            "search": _search_summary(v["search"]), "learn": _learn_summary(v["learned"]),
+            "vectors": read_json(v["recipe"].out_dir / "vectors.json") if (v["recipe"].out_dir / "vectors.json").is_file() else None,
+            "increment": _increment(v["search"], names, _records(v["adapters"], names), rows, v["learned"]),
+        }
+
     extra = {
-        "search": {k: search_record.get(k) for k in ("objective", "n_trials", "sampler", "search_seconds", "eval_fraction")},
-        "learn": ({k: learned.get(k) for k in ("objective", "initial_objective", "best_step", "steps", "granularity", "n_parameters",
-                                               "learn_tokens", "learn_seconds", "fit_rows")} if learned is not None else None),
+        "search": _search_summary(search_record),
+        "learn": _learn_summary(learned),
         "test_rows": {k: len(splits[k].test) for k in names},
         "model": str(model_dir),
         "predictions": predictions,
     }
     extra["increment"] = _increment(search_record, names, records, rows, learned if assembled == "dem-learned" else None)
+    if variant_extra:
+        extra["variants"] = variant_extra
     vectors_json = recipe.out_dir / "vectors.json"
     if vectors_json.is_file():
         extra["vectors"] = read_json(vectors_json)

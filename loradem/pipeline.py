@@ -9,6 +9,8 @@
       search/             search.db (Optuna), weights.json, trials.csv, search.png        (search)
       model/              the assembled Hugging Face model + loradem.json + README.md    (assemble)
       report.md/.json     base, adapter:<source>, uniform, sum, dem; per_source.png ...  (eval)
+      variants/<v>/       each recipe variant's adapters.json, vectors.json, search/, learn/ (no model:
+                          its rows in the report are scored on in-memory exact folds)
 
 Any stage can be re-run alone; adapters are found again from the recipe (their
 folder names are keyed by base, data and settings), so a stale adapters.json
@@ -61,6 +63,9 @@ def check(recipe_path: str | Path) -> Recipe:
         sp, tr, lo = splits[s.name], recipe.train_for(s), recipe.lora_for(s)
         print(f"{s.name:<16}{sp.format:<19}{len(sp.train):>7}{len(sp.validation):>6}{len(sp.test):>6}  "
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
+    for v in recipe.variants:
+        changes = "; ".join(f"{b}: " + ", ".join(f"{k}={x}" for k, x in f.items()) for b, f in v.overrides().items())
+        print(f"variant {v.name!r}: {changes} (outputs in {recipe.variant(v.name).out_dir}/)")
     print("ok")
     return recipe
 
@@ -77,9 +82,17 @@ def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list
         recipe.source(name)  # unknown names fail before any work
     adapters = train_all(recipe, base_dir, only=only, force=list(force), log=_log("train"))
     _write_adapters_json(recipe, base_dir)
+    for variant in variant_recipes(recipe).values():
+        train_all(variant, base_dir, only=only, force=list(force), log=_log("train"))
+        _write_adapters_json(variant, base_dir)
     if baseline == "mix":
         _train_mix(recipe, base_dir)
     return adapters
+
+
+def variant_recipes(recipe: Recipe) -> dict[str, Recipe]:
+    """Each variant's derived recipe (`Recipe.variant`), by name, in the recipe's order."""
+    return {v.name: recipe.variant(v.name) for v in recipe.variants}
 
 
 def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Path:
@@ -188,23 +201,35 @@ def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: 
 # ---- search ------------------------------------------------------------------
 
 def search(recipe_path: str | Path, *, storage: str | None = None, workers: int = 1) -> dict:
-    """Run or resume the weight search; `storage` (an Optuna RDB URL or a .log journal file) wins over the recipe's."""
-    from loradem.search import search_weights
-
+    """Run or resume the weight search, then each variant's; `storage` (an Optuna RDB URL or a .log journal file)
+    wins over the recipe's (variants keep their own study in runs/<name>/variants/<variant>/search/)."""
     recipe, base_dir = _prepare(recipe_path)
     splits = _splits(recipe)
+    result = _search(recipe, base_dir, splits, storage=storage, workers=workers)
+    for name, variant in variant_recipes(recipe).items():  # each variant's own study, in its own folder
+        _search(variant, base_dir, splits, workers=workers, label=f"search {name}")
+    return result
+
+
+def _search(recipe: Recipe, base_dir: Path, splits: dict, *, storage: str | None = None, workers: int = 1,
+            label: str = "search") -> dict:
+    from loradem.search import search_weights
+
     adapters = finished_adapters(recipe, base_dir, splits)
     validation = {n: splits[n].validation for n in adapters}
     return search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search",
-                          storage=storage, workers=workers, log=_log("search"))
+                          storage=storage, workers=workers, log=_log(label))
 
 
 def learn(recipe_path: str | Path) -> dict:
     """Fit the per-module weights (recipe `learn:`) on training rows, selected on validation loss."""
     recipe, base_dir = _prepare(recipe_path)
-    if not recipe.learn.enabled:
+    learning = [r for r in (recipe, *variant_recipes(recipe).values()) if r.learn.enabled]
+    if not learning:
         raise LorademError(f"{recipe_path}: learn.enabled is false; set `learn: {{enabled: true}}` to learn per-module weights")
-    return _learn(recipe, base_dir)
+    splits = _splits(recipe)
+    results = [_learn(r, base_dir, splits) for r in learning]
+    return results[0]
 
 
 def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
@@ -291,8 +316,17 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
     learned = None
     if recipe.learn.enabled:
         learned = learned_weights(recipe)
+    variants = []
+    for v in recipe.variants:  # each variant's adapters and weights must exist: `loradem run` makes them
+        vr = recipe.variant(v.name)
+        try:
+            variants.append({"variant": v, "recipe": vr, "adapters": finished_adapters(vr, base_dir, splits),
+                             "search": searched_weights(vr), "learned": learned_weights(vr) if vr.learn.enabled else None})
+        except LorademError as exc:
+            raise LorademError(f"variant {v.name!r}: {str(exc).split('; run')[0]}; run `loradem run {recipe_path or '<recipe>'}` "
+                               "to train, search and learn it") from None
     return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir,
-                          recipe_path=recipe_path, learned_record=learned, log=_log("eval"))
+                          recipe_path=recipe_path, learned_record=learned, variants=variants, log=_log("eval"))
 
 
 # ---- run ---------------------------------------------------------------------------
@@ -300,7 +334,6 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
 def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
     """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
     row in the report); returns the run folder (report.md is inside)."""
-    from loradem.search import search_weights
     from loradem.train import train_all
 
     t0 = time.time()
@@ -311,18 +344,21 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
     atomic_write_json(recipe.out_dir / "recipe.json", recipe.model_dump(mode="json"))
     splits = _splits(recipe)
 
-    train_all(recipe, base_dir, force=list(force), log=_log("train"))
-    _write_adapters_json(recipe, base_dir)
-    adapters = finished_adapters(recipe, base_dir, splits)
+    variants = variant_recipes(recipe)
+    for r in (recipe, *variants.values()):  # every adapter first, so a failure costs no search time
+        train_all(r, base_dir, force=list(force), log=_log("train"))
+        _write_adapters_json(r, base_dir)
     if baseline == "mix":
         _train_mix(recipe, base_dir, splits)
 
-    analyse_vectors(recipe, base_dir, adapters, log=_log("vectors"))
-
-    validation = {n: splits[n].validation for n in adapters}
-    search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search", log=_log("search"))
-    if recipe.learn.enabled:
-        _learn(recipe, base_dir, splits)
+    for label, r in (("", recipe), *variants.items()):
+        r.out_dir.mkdir(parents=True, exist_ok=True)
+        if label:
+            atomic_write_json(r.out_dir / "recipe.json", r.model_dump(mode="json"))
+        analyse_vectors(r, base_dir, finished_adapters(r, base_dir, splits), log=_log(f"vectors {label}".strip()))
+        _search(r, base_dir, splits, label=f"search {label}".strip())
+        if r.learn.enabled:
+            _learn(r, base_dir, splits)
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path))

@@ -224,6 +224,40 @@ class AnchorSettings(_Strict):
         return str(path.resolve())
 
 
+AnchorOverride = _partial(AnchorSettings)
+LearnOverride = _partial(LearnSettings)
+SearchOverride = _partial(SearchSettings)
+
+
+class Variant(_Strict):
+    """A second set of adapters compared in the same run and report: the recipe with some blocks overridden."""
+
+    name: str = Field(description=f"Variant name ({SAFE_NAME_HELP}); its report rows are '<name>:adapter:<source>', '<name>:uniform', '<name>:sum', '<name>:dem' (and '<name>:dem-learned'); its outputs go to runs/<recipe>/variants/<name>/.")
+    description: str = Field("", description="Free text, shown in the report.")
+    lora: LoraOverride = Field(default_factory=LoraOverride, description="Overrides of the recipe's `lora:`.")  # type: ignore[valid-type]
+    train: TrainOverride = Field(default_factory=TrainOverride, description="Overrides of the recipe's `train:`.")  # type: ignore[valid-type]
+    anchor: AnchorOverride = Field(default_factory=AnchorOverride, description="Overrides of the recipe's `anchor:` (e.g. {enabled: true}).")  # type: ignore[valid-type]
+    search: SearchOverride = Field(default_factory=SearchOverride, description="Overrides of the recipe's `search:` (e.g. its own warm_start).")  # type: ignore[valid-type]
+    learn: LearnOverride = Field(default_factory=LearnOverride, description="Overrides of the recipe's `learn:`.")  # type: ignore[valid-type]
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("anchor")
+    @classmethod
+    def _resolve_variant_anchor_data(cls, value, info: ValidationInfo):
+        if value.data is None:
+            return value
+        return value.model_copy(update={"data": AnchorSettings._resolve_anchor_data(value.data, info)})
+
+    def overrides(self) -> dict:
+        """{block: {field: value}} of what this variant changes (only the fields it sets)."""
+        blocks = {b: getattr(self, b).model_dump(exclude_none=True) for b in VARIANT_BLOCKS}
+        return {b: v for b, v in blocks.items() if v}
+
+
+VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn")
+
+
 class AssembleSettings(_Strict):
     weights: Literal["search", "learned"] = Field(
         "search", description="Which weights the assembled model folds: the searched ones, or the learned per-module ones (needs learn.enabled)."
@@ -281,6 +315,9 @@ class Recipe(_Strict):
     mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained by `loradem train --baseline mix` (see `mix`).")
     learn: LearnSettings = Field(default_factory=LearnSettings, description="Learned per-module weights (see `learn`).")
     anchor: AnchorSettings = Field(default_factory=AnchorSettings, description="Anchored training of the adapters (see `anchor`).")
+    variants: list[Variant] = Field(
+        default_factory=list, description="Other adapter sets to compare in the same run and report, each the recipe with some blocks overridden (see `variants[]`); e.g. [{name: anchored, anchor: {enabled: true}}]. Each trains its own adapters (cached by key like any other), searches and learns its own weights; its rows are scored on in-memory exact folds, and the assembled model stays the recipe's own."
+    )
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -306,6 +343,18 @@ class Recipe(_Strict):
             raise ValueError("assemble.weights: 'learned' needs learn.enabled: true")
         return self
 
+    @model_validator(mode="after")
+    def _variants_valid(self) -> "Recipe":
+        seen: set[str] = set()
+        for i, v in enumerate(self.variants):
+            if v.name in seen:
+                raise ValueError(f"variants[{i}].name: expected unique variant names, {v.name!r} appears twice")
+            seen.add(v.name)
+            if not v.overrides():
+                raise ValueError(f"variants[{i}] ({v.name}): overrides nothing; expected at least one of {', '.join(VARIANT_BLOCKS)}")
+            self.variant(v.name)  # the derived recipe must validate too
+        return self
+
     @field_validator("sources")
     @classmethod
     def _unique(cls, sources: list[Source]) -> list[Source]:
@@ -326,6 +375,24 @@ class Recipe(_Strict):
             if s.name == name:
                 return s
         raise LorademError(f"recipe {self.name!r}: no source named {name!r} (have: {', '.join(s.name for s in self.sources)})")
+
+    def variant(self, name: str) -> "Recipe":
+        """The recipe as variant `name` runs it: its blocks overridden field by field, outputs in
+        <out_dir>/variants/<name>/, the same sources, adapters folder and mixing baseline."""
+        v = next((v for v in self.variants if v.name == name), None)
+        if v is None:
+            have = ", ".join(x.name for x in self.variants) or "none"
+            raise LorademError(f"recipe {self.name!r}: no variant named {name!r} (have: {have})")
+        raw = self.model_dump(mode="json")
+        for block, changes in v.overrides().items():
+            raw[block] = {**raw[block], **changes}
+        raw.update(variants=[], output_dir=str(self.out_dir / "variants" / v.name))
+        try:  # every path in `raw` is already resolved, so no root is needed
+            return Recipe.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = "" if not first["loc"] else f" {_loc(first['loc'])}:"
+            raise ValueError(f"variants[{self.variants.index(v)}] ({v.name}):{where} {first['msg'].removeprefix('Value error, ')}") from None
 
     def train_for(self, source: Source) -> TrainSettings:
         return TrainSettings(**{**self.train.model_dump(), **source.train.model_dump(exclude_none=True)})
@@ -382,8 +449,11 @@ def format_validation_error(path: str | Path, err: ValidationError) -> str:
             msg = msg[len("Value error, "):]
         if "input" in first and first["type"] not in ("value_error",):
             msg += f" (got {first['input']!r})"
+    where = _loc(loc)
+    if not loc and re.match(r"^[\w.\[\]]+( \(.*?\))?: ", msg):
+        where, msg = msg.split(": ", 1)  # a whole-recipe check that names its field itself
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{path}: {_loc(loc)}: {msg}{more}"
+    return f"{path}: {where}: {msg}{more}"
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -426,7 +496,7 @@ def reference_markdown() -> str:
     """The recipe reference as markdown tables, one per block (the README embeds it)."""
     blocks = [
         ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
-        ("search", SearchSettings), ("learn", LearnSettings), ("anchor", AnchorSettings), ("assemble", AssembleSettings),
+        ("search", SearchSettings), ("learn", LearnSettings), ("anchor", AnchorSettings), ("variants[]", Variant), ("assemble", AssembleSettings),
         ("eval", EvalSettings), ("mix", MixSettings),
     ]
     out = []
@@ -442,7 +512,7 @@ def reference_markdown() -> str:
                 default = "see block" if isinstance(made, BaseModel) else f"`{made!r}`"
             else:
                 default = f"`{f.default!r}`" if isinstance(f.default, str) else f"`{f.default}`" if f.default is not None else "`null`"
-            kind = "mapping" if name in ("train", "lora") and model is Source else _type_name(f.annotation)
+            kind = "mapping" if (model is Source and name in ("train", "lora")) or (model is Variant and name in VARIANT_BLOCKS) else _type_name(f.annotation)
             desc = (f.description or "").replace("|", "\\|")
             out.append(f"| `{name}` | {kind.replace('|', chr(92) + '|')} | {default} | {desc} |")
         out.append("")

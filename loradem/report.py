@@ -7,7 +7,7 @@ A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
 "weights": {source: w}, "benchmarks": {task: {metric: value}}}`` (weights and
 benchmarks optional; a per-source value may be None when not evaluated).
 Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
-``mix``, ``dem-<option>``.
+``mix``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
 
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the recipe
@@ -153,16 +153,37 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             " + the learned weights" if mix.get("dem_row") == "dem-learned" else "")
         lines.append(f"- Data mixing vs DEM (`{mix.get('dem_row', 'dem')}`, the assembled model) cost: {_num(r.get('train_tokens'))}x the "
                      f"training tokens, {_num(r.get('seconds'))}x the seconds (DEM = {what}).")
-    inc = extra.get("increment")
-    if inc:
-        d, m = inc["dem_cost"], inc.get("mix_retrain_cost")
-        line = (f"- Adding {', '.join(inc['new_sources'])} under DEM: {d['train_tokens']:,} training tokens and "
-                f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']}"
-                + (" + relearning the per-module weights" if inc.get("relearned") else "") + ")")
-        if m:
-            line += f"; retraining the mixing baseline on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
-        lines.append(line + ".")
-    vec = extra.get("vectors") or {}
+    lines += _increment_lines(extra.get("increment"))
+    lines += _vector_lines(extra.get("vectors") or {})
+    for name, v in (extra.get("variants") or {}).items():
+        changes = "; ".join(f"{block}: " + ", ".join(f"{k}={val}" for k, val in fields.items())
+                            for block, fields in (v.get("overrides") or {}).items())
+        s, learned = v.get("search") or {}, v.get("learn")
+        line = (f"- Variant `{name}` (rows `{name}:...`; {changes}){': ' + v['description'] if v.get('description') else ''}. "
+                f"Its own adapters, a {s.get('n_trials')}-trial search (objective {_num(s.get('objective'))}, "
+                f"{_seconds(float(s.get('search_seconds') or 0))} s)")
+        if learned:
+            line += (f" and learned weights ({int(learned.get('learn_tokens') or 0):,} tokens, "
+                     f"validation loss {_num(learned.get('initial_objective'))} -> {_num(learned.get('objective'))})")
+        lines.append(line + f"; outputs in `{v.get('out_dir')}/`; its rows are scored on in-memory exact folds.")
+        lines += ["  " + x for x in _increment_lines(v.get("increment")) + _vector_lines(v.get("vectors") or {})]
+    return lines
+
+
+def _increment_lines(inc: Optional[dict]) -> list[str]:
+    if not inc:
+        return []
+    d, m = inc["dem_cost"], inc.get("mix_retrain_cost")
+    line = (f"- Adding {', '.join(inc['new_sources'])} under DEM: {d['train_tokens']:,} training tokens and "
+            f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']}"
+            + (" + relearning the per-module weights" if inc.get("relearned") else "") + ")")
+    if m:
+        line += f"; retraining the mixing baseline on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
+    return [line + "."]
+
+
+def _vector_lines(vec: dict) -> list[str]:
+    lines = []
     if vec.get("norms"):
         lines.append("- Delta norms: " + ", ".join(f"{k} {v:.3f}" for k, v in vec["norms"].items()) + ".")
     if vec.get("cosine"):
@@ -203,7 +224,7 @@ def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe
         for row in weighted:
             ws = [f"{row['weights'][s]:.3f}" if s in row["weights"] else "–" for s in sources]
             lines.append(f"| `{row['name']}` | " + " | ".join(ws) + " |")
-        if any(r["name"] == "dem-learned" for r in weighted):
+        if any(r["name"].endswith("dem-learned") for r in weighted):
             lines += ["", "`dem-learned` shows each source's mean over its per-module weights (every one is in `learn/weights.json`)."]
     lines += summary_lines(rows, extra or {})
     lines += benchmark_lines(rows, lm_eval_limit)
