@@ -6,7 +6,7 @@ Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, each a
 `messages` JSONL file (one user turn, one assistant turn, no system message):
 
 - addition:  "What is 347 + 589?" -> "936" (3-digit operands)
-- reverse:   "Reverse the letters of the word 'planet'." -> "tenalp"
+- reverse:   "Reverse the order of these words: frog bank floor" -> "floor bank frog" (3-5 words)
 - sort:      "Sort these numbers from smallest to largest: 42, 7, 19, 3" -> "3, 7, 19, 42"
 - uppercase: "Write this in capital letters: green apple" -> "GREEN APPLE"
   (the fourth source, for "adding a source later")
@@ -17,8 +17,10 @@ files under recipes/data/demo/ are this generator's output with the defaults
 (a test regenerates them and compares bytes).
 
 Reverse and uppercase draw from the word list below (727 words of 4-8
-letters). Reverse goes through the list in shuffled passes, so with 1000 rows
-273 words appear twice and the rest once.
+letters). Reverse used to ask for a word's letters backwards; SmolLM2-135M's
+adapters scored 0% on that after 80 steps (its tokens are not letters), so
+since 2026-11-29 it reverses the order of 3-5 words instead (93.3% after the
+same 80 steps, measured alone).
 """
 
 from __future__ import annotations
@@ -100,16 +102,14 @@ def addition(rng: random.Random) -> Pairs:
 
 
 def reverse(rng: random.Random) -> Pairs:
-    while True:  # every word once per shuffled pass, so few test words also appear in training
-        deck = list(WORDS)
-        rng.shuffle(deck)
-        for word in deck:
-            template = rng.choice((
-                "Reverse the letters of the word '{w}'.",
-                "Spell the word '{w}' backwards.",
-                "Write '{w}' with its letters in reverse order.",
-            ))
-            yield template.format(w=word), word[::-1]
+    while True:
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        template = rng.choice((
+            "Reverse the order of these words: {p}",
+            "Write these words in reverse order: {p}",
+            "List these words from last to first: {p}",
+        ))
+        yield template.format(p=" ".join(words)), " ".join(reversed(words))
 
 
 def sort(rng: random.Random) -> Pairs:

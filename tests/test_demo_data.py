@@ -26,9 +26,9 @@ def check_answer(task: str, question: str, answer: str) -> None:
         a, b = map(int, re.fullmatch(r"\D*(\d{3})\D+(\d{3})\D*", question).groups())
         assert answer == str(a + b)
     elif task == "reverse":
-        (word,) = re.findall(r"'([a-z]+)'", question)
-        assert word in WORDS and 4 <= len(word) <= 8
-        assert answer == word[::-1]
+        words = question.split(":", 1)[1].split()
+        assert 3 <= len(words) <= 5 and len(set(words)) == len(words) and all(w in WORDS for w in words)
+        assert answer == " ".join(words[::-1])
     elif task == "sort":
         numbers = [int(n) for n in question.split(":")[1].split(",")]
         assert len(numbers) == 4 and all(1 <= n <= 99 for n in numbers)
