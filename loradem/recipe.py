@@ -50,6 +50,12 @@ def _safe_name(value: str) -> str:
     return value
 
 
+def _under_root(value: str, info: ValidationInfo) -> Path:
+    """A path from the recipe: `~` expanded; a relative one taken from the recipe's folder (validation context 'root')."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path((info.context or {}).get("root", ".")) / path
+
+
 class LoraSettings(_Strict):
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the delta's scale is alpha/r (alpha/sqrt(r) with rslora).")
@@ -133,9 +139,7 @@ class Source(_Strict):
     def _resolve_vector(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         if value is None:
             return None
-        root = Path((info.context or {}).get("root", "."))
-        path = Path(value).expanduser()
-        candidate = path if path.is_absolute() else root / path
+        candidate = _under_root(value, info)
         if candidate.is_dir():
             return str(candidate.resolve())
         if value.startswith((".", "/", "~")) or candidate.exists() or not re.match(r"^[\w.-]+/[\w.-]+$", value):
@@ -147,10 +151,7 @@ class Source(_Strict):
     def _resolve_data(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         if value is None:
             return None
-        root = Path((info.context or {}).get("root", "."))
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = root / path
+        path = _under_root(value, info)
         if value.lower().endswith(DATA_SUFFIXES) or path.exists():
             if not path.is_file():
                 raise ValueError(f"expected an existing data file, {str(path)!r} does not exist")
@@ -216,9 +217,7 @@ class AnchorSettings(_Strict):
     def _resolve_anchor_data(cls, value: str, info: ValidationInfo) -> str:
         if value == "builtin":
             return value
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = Path((info.context or {}).get("root", ".")) / path
+        path = _under_root(value, info)
         if not path.is_file() or not value.lower().endswith(DATA_SUFFIXES):
             raise ValueError(f"expected 'builtin' or an existing {'/'.join(DATA_SUFFIXES)} file, got {str(path)!r}")
         return str(path.resolve())
@@ -286,8 +285,7 @@ class EvalSettings(_Strict):
     def _resolve_include(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
         if value is None:
             return None
-        path = Path(value).expanduser()
-        candidate = path if path.is_absolute() else Path((info.context or {}).get("root", ".")) / path
+        candidate = _under_root(value, info)
         if not candidate.is_dir():
             raise ValueError(f"expected a folder of lm-eval task YAMLs, {str(candidate)!r} is not a directory")
         return str(candidate.resolve())
@@ -326,9 +324,7 @@ class Recipe(_Strict):
     def _resolve_base(cls, value: str, info: ValidationInfo) -> str:
         if value in BASE_ALIASES:
             return value
-        root = Path((info.context or {}).get("root", "."))
-        path = Path(value).expanduser()
-        candidate = path if path.is_absolute() else root / path
+        candidate = _under_root(value, info)
         if candidate.is_dir():
             return str(candidate.resolve())
         if value.startswith((".", "/", "~")) or candidate.exists():
