@@ -118,15 +118,25 @@ def identity(settings) -> dict:
             "fraction": settings.fraction, "max_new_tokens": settings.max_new_tokens}
 
 
-def anchor_rows(recipe, base_dir: Path, *, log: Log = print) -> tuple[list[Row], dict]:
+def anchor_rows(recipe, base_dir: Path, *, log: Log = print, generate: bool = True,
+                wait_seconds: float = 7200.0) -> tuple[list[Row], dict]:
     """The anchor rows (messages: prompt + the base's own greedy reply) and their record, from the cache
-    or generated now; the record's ``spent_seconds`` is the generation time paid by this call (0 when cached)."""
+    or generated now; the record's ``spent_seconds`` is the generation time paid by this call (0 when cached).
+
+    With ``generate=False`` (a non-zero rank of a data-parallel job) the replies are never generated here:
+    the call waits up to `wait_seconds` for the process that does (rank 0) to write the cache."""
     settings = recipe.anchor
     ident = identity(settings)
     key = stable_hash({"base": fingerprint_weights(base_dir), "prompts": ident["prompts"], "n": ident["n"],
                        "max_new_tokens": settings.max_new_tokens})
     folder = Path(recipe.adapters_dir) / ".anchors"
     rows_path, record_path = folder / f"{key}.jsonl", folder / f"{key}.json"
+    deadline = time.monotonic() + wait_seconds
+    while not generate and not record_path.is_file():  # the record is written last
+        if time.monotonic() >= deadline:
+            raise LorademError(f"anchor: waited {wait_seconds:.0f} s for rank 0 to write the base's anchor replies "
+                               f"({record_path}); did it fail?")
+        time.sleep(min(2.0, wait_seconds))
     if rows_path.is_file() and record_path.is_file():
         rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
         return rows, {**read_json(record_path), "spent_seconds": 0.0}

@@ -280,7 +280,8 @@ def train_source(
         if splits.format != "messages":
             raise LorademError(f"source {source.name!r}: anchored training needs messages rows (the anchors are "
                                f"chat turns), this source has {splits.format!r} rows; set anchor.enabled: false")
-        rows, info = anchor.anchor_rows(recipe, Path(base_dir), log=log)
+        # under data parallelism rank 0 alone generates the base's replies; the other ranks read its cache
+        rows, info = anchor.anchor_rows(recipe, Path(base_dir), log=log, generate=is_main_process())
         train_rows = anchor.with_anchors(splits.train, rows, recipe.anchor.fraction, seed=recipe.seed, source=source.name)
         anchored = {**anchor.identity(recipe.anchor), "rows": len(train_rows) - len(splits.train),
                     "cache": info["key"], "generation_seconds": info["spent_seconds"]}

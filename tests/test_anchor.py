@@ -96,6 +96,22 @@ def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monk
     assert again == rows and info2["spent_seconds"] == 0.0 and info2["key"] == info["key"]
 
 
+def test_a_non_zero_rank_reads_rank_zeros_replies_and_never_generates(tmp_path, tiny_base, monkeypatch):
+    from loradem import evaluate
+
+    recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 3})
+    monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("a non-zero rank generated"))
+    with pytest.raises(LorademError, match=r"anchor: waited 0 s for rank 0 to write the base's anchor replies .*\.json\); did it fail\?"):
+        anchor.anchor_rows(recipe, tiny_base, log=lambda m: None, generate=False, wait_seconds=0)
+    assert not (tmp_path / "adapters" / ".anchors").exists()
+
+    monkeypatch.setattr(evaluate, "generate_replies", fake_replies([("Paris.", True)], []))
+    written, _ = anchor.anchor_rows(recipe, tiny_base, log=lambda m: None)  # rank 0
+    monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("a non-zero rank generated"))
+    rows, record = anchor.anchor_rows(recipe, tiny_base, log=lambda m: None, generate=False, wait_seconds=0)
+    assert rows == written and len(rows) == 3 and record["spent_seconds"] == 0.0
+
+
 def test_a_base_that_never_ends_its_replies_is_refused_and_nothing_is_cached(tmp_path, tiny_base):
     recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 3, "max_new_tokens": 1})
     with pytest.raises(LorademError, match=r"anchor: the base ended none of its 3 replies within anchor.max_new_tokens=1; raise it"):
