@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a recipe", description="Run every stage: train the "
                        "missing adapters, analyse the vectors, search the weights, learn per-module weights (when learn.enabled), assemble the model, "
-                       "evaluate and write report.md / report.json.")
+                       "evaluate and write report.md / report.json. A recipe's `variants:` (other adapter sets, e.g. anchored) are trained, "
+                       "searched and learned too, and scored in the same report.")
     _recipe_arg(p)
     p.add_argument("--force", action="append", default=[], metavar="SOURCE",
                    help="retrain this source even if a finished adapter exists (repeatable)")
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arg(p)
 
     p = sub.add_parser("train", help="train one LoRA adapter per source (only what is missing)",
-                       description="Train one LoRA adapter per source with TRL's SFT trainer. Adapters are "
-                       "keyed by base, data and settings: finished ones are skipped.")
+                       description="Train one LoRA adapter per source with TRL's SFT trainer (and per source of each "
+                       "recipe variant). Adapters are keyed by base, data and settings: finished ones are skipped.")
     _recipe_arg(p)
     p.add_argument("--source", action="append", default=None, metavar="NAME",
                    help="train only this source (repeatable); one job per source lets you spread "
