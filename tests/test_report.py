@@ -122,3 +122,15 @@ def test_summary_states_what_an_added_source_cost_including_relearned_weights():
                      "from runs/demo/search/weights.json); retraining the mixing baseline on all sources: 132,524 tokens, 1375 s."]
     relearned = summary_lines([], {"increment": {**inc, "relearned": True}})
     assert relearned[0].replace(" + relearning the per-module weights", "") == plain[0] and "+ relearning" in relearned[0]
+
+
+def test_cost_vs_score_labels_every_composition_and_greys_single_adapters():
+    from loradem.report import cost_vs_score_figure
+
+    rows = make_rows(["579", "49", "x", "x"])
+    rows.append({"name": "v:adapter:add", "per_source": {"add": 0.5, "rev.words": 2.0}, "average": 1.25, "cost": cost(9000, 40.0)})
+    rows.append({"name": "v:dem", "per_source": {"add": 0.5, "rev.words": 1.5}, "average": 1.0, "cost": cost(18000, 80.0, 9.0)})
+    ax = cost_vs_score_figure({"add": "exact_match", "rev.words": "loss"}, rows).axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["base", "dem", "uniform", "v:dem"]
+    greys = [line for line in ax.lines if line.get_label() == "one adapter alone"]
+    assert len(greys) == 1 and list(greys[0].get_xdata()) == [50.0, 40.0] and list(greys[0].get_ydata()) == [1.625, 1.25]
