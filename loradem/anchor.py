@@ -5,9 +5,9 @@
     rows = with_anchors(splits.train, anchors, recipe.anchor.fraction, seed=0, source="sort")
 
 Why: an adapter trained only on its own source changes the model everywhere. On
-the demo, the addition adapter makes the model answer *every* prompt with one
-number, so the plain sum of the three adapters answers sort prompts in the
-addition format (1.1% average exact match). Data mixing never has this
+the demo, the plain sum of the three adapters answers sort prompts in the
+reverse adapter's format (it reverses the list; 24.4% average exact match, 40.6%
+with anchors). Data mixing never has this
 problem: its single adapter sees every source and learns which format goes
 with which prompt. DEM cannot show one source's adapter the other sources'
 data (adding a source later would retrain all of them), but it can show every

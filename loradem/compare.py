@@ -102,21 +102,33 @@ def _learn_summary(learned: dict | None) -> dict | None:
 def _variant_rows(v: dict, base_dir: Path, names: list[str], metrics: dict[str, str], score) -> list[dict]:
     """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
     learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly."""
-    from loradem.multi import load_multi, set_weights
     from loradem.search import fold_weights
 
-    prefix, adapters, search_record, learned = v["variant"].name + ":", v["adapters"], v["search"], v["learned"]
+    adapters, search_record, learned = v["adapters"], v["search"], v["learned"]
     records = _records(adapters, names)
     search_seconds = float(search_record.get("search_seconds") or 0.0)
-    n = len(names)
-    plan = [(f"adapter:{k}", {j: float(j == k) for j in names}, None, _cost(records, [k])) for k in names]
-    plan += [("uniform", {k: 1.0 / n for k in names}, None, _cost(records, names)),
-             ("sum", {k: 1.0 for k in names}, None, _cost(records, names)),
-             ("dem", fold_weights(search_record), {k: float(search_record["weights"][k]) for k in names},
-              _cost(records, names, search_seconds))]
+    plan = _fixed_plan(names, records)
+    plan.append(("dem", fold_weights(search_record), {k: float(search_record["weights"][k]) for k in names},
+                 _cost(records, names, search_seconds)))
     if learned is not None:
         plan.append(("dem-learned", learned["module_weights"], {k: float(w) for k, w in learned["weights"].items()},
                      _add_learning(_cost(records, names, search_seconds), learned)))
+    return _score_plan(plan, v["variant"].name + ":", base_dir, adapters, names, metrics, score)
+
+
+def _fixed_plan(names: list[str], records: dict[str, dict]) -> list[tuple]:
+    """(row, weights set, weights shown (None: the same), cost) of each adapter alone, uniform and sum."""
+    n = len(names)
+    plan = [(f"adapter:{k}", {j: float(j == k) for j in names}, None, _cost(records, [k])) for k in names]
+    return plan + [("uniform", {k: 1.0 / n for k in names}, None, _cost(records, names)),
+                   ("sum", {k: 1.0 for k in names}, None, _cost(records, names))]
+
+
+def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
+                metrics: dict[str, str], score) -> list[dict]:
+    """Score each planned row on one resident base with `adapters` folded exactly (a row only changes weights)."""
+    from loradem.multi import load_multi, set_weights
+
     model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
     rows = []
     for name, weights, shown, cost in plan:
@@ -179,21 +191,8 @@ def compare_models(
                                                batch_size=recipe.eval.batch_size, log=lambda m: log(f"{row_name:<20} {m}"))
         return out
 
-    n = len(names)
-    candidates: list[tuple[str, dict[str, float], list[str]]] = [("base", {k: 0.0 for k in names}, [])]
-    for name in names:
-        candidates.append((f"adapter:{name}", {k: float(k == name) for k in names}, [name]))
-    candidates.append(("uniform", {k: 1.0 / n for k in names}, names))
-    candidates.append(("sum", {k: 1.0 for k in names}, names))
-
-    model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)  # a row = one exact fold, plain-speed forward
-    rows = []
-    for row_name, weights, used in candidates:
-        set_weights(model, weights)
-        per_source = score(model, tokenizer, row_name)
-        rows.append({"name": row_name, "per_source": per_source, "average": _average(per_source, metrics),
-                     "cost": _cost(records, used), "weights": weights})
-    del model
+    plan = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records)]
+    rows = _score_plan(plan, "", base_dir, adapters, names, metrics, score)  # a row = one exact fold, plain-speed forward
 
     mix_dir = find_mix(recipe, base_dir, adapters, splits)
     if mix_dir is not None:  # the data-mixing adapter alone (weight 1), after the per-source rows
@@ -204,7 +203,7 @@ def compare_models(
         mix_record = read_json(mix_dir / "loradem-train.json")
         mix_row = {"name": "mix", "per_source": per_source, "average": _average(per_source, metrics),
                    "cost": _cost({"mix": mix_record}, ["mix"])}
-        rows.insert(1 + n, mix_row)
+        rows.insert(1 + len(names), mix_row)
 
     from loradem.search import fold_weights
 

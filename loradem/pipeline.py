@@ -25,7 +25,7 @@ from typing import Callable
 
 from loradem.errors import LorademError
 from loradem.io import atomic_write_json, fingerprint_weights, read_json
-from loradem.recipe import Recipe, load_recipe
+from loradem.recipe import Recipe, format_overrides, load_recipe
 
 Log = Callable[[str], None]
 
@@ -64,8 +64,7 @@ def check(recipe_path: str | Path) -> Recipe:
         print(f"{s.name:<16}{sp.format:<19}{len(sp.train):>7}{len(sp.validation):>6}{len(sp.test):>6}  "
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
     for v in recipe.variants:
-        changes = "; ".join(f"{b}: " + ", ".join(f"{k}={x}" for k, x in f.items()) for b, f in v.overrides().items())
-        print(f"variant {v.name!r}: {changes} (outputs in {recipe.variant(v.name).out_dir}/)")
+        print(f"variant {v.name!r}: {format_overrides(v.overrides())} (outputs in {recipe.variant(v.name).out_dir}/)")
     print("ok")
     return recipe
 
@@ -322,9 +321,8 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         try:
             variants.append({"variant": v, "recipe": vr, "adapters": finished_adapters(vr, base_dir, splits),
                              "search": searched_weights(vr), "learned": learned_weights(vr) if vr.learn.enabled else None})
-        except LorademError as exc:
-            raise LorademError(f"variant {v.name!r}: {str(exc).split('; run')[0]}; run `loradem run {recipe_path or '<recipe>'}` "
-                               "to train, search and learn it") from None
+        except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
+            raise LorademError(f"variant {v.name!r}: {exc}") from None
     return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir,
                           recipe_path=recipe_path, learned_record=learned, variants=variants, log=_log("eval"))
 

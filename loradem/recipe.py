@@ -257,6 +257,11 @@ class Variant(_Strict):
 VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn")
 
 
+def format_overrides(overrides: dict) -> str:
+    """`Variant.overrides()` in one line: ``anchor: enabled=True, fraction=0.25; train: max_steps=60``."""
+    return "; ".join(f"{block}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for block, fields in overrides.items())
+
+
 class AssembleSettings(_Strict):
     weights: Literal["search", "learned"] = Field(
         "search", description="Which weights the assembled model folds: the searched ones, or the learned per-module ones (needs learn.enabled)."

@@ -27,6 +27,7 @@ from typing import Optional
 
 from loradem.errors import LorademError
 from loradem.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from loradem.recipe import format_overrides
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
 METRIC_LABEL = {"exact_match": "exact match", "loss": "loss"}
@@ -156,8 +157,7 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
     lines += _increment_lines(extra.get("increment"))
     lines += _vector_lines(extra.get("vectors") or {})
     for name, v in (extra.get("variants") or {}).items():
-        changes = "; ".join(f"{block}: " + ", ".join(f"{k}={val}" for k, val in fields.items())
-                            for block, fields in (v.get("overrides") or {}).items())
+        changes = format_overrides(v.get("overrides") or {})
         s, learned = v.get("search") or {}, v.get("learn")
         line = (f"- Variant `{name}` (rows `{name}:...`; {changes}){': ' + v['description'] if v.get('description') else ''}. "
                 f"Its own adapters, a {s.get('n_trials')}-trial search (objective {_num(s.get('objective'))}, "

@@ -159,7 +159,7 @@ def test_run_with_a_variant_reports_both_adapter_sets(tmp_path, tiny_base, monke
     capsys.readouterr()
     assert main(["eval", "tiny.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "variant 'r3': recipe 'tiny': no finished adapter for source(s) addition, sort; run `loradem run" in err, err
+    assert "variant 'r3': recipe 'tiny': no finished adapter for source(s) addition, sort; run `loradem train <recipe>` first" in err, err
     assert (run / "report.json").read_bytes() == report_before
 
 
