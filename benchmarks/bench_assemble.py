@@ -78,7 +78,7 @@ def run_peft(base: str, adapters: list[str], out: str) -> None:
 
 
 def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float) -> None:
-    from loradem.assemble import assemble
+    from loradem.merge.fold import assemble
 
     assemble(base, list(zip(adapters, WEIGHTS)), out, max_shard_size_mb=shard_mb, log=lambda *_: None)
 
@@ -89,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     if args.method != "imports":
-        import loradem.assemble  # noqa: F401
+        import loradem.merge.fold  # noqa: F401
     after_imports = rss_mb()
     start = time.perf_counter()
     if args.method == "peft":
@@ -106,10 +106,10 @@ def standin_base(log=print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loradem.assemble import plan_shards, shard_names
-    from loradem.base import cache_root
-    from loradem.io import atomic_dir
-    from loradem.st_writer import SafetensorsWriter, TensorSpec
+    from loradem.merge.fold import plan_shards, shard_names
+    from loradem.model.base import cache_root
+    from loradem.files import atomic_dir
+    from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
 
     final = cache_root() / "bench" / "llama-1b-standin-bf16"
     if (final / "config.json").is_file() and (final / "model.safetensors.index.json").is_file():
@@ -146,7 +146,7 @@ def make_adapters(base: Path, root: Path) -> list[str]:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from loradem.checkpoint import read_base
+    from loradem.vectors.checkpoint import read_base
 
     checkpoint = read_base(base)
     shapes = {n: s for n, (s, _) in checkpoint.tensors.items() if n.endswith(".weight") and n.split(".")[-2] in TARGETS}
@@ -259,8 +259,8 @@ def round_once(x, dtype):
 
 
 def bench(base_spec: str, root: Path, log=print) -> dict:
-    from loradem.checkpoint import read_base
-    from loradem.base import resolve_base
+    from loradem.vectors.checkpoint import read_base
+    from loradem.model.base import resolve_base
 
     base = standin_base(log) if base_spec == "standin" else resolve_base(base_spec)
     size_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6

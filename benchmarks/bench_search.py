@@ -8,7 +8,7 @@ Validation rows come from the demo data (recipes/demo.yaml's splits, first
 from the folder whose adapters/ holds them), otherwise three random rank-8
 adapters on all linear layers (B scaled to small norms like trained ones).
 Each kind runs --trials trials at the same seeded random weight points; see
-loradem/search_overhead.py for what is timed.
+benchmarks/search_overhead.py for what is timed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_overhead.py beside this script
 
 
 def random_adapters(base: Path, root: Path, n: int = 3) -> dict[str, Path]:
@@ -46,10 +47,10 @@ def random_adapters(base: Path, root: Path, n: int = 3) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from loradem.base import resolve_base
-    from loradem.data import load_splits
+    from loradem.model.base import resolve_base
+    from loradem.data.rows import load_splits
     from loradem.recipe import load_recipe
-    from loradem.search_overhead import format_overhead, measure_overhead
+    from search_overhead import format_overhead, measure_overhead
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m", help="base model: a folder or 'smollm2-135m' (default)")

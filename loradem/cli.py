@@ -212,7 +212,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _assemble(args: argparse.Namespace) -> None:
     from loradem import pipeline
-    from loradem.assemble import assemble
+    from loradem.merge.fold import assemble
 
     if args.recipe:
         if args.base or args.adapter:

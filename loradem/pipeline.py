@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_json, fingerprint_weights, read_json
+from loradem.files import atomic_write_json, fingerprint_weights, read_json
 from loradem.recipe import Recipe, format_overrides, load_recipe
 
 Log = Callable[[str], None]
@@ -38,7 +38,7 @@ def _log(stage: str) -> Log:
 
 
 def _prepare(recipe_path: str | Path) -> tuple[Recipe, Path]:
-    from loradem.base import resolve_base
+    from loradem.model.base import resolve_base
 
     recipe = load_recipe(recipe_path)
     base_dir = resolve_base(recipe.base, log=_log("base"))
@@ -46,7 +46,7 @@ def _prepare(recipe_path: str | Path) -> tuple[Recipe, Path]:
 
 
 def _splits(recipe: Recipe) -> dict:
-    from loradem.data import load_splits
+    from loradem.data.rows import load_splits
 
     return {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
 
@@ -74,7 +74,7 @@ def check(recipe_path: str | Path) -> Recipe:
 def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list[str] = (),
           baseline: str | None = None) -> dict[str, Path]:
     """Train the missing per-source adapters (returned); with baseline="mix", then the data-mixing adapter."""
-    from loradem.train import train_all
+    from loradem.train.sft import train_all
 
     recipe, base_dir = _prepare(recipe_path)
     for name in [*(only or []), *force]:
@@ -95,7 +95,7 @@ def variant_recipes(recipe: Recipe) -> dict[str, Recipe]:
 
 
 def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Path:
-    from loradem.mix import train_mix
+    from loradem.train.mix import train_mix
 
     splits = splits or _splits(recipe)
     return train_mix(recipe, base_dir, finished_adapters(recipe, base_dir, splits), splits, log=_log("mix"))
@@ -104,11 +104,11 @@ def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Pa
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True) -> dict[str, Path]:
     """The finished adapter folder of every source, found by its key; raise if one is missing.
 
-    A source with a ready `vector:` gets its imported copy (`loradem.card.import_vector`: checked
+    A source with a ready `vector:` gets its imported copy (`loradem.vectors.card.import_vector`: checked
     against its card and this base, copied once into adapters_dir) instead of a trained adapter.
     """
-    from loradem.card import import_vector
-    from loradem.train import adapter_dir, adapter_key, is_finished
+    from loradem.vectors.card import import_vector
+    from loradem.train.sft import adapter_dir, adapter_key, is_finished
 
     splits = splits or _splits(recipe)
     base_fp = fingerprint_weights(base_dir)
@@ -149,7 +149,7 @@ def _write_adapters_json(recipe: Recipe, base_dir: Path) -> None:
 
 def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], log: Log = print) -> dict:
     """Norms and pairwise similarities of the distribution vectors -> vectors.json, similarity.png."""
-    from loradem import vectors
+    from loradem.vectors import similarity as vectors
 
     names = list(adapters)
     info = {n: vectors.vector_info(adapters[n], base=base_dir) for n in names}
@@ -171,8 +171,9 @@ def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], l
 
 def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None,
                 source: str | None = None, adapters_dir: str = "adapters", allow_no_card: bool = False) -> None:
-    from loradem import card, vectors
-    from loradem.base import resolve_base
+    from loradem.vectors import card
+    from loradem.vectors import similarity as vectors
+    from loradem.model.base import resolve_base
 
     base_dir = resolve_base(base) if base else None
 
@@ -212,7 +213,7 @@ def search(recipe_path: str | Path, *, storage: str | None = None, workers: int 
 
 def _search(recipe: Recipe, base_dir: Path, splits: dict, *, storage: str | None = None, workers: int = 1,
             label: str = "search") -> dict:
-    from loradem.search import search_weights
+    from loradem.merge.search import search_weights
 
     adapters = finished_adapters(recipe, base_dir, splits)
     validation = {n: splits[n].validation for n in adapters}
@@ -232,7 +233,7 @@ def learn(recipe_path: str | Path) -> dict:
 
 
 def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
-    from loradem.learn import learn_weights
+    from loradem.merge.learn import learn_weights
 
     splits = splits or _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
@@ -266,7 +267,7 @@ def model_weights(recipe: Recipe) -> dict:
     """The weights the assembled model folds: {source: number | per-layer-group list | {module: weight}}."""
     if recipe.assemble.weights == "learned":
         return {n: {m: float(x) for m, x in w.items()} for n, w in learned_weights(recipe)["module_weights"].items()}
-    from loradem.search import fold_weights
+    from loradem.merge.search import fold_weights
 
     return fold_weights(searched_weights(recipe))
 
@@ -281,7 +282,7 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
               fold_base: str | None = None) -> Path:
     """Fold the searched weights (per layer group when the search found `layer_weights`), or the learned
     per-module ones (assemble.weights: learned), into the base."""
-    from loradem.assemble import assemble
+    from loradem.merge.fold import assemble
 
     weights = model_weights(recipe)
     adapters = finished_adapters(recipe, base_dir)
@@ -304,7 +305,7 @@ def evaluate(recipe_path: str | Path) -> list[dict]:
 
 
 def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None) -> list[dict]:
-    from loradem.compare import compare_models
+    from loradem.evaluate.compare import compare_models
 
     splits = _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
@@ -332,7 +333,7 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
 def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
     """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
     row in the report); returns the run folder (report.md is inside)."""
-    from loradem.train import train_all
+    from loradem.train.sft import train_all
 
     t0 = time.time()
     recipe, base_dir = _prepare(recipe_path)

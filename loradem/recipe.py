@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from loradem.errors import LorademError
-from loradem.io import yaml_problem
+from loradem.files import yaml_problem
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SAFE_NAME_HELP = "a safe folder name (letters, digits, '.', '_', '-'; starts with a letter or digit; at most 64 characters)"
@@ -207,7 +207,7 @@ class LearnSettings(_Strict):
 
 class AnchorSettings(_Strict):
     enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (README 'Anchored training'). On the demo (fraction 0.25) the plain sum went from 24.4% to 40.6% average, the searched weights from 27.2% to 43.3% and the learned weights from 58.3% to 64.4%.")
-    data: str = Field("builtin", description="'builtin' (everyday questions generated from templates, loradem.anchor) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used.")
+    data: str = Field("builtin", description="'builtin' (everyday questions generated from templates, loradem.data.anchors) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used.")
     prompts: int = Field(400, gt=0, description="How many builtin prompts (ignored for a file).")
     fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same. On the first demo (letter reversal) 0.1 / 0.25 / 0.5 gave the searched weights 25.6 / 27.8 / 18.9% average.")
     max_new_tokens: int = Field(48, gt=0, description="The base's replies that have not ended within this many tokens are dropped.")

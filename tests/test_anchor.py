@@ -1,4 +1,4 @@
-"""loradem.anchor: generic prompts answered by the base, cached, and mixed into each source's training rows."""
+"""loradem.data.anchors: generic prompts answered by the base, cached, and mixed into each source's training rows."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from loradem import anchor
-from loradem.compare import _cost
-from loradem.data import load_splits
-from loradem.demo_data import task_rows
+from loradem.data import anchors as anchor
+from loradem.evaluate.compare import _cost
+from loradem.data.rows import load_splits
+from loradem.data.demo import task_rows
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights
+from loradem.files import fingerprint_weights
 from loradem.recipe import Recipe, load_recipe
-from loradem.train import CARD, TRAIN_RECORD, adapter_key, train_source
+from loradem.train.sft import CARD, TRAIN_RECORD, adapter_key, train_source
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -76,7 +76,7 @@ def test_with_anchors_adds_the_fraction_keeps_every_source_row_and_is_seeded():
 # ---- generation and cache ----------------------------------------------------------
 
 def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monkeypatch):
-    import loradem.evaluate as evaluate
+    import loradem.model.generate as evaluate
 
     recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 6, "max_new_tokens": 5})
     calls: list = []
@@ -97,7 +97,7 @@ def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monk
 
 
 def test_a_non_zero_rank_reads_rank_zeros_replies_and_never_generates(tmp_path, tiny_base, monkeypatch):
-    from loradem import evaluate
+    from loradem.model import generate as evaluate
 
     recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 3})
     monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("a non-zero rank generated"))
@@ -152,7 +152,7 @@ def test_anchor_settings_are_checked_by_the_recipe(tmp_path):
 # ---- training with anchors ----------------------------------------------------------
 
 def test_anchored_training_adds_the_rows_records_them_and_has_its_own_key(tmp_path, tiny_base, monkeypatch):
-    import loradem.evaluate as evaluate
+    import loradem.model.generate as evaluate
 
     plain = make_recipe(tmp_path, tiny_base)
     anchored = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 5, "fraction": 0.5})

@@ -1,4 +1,4 @@
-"""loradem.assemble: the fold equals float64 references, peft's exact merge and peft's live adapters; refusals leave nothing.
+"""loradem.merge.fold: the fold equals float64 references, peft's exact merge and peft's live adapters; refusals leave nothing.
 
     pytest tests/test_assemble.py
 """
@@ -17,11 +17,11 @@ from test_lora import (
     assert_f32_close, build_tiny_gpt2, copy_adapter, edit_config, edit_tensors, lora_layers, make_adapter,
 )
 
-from loradem.assemble import assemble, model_card, plan_fold, plan_shards
-from loradem.checkpoint import read_base
+from loradem.merge.fold import assemble, model_card, plan_fold, plan_shards
+from loradem.vectors.checkpoint import read_base
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights, sha256_file
-from loradem.lora import load_adapter
+from loradem.files import fingerprint_weights, sha256_file
+from loradem.vectors.lora import load_adapter
 
 
 def quiet(*_args) -> None:
@@ -441,7 +441,7 @@ def test_existing_output_kept_unless_overwrite(tiny_base, one, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tiny_base, one, tmp_path, monkeypatch):
-    import loradem.st_writer as mod
+    import loradem.merge.st_writer as mod
 
     calls = []
     real = mod.tensor_bytes
@@ -635,7 +635,7 @@ def test_round_into_is_one_rounding(dtype):
     rounds twice and goes wrong, round_into still rounds once (normal and subnormal float16 included)."""
     import random
 
-    from loradem.assemble import round_into
+    from loradem.merge.fold import round_into
 
     rng = random.Random(0)
     values = []
@@ -668,7 +668,7 @@ def test_cli_layer_weights_and_fold_base(tiny_base, one, tmp_path):
 
 
 def test_quantized_tensors_skip_the_output_layer_and_ties(tiny_base, tiny_base_tied):
-    from loradem.nf4 import quantized_tensors
+    from loradem.merge.nf4 import quantized_tensors
 
     linear = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}

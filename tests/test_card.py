@@ -1,4 +1,4 @@
-"""loradem.card: vector cards are checked against the base and the weights; ready vectors import once, or not at all.
+"""loradem.vectors.card: vector cards are checked against the base and the weights; ready vectors import once, or not at all.
 
     pytest tests/test_card.py
 """
@@ -14,9 +14,9 @@ import torch
 import yaml
 from test_lora import copy_adapter, edit_tensors, make_adapter
 
-from loradem.card import check_card, format_card, import_vector, read_card
+from loradem.vectors.card import check_card, format_card, import_vector, read_card
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights, sha256_file
+from loradem.files import fingerprint_weights, sha256_file
 
 
 def quiet(*_args) -> None:
@@ -24,7 +24,7 @@ def quiet(*_args) -> None:
 
 
 def with_card(folder: Path, base: Path, source: str = "sort", **changes) -> Path:
-    """Give an adapter folder the vector.json card train.py writes (the contract in loradem.card)."""
+    """Give an adapter folder the vector.json card train.py writes (the contract in loradem.vectors.card)."""
     card = {
         "loradem_vector": 1,
         "source": source,
@@ -151,7 +151,7 @@ def test_import_without_card_writes_what_is_known(shared, tiny_base, tmp_path):
 
 
 def test_fold_checks_the_card_base(shared, tiny_base, tiny_base_tied, tmp_path):
-    from loradem.assemble import assemble
+    from loradem.merge.fold import assemble
 
     with pytest.raises(LorademError, match=r"trained on a base with fingerprint"):
         assemble(tiny_base_tied, [(shared, 1.0)], tmp_path / "out", log=quiet)

@@ -1,4 +1,4 @@
-"""loradem.data: format detection, one-line row errors, seeded splits, fingerprints, exact-match helpers."""
+"""loradem.data.rows: format detection, one-line row errors, seeded splits, fingerprints, exact-match helpers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loradem.data import eval_pair, load_splits, normalize_answer, read_rows
+from loradem.data.rows import eval_pair, load_splits, normalize_answer, read_rows
 from loradem.errors import LorademError
 from loradem.recipe import Source
 

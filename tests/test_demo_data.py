@@ -1,4 +1,4 @@
-"""loradem.demo_data: the committed demo files are exactly the generator's output, and every answer is right."""
+"""loradem.data.demo: the committed demo files are exactly the generator's output, and every answer is right."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loradem.data import read_rows
-from loradem.demo_data import TASKS, WORDS, main, task_rows
+from loradem.data.rows import read_rows
+from loradem.data.demo import TASKS, WORDS, main, task_rows
 
 COMMITTED = Path(__file__).resolve().parent.parent / "recipes" / "data" / "demo"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loradem.errors import LorademError
-from loradem.evaluate import (
+from loradem.model.generate import (
     encode_for_loss,
     evaluate_source,
     exact_match,

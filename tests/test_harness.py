@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from loradem.errors import LorademError
-from loradem.harness import prepare_task_folder, resolve_include_path, run_lm_eval
-from loradem.multi import load_base, load_multi, set_weights
+from loradem.evaluate.harness import prepare_task_folder, resolve_include_path, run_lm_eval
+from loradem.model.soup import load_base, load_multi, set_weights
 from test_multi import make_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,8 +157,8 @@ def test_shipped_data_is_its_generators_output():
 
 @pytest.mark.slow
 def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path, monkeypatch):
-    from loradem.compare import compare_models
-    from loradem.data import load_splits
+    from loradem.evaluate.compare import compare_models
+    from loradem.data.rows import load_splits
     from loradem.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
@@ -202,7 +202,7 @@ def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path, monkeypatch):
 
 
 def test_report_refuses_malformed_benchmarks(tmp_path):
-    from loradem.report import write_report
+    from loradem.evaluate.report import write_report
     from test_report import make_recipe, make_rows
 
     rows = make_rows(["579", "49", "22", "1000"])

@@ -1,4 +1,4 @@
-"""loradem.io: write aside and rename; leftovers of dead writers are cleaned, a live writer's are not."""
+"""loradem.files: write aside and rename; leftovers of dead writers are cleaned, a live writer's are not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from loradem.io import atomic_dir
+from loradem.files import atomic_dir
 
 
 def dead_pid() -> int:

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-import loradem.learn
+import loradem.merge.learn
 from loradem.errors import LorademError
-from loradem.evaluate import encode_for_loss, mean_loss
-from loradem.learn import attach_weights, learn_weights, module_weights
+from loradem.model.generate import encode_for_loss, mean_loss
+from loradem.merge.learn import attach_weights, learn_weights, module_weights
 from loradem.pipeline import learned_weights
-from loradem.multi import load_multi, set_weights
+from loradem.model.soup import load_multi, set_weights
 from loradem.recipe import Recipe
 from test_multi import make_adapter
 from test_pipeline import _read_all, tiny_recipe  # noqa: F401 - tiny_recipe is a fixture
@@ -92,19 +92,19 @@ def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapt
 
     lines.clear()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("loradem.multi.load_multi", refuse)
+        mp.setattr("loradem.model.soup.load_multi", refuse)
         assert learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lines.append) == on_disk
     assert lines and lines[0].startswith("learn: reusing")
 
 
 def _batches_of(recipe: Recipe, base: Path) -> list[list[list[int]]]:
     """The token ids of the batches learn_weights steps through (the same seeded sample and order)."""
-    from loradem.multi import load_tokenizer
+    from loradem.model.soup import load_tokenizer
 
     tok = load_tokenizer(base)
-    fit = loradem.learn.fit_rows(recipe, SPLITS)
+    fit = loradem.merge.learn.fit_rows(recipe, SPLITS)
     encoded = [row for s in SOURCES for row in encode_for_loss(fit[s], tok, recipe.train.max_length)]
-    return [[ids for ids, _ in batch] for batch in loradem.learn._batches(encoded, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)]
+    return [[ids for ids, _ in batch] for batch in loradem.merge.learn._batches(encoded, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)]
 
 
 def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, adapters):
@@ -112,7 +112,7 @@ def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, a
     params = attach_weights(model, SOURCES, "module", 0.5)
     assert all(not p.requires_grad for p in model.parameters())  # base and LoRA factors frozen
     batch = encode_for_loss(_rows("add", 2) + _rows("rev", 2), tok, 64)
-    from loradem.evaluate import _collate_right
+    from loradem.model.generate import _collate_right
 
     ids, mask, labels = _collate_right(batch, "cpu")
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -131,7 +131,7 @@ def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, a
 def test_learning_keeps_the_start_when_every_step_is_worse(tiny_base, adapters, tmp_path, monkeypatch):
     """Validation loss decides: a run whose checks all come out worse than step 0 keeps the initial weights."""
     calls = iter([1.0, 2.0, 3.0])
-    monkeypatch.setattr(loradem.learn, "_val_loss", lambda *a, **k: (next(calls), {s: 0.0 for s in SOURCES}))
+    monkeypatch.setattr(loradem.merge.learn, "_val_loss", lambda *a, **k: (next(calls), {s: 0.0 for s in SOURCES}))
     result = learn_weights(make_recipe(tmp_path, tiny_base, init=0.7), tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
     assert result["best_step"] == 0 and result["objective"] == 1.0
     assert {round(w, 6) for ws in result["module_weights"].values() for w in ws.values()} == {0.7}
@@ -196,10 +196,10 @@ def test_a_source_of_importance_zero_is_not_fit_on(tiny_base, adapters, tmp_path
     data["sources"][1]["importance"] = 0.0
     recipe = Recipe.model_validate(data)
     result = learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
-    from loradem.multi import load_tokenizer
+    from loradem.model.soup import load_tokenizer
 
-    fit = loradem.learn.fit_rows(recipe, SPLITS)
+    fit = loradem.merge.learn.fit_rows(recipe, SPLITS)
     only_add = encode_for_loss(fit["add"], load_tokenizer(tiny_base), 64)
-    batches = loradem.learn._batches(only_add, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)
+    batches = loradem.merge.learn._batches(only_add, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)
     assert result["learn_tokens"] == sum(len(ids) for batch in batches for ids, _ in batch)
     assert set(result["per_source"]) == {"add"} and set(result["module_weights"]) == {"add", "rev"}

@@ -1,4 +1,4 @@
-"""loradem.lora: adapters read as exact deltas, checked against peft's own layers; refusals.
+"""loradem.vectors.lora: adapters read as exact deltas, checked against peft's own layers; refusals.
 
     pytest tests/test_lora.py
 """
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loradem.errors import LorademError
-from loradem.lora import load_adapter, pattern_key, scaling
+from loradem.vectors.lora import load_adapter, pattern_key, scaling
 
 # ---- shared factories (also used by test_assemble.py and test_vectors.py) ----
 

@@ -1,4 +1,4 @@
-"""loradem.mix: the data-mixing baseline at equal training tokens, its row stream, its cache and its report row."""
+"""loradem.train.mix: the data-mixing baseline at equal training tokens, its row stream, its cache and its report row."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import yaml
 from transformers import TrainerControl, TrainerState
 
-from loradem.data import load_splits
-from loradem.demo_data import task_rows
+from loradem.data.rows import load_splits
+from loradem.data.demo import task_rows
 from loradem.errors import LorademError
-from loradem.mix import TokenBudget, find_mix, mix_shares, mix_stream, plan_mix, take_steps, train_mix
+from loradem.train.mix import TokenBudget, find_mix, mix_shares, mix_stream, plan_mix, take_steps, train_mix
 from loradem.recipe import Recipe
-from loradem.train import is_finished, train_all
+from loradem.train.sft import is_finished, train_all
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -187,7 +187,7 @@ def test_run_with_the_mix_baseline_reports_a_mix_row_and_the_cost_ratio(tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loradem.cli import main
-    from loradem.evaluate import evaluate_source
+    from loradem.model.generate import evaluate_source
 
     monkeypatch.chdir(tmp_path)
     recipe = {

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loradem.errors import LorademError
-from loradem.multi import adapter_names, load_multi, set_weights
+from loradem.model.soup import adapter_names, load_multi, set_weights
 
 PROMPTS = ["What is 123 + 456? Answer:", "Reverse the word 'planet'."]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from loradem.errors import LorademError
-from loradem.evaluate import exact_match
+from loradem.model.generate import exact_match
 from loradem.recipe import Recipe
-from loradem.report import write_report
+from loradem.evaluate.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REFS = ["579", "49", "22", "1000"]
@@ -112,7 +112,7 @@ def test_all_loss_sources_print_loss_averages(tmp_path):
 
 
 def test_summary_states_what_an_added_source_cost_including_relearned_weights():
-    from loradem.report import summary_lines
+    from loradem.evaluate.report import summary_lines
 
     inc = {"previous": "runs/demo/search/weights.json", "new_sources": ["uppercase"],
            "dem_cost": {"train_tokens": 54226, "total_seconds": 555.2},
@@ -125,7 +125,7 @@ def test_summary_states_what_an_added_source_cost_including_relearned_weights():
 
 
 def test_cost_vs_score_labels_every_composition_and_greys_single_adapters():
-    from loradem.report import cost_vs_score_figure
+    from loradem.evaluate.report import cost_vs_score_figure
 
     rows = make_rows(["579", "49", "x", "x"])
     rows.append({"name": "v:adapter:add", "per_source": {"add": 0.5, "rev.words": 2.0}, "average": 1.25, "cost": cost(9000, 40.0)})

@@ -11,14 +11,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import loradem.evaluate
-import loradem.search
+import loradem.model.generate
+import loradem.merge.search
 from loradem.errors import LorademError
-from loradem.evaluate import encode_for_loss, mean_loss
-from loradem.multi import adapter_names, load_multi, set_weights
+from loradem.model.generate import encode_for_loss, mean_loss
+from loradem.model.soup import adapter_names, load_multi, set_weights
 from loradem.recipe import Recipe
-from loradem.search import search_weights
-from loradem.study import Storage
+from loradem.merge.search import search_weights
+from loradem.merge.study import Storage
 from test_multi import make_adapter
 
 SOURCES = ["add", "rev.words"]
@@ -131,7 +131,7 @@ def test_resume_continues_the_study(tiny_base, adapters, tmp_path, monkeypatch):
     assert "3 trials done, 3 to run" in lines[0]
     assert second["n_trials"] == 6 and len(read_csv(out / "trials.csv")) == 6
     # finished: a re-run reloads nothing and rewrites the same result
-    monkeypatch.setattr("loradem.multi.load_multi", lambda *a, **k: pytest.fail("reloaded the model"))
+    monkeypatch.setattr("loradem.model.soup.load_multi", lambda *a, **k: pytest.fail("reloaded the model"))
     assert search_weights(make_recipe(tmp_path, tiny_base, n_trials=6), tiny_base, adapters, VALIDATION, out, log=lambda s: None) == second
 
 
@@ -145,12 +145,12 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
             raise RuntimeError("power cut")
         return mean_loss(model, encoded, batch_size=batch_size)
 
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", crashing)
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", crashing)
     recipe = make_recipe(tmp_path, tiny_base, n_trials=5)
     with pytest.raises(RuntimeError, match="power cut"):
         search_weights(recipe, tiny_base, adapters, VALIDATION, out, log=lambda s: None)
     assert not (out / "weights.json").exists() and not (out / "trials.csv").exists()
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", mean_loss)
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", mean_loss)
     url = Storage.parse(None, out).target
     study = optuna.load_study(storage=url, study_name=optuna.get_all_study_names(url)[0])
     before = [(t.number, t.params, t.value) for t in complete(study)]
@@ -162,7 +162,7 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
 
 def test_grid_finds_the_known_optimum_exactly(tiny_base, adapters, tmp_path, monkeypatch):
     target = {"add": 0.5, "rev.words": 1.0}
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", quadratic_loss(target))
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", quadratic_loss(target))
     recipe = make_recipe(tmp_path, tiny_base, n_trials=100, sampler="grid", low=0.0, high=1.5, grid_points=4)
     result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
     assert result["weights"] == target and result["objective"] == pytest.approx(1.0)
@@ -175,7 +175,7 @@ def test_grid_finds_the_known_optimum_exactly(tiny_base, adapters, tmp_path, mon
 
 def test_tpe_finds_the_known_optimum(tiny_base, adapters, tmp_path, monkeypatch):
     target = {"add": 0.3, "rev.words": 1.2}
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", quadratic_loss(target))
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", quadratic_loss(target))
     recipe = make_recipe(tmp_path, tiny_base, n_trials=25, sampler="tpe")
     result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
     assert result["weights"] == pytest.approx(target, abs=0.15)
@@ -232,7 +232,7 @@ def test_importance_weights_the_mean(tiny_base, adapters, tmp_path):
 
 def test_exact_match_objective_is_maximized(tiny_base, adapters, tmp_path):
     """References are the model's own greedy answers at the plain sum, so that point scores 1.0 and wins."""
-    from loradem.evaluate import exact_match, generate_answers
+    from loradem.model.generate import exact_match, generate_answers
 
     model, tok = load_multi(tiny_base, adapters)
     set_weights(model, {"add": 1.0, "rev.words": 1.0})
@@ -454,10 +454,10 @@ def per_source_quadratic(tok, targets: dict[str, float], scale: dict[str, float]
 
 
 def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatch):
-    from loradem.multi import load_tokenizer
+    from loradem.model.soup import load_tokenizer
 
     fake, calls = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.1})
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", fake)
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", fake)
     recipe = make_recipe(tmp_path, tiny_base, n_trials=16, sampler="random", pruning=True)
     result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
     study = load_study(result)
@@ -476,10 +476,10 @@ def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatc
 
 
 def test_importances(tiny_base, adapters, tmp_path, monkeypatch):
-    from loradem.multi import load_tokenizer
+    from loradem.model.soup import load_tokenizer
 
     fake, _ = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.0})
-    monkeypatch.setattr(loradem.evaluate, "mean_loss", fake)
+    monkeypatch.setattr(loradem.model.generate, "mean_loss", fake)
     recipe = make_recipe(tmp_path, tiny_base, n_trials=20, sampler="random")
     result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
     imp = result["importances"]
@@ -522,7 +522,7 @@ def test_overhead_measurement_prints(tiny_base, tmp_path, capsys):
 
 def test_worker_failures_reach_the_parent():
     """run_workers with tiny picklable jobs: success, a child's LorademError as is, anything else as RuntimeError."""
-    from loradem.study import run_workers
+    from loradem.merge.study import run_workers
 
     run_workers(Storage.parse, ["a.log", "b.log"], lambda s: None)  # Storage.parse(job, log) returns: done
     with pytest.raises(LorademError, match=r"search.storage: expected an RDB URL .*got 'bad'"):

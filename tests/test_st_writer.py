@@ -1,4 +1,4 @@
-"""loradem.st_writer: the streamed file is byte-identical to safetensors' own writer; misuse and failures leave nothing.
+"""loradem.merge.st_writer: the streamed file is byte-identical to safetensors' own writer; misuse and failures leave nothing.
 
     pytest tests/test_st_writer.py
 """
@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loradem.st_writer import DTYPE_CODES, SafetensorsWriter, TensorSpec, file_order, save_streamed
+from loradem.merge.st_writer import DTYPE_CODES, SafetensorsWriter, TensorSpec, file_order, save_streamed
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

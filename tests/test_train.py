@@ -1,4 +1,4 @@
-"""loradem.train: one adapter per source, the best validation checkpoint kept, cached by key, atomic on failure.
+"""loradem.train.sft: one adapter per source, the best validation checkpoint kept, cached by key, atomic on failure.
 
 Training tests use the tiny Llama fixture on the CPU, a few optimizer steps each.
 """
@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import loradem
-from loradem.data import load_splits
-from loradem.demo_data import task_rows
+from loradem.data.rows import load_splits
+from loradem.data.demo import task_rows
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights
+from loradem.files import fingerprint_weights
 from loradem.recipe import Recipe
-from loradem.train import (
+from loradem.train.sft import (
     FINISHED_FILES,
     adapter_dir,
     adapter_key,
@@ -386,7 +386,7 @@ import sys, time
 from pathlib import Path
 from transformers import TrainerCallback
 from loradem.recipe import Recipe
-from loradem.train import train_all
+from loradem.train.sft import train_all
 
 class Park(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

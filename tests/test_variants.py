@@ -131,9 +131,9 @@ def test_run_with_a_variant_reports_both_adapter_sets(tmp_path, tiny_base, monke
     # the variant's dem row answers exactly like a plain HF model holding base + its weighted deltas (float64 fold)
     from transformers import AutoModelForCausalLM
 
-    from loradem.data import load_splits
-    from loradem.evaluate import evaluate_source
-    from loradem.multi import load_tokenizer
+    from loradem.data.rows import load_splits
+    from loradem.model.generate import evaluate_source
+    from loradem.model.soup import load_tokenizer
 
     loaded = load_recipe("tiny.yaml")
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -164,7 +164,7 @@ def test_run_with_a_variant_reports_both_adapter_sets(tmp_path, tiny_base, monke
 
 
 def test_report_summary_names_each_variant_and_its_increment():
-    from loradem.report import summary_lines
+    from loradem.evaluate.report import summary_lines
 
     cost = {"train_tokens": 1234, "train_seconds": 5.0, "search_seconds": 2.0, "total_seconds": 7.0}
     extra = {"variants": {"anchored": {

@@ -1,6 +1,6 @@
 """Anchored training: teach each distribution vector to leave inputs outside its source alone.
 
-    from loradem.anchor import anchor_rows, with_anchors
+    from loradem.data.anchors import anchor_rows, with_anchors
     anchors, info = anchor_rows(recipe, base_dir)          # generic prompts answered by the base itself
     rows = with_anchors(splits.train, anchors, recipe.anchor.fraction, seed=0, source="sort")
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_json, atomic_write_text, fingerprint_weights, read_json, sha256_file, stable_hash
+from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, read_json, sha256_file, stable_hash
 
 Row = dict[str, Any]
 Log = Callable[[str], Any]
@@ -56,7 +56,7 @@ _TOPICS = ("the sea", "winter", "a garden", "music", "a city", "the moon", "rain
 
 
 def _templates(rng: random.Random) -> list[Callable[[], str]]:
-    from loradem.demo_data import WORDS
+    from loradem.data.demo import WORDS
 
     return [
         lambda: f"What is the capital of {rng.choice(_COUNTRIES)}?",
@@ -93,7 +93,7 @@ def builtin_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def _file_prompts(path: str) -> list[list[dict]]:
-    from loradem.data import read_rows
+    from loradem.data.rows import read_rows
 
     rows, fmt = read_rows(path)
     if fmt == "messages":
@@ -143,8 +143,8 @@ def anchor_rows(recipe, base_dir: Path, *, log: Log = print, generate: bool = Tr
     prompts = prompts_for(settings)
     log(f"anchor: answering {len(prompts)} generic prompts with the base itself (greedy, "
         f"at most {settings.max_new_tokens} new tokens; cached in {rows_path})")
-    from loradem.evaluate import generate_replies
-    from loradem.multi import load_base, load_tokenizer
+    from loradem.model.generate import generate_replies
+    from loradem.model.soup import load_base, load_tokenizer
 
     model, tokenizer = load_base(base_dir), load_tokenizer(base_dir)
     start = time.perf_counter()

@@ -5,7 +5,7 @@
 Rows (names fixed by report.json's contract):
 - ``base``              all weights 0
 - ``adapter:<source>``  that source's adapter alone (weight 1, the others 0)
-- ``mix``               the data-mixing adapter alone (`loradem.mix`), when a finished one exists
+- ``mix``               the data-mixing adapter alone (`loradem.train.mix`), when a finished one exists
                         for the current adapters; report.json's ``mix`` gives its cost over DEM's
 - ``uniform``           every weight 1/n
 - ``sum``               every weight 1 (the plain sum of the vectors)
@@ -20,7 +20,7 @@ The first four are the same resident base with all adapters loaded; a row
 only changes their scales. Each is scored on every source's held-out test rows
 (never seen by training or the search) with the source's metric. When the
 recipe lists `eval.lm_eval_tasks`, every row also runs them on the same
-in-memory model (`loradem.harness`) and carries ``benchmarks``:
+in-memory model (`loradem.evaluate.harness`) and carries ``benchmarks``:
 {task: {metric: value}}; the task names and their data are checked before any
 model runs.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from loradem.io import read_json
+from loradem.files import read_json
 from loradem.recipe import Recipe
 
 
@@ -102,7 +102,7 @@ def _learn_summary(learned: dict | None) -> dict | None:
 def _variant_rows(v: dict, base_dir: Path, names: list[str], metrics: dict[str, str], score) -> list[dict]:
     """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
     learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly."""
-    from loradem.search import fold_weights
+    from loradem.merge.search import fold_weights
 
     adapters, search_record, learned = v["adapters"], v["search"], v["learned"]
     records = _records(adapters, names)
@@ -127,7 +127,7 @@ def _fixed_plan(names: list[str], records: dict[str, dict]) -> list[tuple]:
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
                 metrics: dict[str, str], score) -> list[dict]:
     """Score each planned row on one resident base with `adapters` folded exactly (a row only changes weights)."""
-    from loradem.multi import load_multi, set_weights
+    from loradem.model.soup import load_multi, set_weights
 
     model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
     rows = []
@@ -161,11 +161,11 @@ def compare_models(
 ) -> list[dict]:
     """Evaluate base, each adapter, uniform, sum, the assembled DEM model and (learn.enabled) the learned per-module
     weights; write the report; return its rows."""
-    from loradem.evaluate import evaluate_source
-    from loradem.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
-    from loradem.mix import find_mix
-    from loradem.multi import load_base, load_multi, load_tokenizer, set_weights
-    from loradem.report import write_report
+    from loradem.model.generate import evaluate_source
+    from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
+    from loradem.train.mix import find_mix
+    from loradem.model.soup import load_base, load_multi, load_tokenizer, set_weights
+    from loradem.evaluate.report import write_report
 
     names = [s.name for s in recipe.sources]
     metrics = {s.name: s.metric for s in recipe.sources}
@@ -205,7 +205,7 @@ def compare_models(
                    "cost": _cost({"mix": mix_record}, ["mix"])}
         rows.insert(1 + len(names), mix_row)
 
-    from loradem.search import fold_weights
+    from loradem.merge.search import fold_weights
 
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     search_seconds = float(search_record.get("search_seconds") or 0.0)

@@ -19,7 +19,7 @@ function (`evaluate.mean_loss`) at the same weight points:
 Non-evaluation fraction = (trial time - evaluation time) / trial time. The two
 losses at each point must agree (both compute θ₀ + Σ wᵢ·ΔWᵢ); the largest
 relative difference is reported. PEFT's cat inherits use_rslora from the first
-adapter (DESIGN.md), so adapters trained with rsLoRA make the naive losses wrong.
+adapter (a known PEFT behaviour), so adapters trained with rsLoRA make the naive losses wrong.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Callable
 def _naive_model(base_dir: Path, adapters: dict[str, Path], weights: dict[str, float]):
     from peft import PeftModel
 
-    from loradem.multi import load_base, peft_adapter_name
+    from loradem.model.soup import load_base, peft_adapter_name
 
     names = {s: peft_adapter_name(i, s) for i, s in enumerate(adapters)}
     model = None
@@ -53,8 +53,8 @@ def measure_overhead(
     max_length: int = 256, batch_size: int = 16, log: Callable[[str], None] = print,
 ) -> dict:
     """Time loradem trials and naive trials at the same `points`; returns per-trial timings, fractions, ratio and loss agreement."""
-    from loradem import evaluate
-    from loradem.multi import load_multi, set_weights
+    from loradem.model import generate as evaluate
+    from loradem.model.soup import load_multi, set_weights
 
     sources = list(adapters)
     runs: dict[str, list[dict]] = {}

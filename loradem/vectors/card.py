@@ -3,7 +3,7 @@
     loradem vectors import PATH_OR_HUB_ID --base smollm2-135m     # -> adapters/<source>-<sha12>/
     loradem vectors info adapters/math-1a2b3c4d5e6f               # prints the card, then the norms
 
-    from loradem.card import read_card, check_card, import_vector
+    from loradem.vectors.card import read_card, check_card, import_vector
     card = read_card("adapters/math-1a2b3c4d5e6f")                 # vector.json, validated
     check_card(folder, base_dir)                                   # same base, untouched weights, or LorademError
     folder = import_vector("org/math-vector", "adapters", base_dir=base_dir)
@@ -38,7 +38,7 @@ from typing import Callable, Mapping
 
 from loradem import __version__
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, fingerprint_weights, read_json, sha256_file
+from loradem.files import atomic_dir, fingerprint_weights, read_json, sha256_file
 
 CARD_FILE = "vector.json"
 IMPORT_RECORD = "loradem-import.json"
@@ -172,7 +172,7 @@ def import_vector(
 
 def _import_folder(folder: Path, origin: str, adapters_dir: Path, base_dir: Path, source: str | None,
                    allow_no_card: bool, log: Log) -> Path:
-    from loradem.lora import load_adapter
+    from loradem.vectors.lora import load_adapter
 
     if not (folder / WEIGHTS_FILE).is_file():
         hint = " (adapter_model.bin is a pickle; shared vectors must be safetensors)" if (folder / "adapter_model.bin").exists() else ""

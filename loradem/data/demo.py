@@ -1,6 +1,6 @@
 """The demo suite's data: four exact-match instruction tasks, generated from a seed.
 
-    python -m loradem.demo_data [--out recipes/data/demo] [--seed 0] [--rows 1000]
+    python -m loradem.data.demo [--out recipes/data/demo] [--seed 0] [--rows 1000]
 
 Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, each a
 `messages` JSONL file (one user turn, one assistant turn, no system message):
@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-from loradem.io import atomic_write_text
+from loradem.files import atomic_write_text
 
 WORDS = tuple(
     """
@@ -163,7 +163,7 @@ def write_demo_data(out: str | Path, seed: int = 0, rows: int = 1000, log=print)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loradem.demo_data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loradem.data.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="recipes/data/demo", help="output folder (default: recipes/data/demo)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     parser.add_argument("--rows", type=int, default=1000, help="rows per task (default: 1000)")

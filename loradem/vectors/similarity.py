@@ -1,6 +1,6 @@
 """Distribution vectors as objects: norms and pairwise similarities of adapters' deltas, from the factors.
 
-    from loradem.vectors import vector_info, similarity, save_heatmap, format_info, format_similarity
+    from loradem.vectors.similarity import vector_info, similarity, save_heatmap, format_info, format_similarity
     info = vector_info("adapters/math")                       # ‖ΔW‖_F per module, per layer, total_norm
     print(format_info("adapters/math", info))
     names, cos, dist = similarity(["adapters/math", "adapters/code"])
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_bytes
-from loradem.lora import LoadedAdapter, load_adapter
+from loradem.files import atomic_write_bytes
+from loradem.vectors.lora import LoadedAdapter, load_adapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -73,8 +73,8 @@ class _Base:
             )
         from safetensors import safe_open
 
-        from loradem.checkpoint import read_base, tied_pairs
-        from loradem.base import resolve_base
+        from loradem.vectors.checkpoint import read_base, tied_pairs
+        from loradem.model.base import resolve_base
 
         if self._checkpoint is None:
             self._checkpoint = read_base(resolve_base(str(self.spec)))

@@ -51,11 +51,11 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers import TrainerCallback
 
 import loradem
-from loradem.data import Splits, load_splits
+from loradem.data.rows import Splits, load_splits
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights, read_json, stable_hash
+from loradem.files import fingerprint_weights, read_json, stable_hash
 from loradem.recipe import Recipe, TrainSettings
-from loradem.train import CARD, TRAIN_RECORD, finish_folder, fit, is_finished, is_main_process, output_folder
+from loradem.train.sft import CARD, TRAIN_RECORD, finish_folder, fit, is_finished, is_main_process, output_folder
 
 MIX = "mix"
 Log = Callable[[str], Any]

@@ -1,6 +1,6 @@
 """The base weights a QLoRA adapter was trained against: NF4-quantized, then de-quantized, with bitsandbytes.
 
-    from loradem.nf4 import quantized_tensors, round_trip
+    from loradem.merge.nf4 import quantized_tensors, round_trip
     names = quantized_tensors(base_folder)        # the .weight tensors transformers loads as 4-bit
     w_dq = round_trip(w, torch.float32)           # dequantize_4bit(quantize_4bit(w.to(float32)))
 

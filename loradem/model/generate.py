@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from loradem.data import eval_pair, normalize_answer
+from loradem.data.rows import eval_pair, normalize_answer
 from loradem.errors import LorademError
 
 IGNORE = -100

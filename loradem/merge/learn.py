@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_bytes, atomic_write_json, fingerprint_weights, read_json, stable_hash
+from loradem.files import atomic_write_bytes, atomic_write_json, fingerprint_weights, read_json, stable_hash
 
 
 def _identity(recipe, base_dir: Path, adapters: dict[str, Path], fit: dict[str, list[dict]], val: dict[str, list[dict]]) -> str:
@@ -63,8 +63,8 @@ def attach_weights(model, sources: list[str], granularity: str, init: float) -> 
     Returns {(key, source): parameter holding c·s}; key is the canonical module path ('module') or
     'layers.<i>' ('layer'; modules outside the blocks keep their own). Everything else is frozen.
     """
-    from loradem.layers import canonical_module, layer_index
-    from loradem.multi import _LAYERS_ATTR, _MODULES_ATTR, adapter_names
+    from loradem.model.layers import canonical_module, layer_index
+    from loradem.model.soup import _LAYERS_ATTR, _MODULES_ATTR, adapter_names
 
     names = adapter_names(model)
     for p in model.parameters():
@@ -93,8 +93,8 @@ def attach_weights(model, sources: list[str], granularity: str, init: float) -> 
 
 def module_weights(model, params: dict, sources: list[str], granularity: str) -> dict[str, dict[str, float]]:
     """{source: {canonical module: c}} for every LoRA module (a 'layer' weight repeated over its modules)."""
-    from loradem.layers import canonical_module, layer_index
-    from loradem.multi import _LAYERS_ATTR, _MODULES_ATTR, adapter_names
+    from loradem.model.layers import canonical_module, layer_index
+    from loradem.model.soup import _LAYERS_ATTR, _MODULES_ATTR, adapter_names
 
     names = adapter_names(model)
     scales = getattr(model, "_loradem_learn_scales")
@@ -123,8 +123,8 @@ def _batches(encoded: list, batch_size: int, steps: int, seed: int):
 
 
 def _val_loss(model, val_encoded: dict[str, list], importance: dict[str, float], batch_size: int) -> tuple[float, dict[str, float]]:
-    from loradem.evaluate import mean_loss
-    from loradem.search import weighted_mean
+    from loradem.model.generate import mean_loss
+    from loradem.merge.search import weighted_mean
 
     per = {s: mean_loss(model, enc, batch_size=batch_size) for s, enc in val_encoded.items() if importance[s] > 0}
     return weighted_mean(per, importance), per
@@ -133,8 +133,8 @@ def _val_loss(model, val_encoded: dict[str, list], importance: dict[str, float],
 def learn_weights(recipe, base_dir: Path, adapters: dict[str, Path], splits: dict, out_dir: Path, *,
                   log: Callable[[str], None] = print) -> dict:
     """Fit, or reuse, the per-module weights; returns weights.json's content."""
-    from loradem.evaluate import _collate_right, encode_for_loss
-    from loradem.multi import load_multi
+    from loradem.model.generate import _collate_right, encode_for_loss
+    from loradem.model.soup import load_multi
 
     settings = recipe.learn
     sources = [s.name for s in recipe.sources]
@@ -241,7 +241,7 @@ def plot_learning(result: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loradem.layers import layer_index
+    from loradem.model.layers import layer_index
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     hist = result["history"]

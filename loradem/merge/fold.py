@@ -1,6 +1,6 @@
 """Fold θ₀ + Σ wᵢ·ΔWᵢ into the base, tensor by tensor, as an ordinary Hugging Face model folder.
 
-    from loradem.assemble import assemble
+    from loradem.merge.fold import assemble
     assemble("smollm2-135m", [("adapters/math", 0.6), ("adapters/code", 0.4)], "runs/demo/model")
 
 Contract:
@@ -11,7 +11,7 @@ Contract:
   module, in row chunks), full copies (``modules_to_save``) add
   wᵢ·(copy − base).
 - Streamed: the base is read one tensor at a time (``safe_open``, pread) and
-  each folded tensor goes straight to its shard file (`loradem.st_writer`:
+  each folded tensor goes straight to its shard file (`loradem.merge.st_writer`:
   the header is computed from the plan; one thread writes and another hashes
   while the next tensor is folded, so the shard's sha256 costs no re-read;
   the inputs are hashed in a fourth thread). Peak memory is a few tensors
@@ -20,13 +20,13 @@ Contract:
   base twice. Output shards are byte-identical to
   ``safetensors.torch.save_file`` of the same tensors.
 - Weights: one float per adapter, a list (one weight per layer group,
-  mapped by `loradem.layers.weight_for`; modules outside the decoder layers
+  mapped by `loradem.model.layers.weight_for`; modules outside the decoder layers
   get the list's mean), or a dict (one weight per module, keyed by the
   module's path in the base, `LoraModule.module`; it must name exactly the
   adapter's LoRA modules and full copies).
 - ``fold_base="dequantized"``: every tensor transformers quantizes to NF4 is
   replaced by bitsandbytes' de-quantization of its quantization
-  (`loradem.nf4`) before the deltas are added, so a QLoRA adapter lands on
+  (`loradem.merge.nf4`) before the deltas are added, so a QLoRA adapter lands on
   the weights it was trained against. Folding an NF4-trained adapter onto the
   original weights (the default) is allowed but logged.
 - Plan, then execute: `plan_fold` is pure (names, shapes, weights) and raises
@@ -59,16 +59,16 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from loradem.base import resolve_base
-from loradem.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
+from loradem.model.base import resolve_base
+from loradem.vectors.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, fingerprint_weights
-from loradem.layers import Weight, check_module_values, check_module_weights, weight_for
-from loradem.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
-from loradem.model_card import model_card, provenance
-from loradem.rounding import finite_limit, round_into
-from loradem.same_base import check_same_base, train_record, trained_on_nf4
-from loradem.st_writer import SafetensorsWriter, TensorSpec
+from loradem.files import atomic_dir, fingerprint_weights
+from loradem.model.layers import Weight, check_module_values, check_module_weights, weight_for
+from loradem.vectors.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
+from loradem.merge.model_card import model_card, provenance
+from loradem.merge.rounding import finite_limit, round_into
+from loradem.vectors.same_base import check_same_base, train_record, trained_on_nf4
+from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
 
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -258,7 +258,7 @@ def fold_tensor(
     for t in job.checks:
         _check_base_copy(adapters[t.adapter], t.entry, base)
     if job.dequantize:
-        from loradem.nf4 import round_trip
+        from loradem.merge.nf4 import round_trip
 
         base = round_trip(base, quant_dtype or base.dtype)
     if not job.terms:
@@ -560,7 +560,7 @@ def _fold_base(
         if q is False:
             log(f"warning: adapter {adapter.path} was trained on a full-precision base; fold_base: dequantized "
                 "folds it onto the NF4 round trip of the base")
-    from loradem.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors
+    from loradem.merge.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors
 
     if quant_dtype is not None:
         if quant_dtype not in LOAD_DTYPES:
@@ -583,7 +583,7 @@ def _fold_base(
 
 
 def _nf4_settings() -> dict:
-    from loradem.nf4 import settings
+    from loradem.merge.nf4 import settings
 
     return settings()
 

@@ -1,7 +1,7 @@
 """The base checkpoint, indexed without loading it: which tensor is in which safetensors file, with its
 shape and dtype, and which tensors the architecture ties.
 
-    from loradem.checkpoint import read_base, tied_pairs
+    from loradem.vectors.checkpoint import read_base, tied_pairs
     base = read_base(Path("runs/demo/model"))      # BaseCheckpoint(folder, config, files, tensors)
     tied_pairs(base)                                # {"lm_head.weight": "model.embed_tokens.weight"} when tied
 
@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 
 from loradem.errors import LorademError
-from loradem.io import read_json
-from loradem.lora import LoadedAdapter
+from loradem.files import read_json
+from loradem.vectors.lora import LoadedAdapter
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

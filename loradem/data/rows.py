@@ -1,6 +1,6 @@
 """Data: read one source's rows, check every row, split them the same way every time.
 
-    from loradem.data import load_splits
+    from loradem.data.rows import load_splits
     splits = load_splits(recipe.source("addition"), seed=recipe.seed)
     splits.train[0]   # {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
 

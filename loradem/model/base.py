@@ -1,6 +1,6 @@
 """Base models: resolve a recipe's `base:` to a local Hugging Face folder.
 
-    from loradem.base import resolve_base
+    from loradem.model.base import resolve_base
     folder = resolve_base("smollm2-135m")   # converted once, then cached
 
 Three forms:
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from loradem.errors import LorademError
-from loradem.io import atomic_dir
+from loradem.files import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"

@@ -3,7 +3,7 @@ card) must be the base's; an adapter without one is matched by PEFT's ``base_mod
 with the same weights, or the same name). Also what trained it: its training record, and whether the base
 was 4-bit NF4 during training.
 
-    from loradem.same_base import check_same_base
+    from loradem.vectors.same_base import check_same_base
     check_same_base(adapter, "smollm2-135m", read_base(base_dir))   # raises LorademError naming both
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from loradem.checkpoint import BaseCheckpoint
+from loradem.vectors.checkpoint import BaseCheckpoint
 from loradem.errors import LorademError
-from loradem.io import fingerprint_weights, read_json
-from loradem.lora import LoadedAdapter
-from loradem.model_card import HUB_IDS
+from loradem.files import fingerprint_weights, read_json
+from loradem.vectors.lora import LoadedAdapter
+from loradem.merge.model_card import HUB_IDS
 
 
 def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
@@ -28,7 +28,7 @@ def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
         if recorded:
             return recorded
     if (adapter.path / "vector.json").is_file():
-        from loradem.card import read_card
+        from loradem.vectors.card import read_card
 
         return read_card(adapter.path)["base"].get("fingerprint")
     return None
@@ -81,7 +81,7 @@ def train_record(adapter: LoadedAdapter) -> dict | None:
         record = read_json(path)
         return record if isinstance(record, dict) else None
     if (adapter.path / "vector.json").is_file():
-        from loradem.card import read_card
+        from loradem.vectors.card import read_card
 
         train = read_card(adapter.path).get("train")
         return {"train": train} if train else None

@@ -4,7 +4,7 @@
     result["weights"]           # {source: w}, also in out_dir/weights.json
     loradem search RECIPE --workers 4 --storage postgresql://user@host/loradem
 
-The base and every adapter stay loaded (`loradem.multi`, fold=True); a trial
+The base and every adapter stay loaded (`loradem.model.soup`, fold=True); a trial
 re-folds the weighted deltas into the resident weights (one addmm per layer
 from a kept copy of the base) and evaluates, so it costs forward passes plus a
 fraction of a second, never a reload.
@@ -14,12 +14,12 @@ fraction of a second, never a reload.
   greedy exact match (`eval.max_new_tokens`). Both on the first
   `search.max_rows_per_source` validation rows, tokenized once, and weighted by
   each source's `importance` (a source of importance 0 is not evaluated).
-- Search space, warm starts, samplers: `loradem.search_space`.
+- Search space, warm starts, samplers: `loradem.merge.space`.
 - Pruning (`search.pruning`): sources are evaluated one at a time and the
   partial weighted mean is reported after each; Optuna's MedianPruner stops a
   trial worse than the median of earlier trials at the same step. Pruned trials
   stay in the study and trials.csv as PRUNED and are never the best.
-- Storage and workers (`loradem.study`): SQLite out_dir/search.db by default,
+- Storage and workers (`loradem.merge.study`): SQLite out_dir/search.db by default,
   or any RDB URL / journal file; the study's name is the recipe's name plus a
   hash of everything that defines the objective, so re-running resumes:
   earlier trials stay and only n_trials minus the finished (complete or
@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_json, atomic_write_text, fingerprint_weights, stable_hash
-from loradem.search_space import SearchSpace, build_sampler, read_previous, target_trials, warm_start_points
-from loradem.study import Storage, enqueue_points, finished_count, open_study, param_importances, run_workers, split_trials, stop_at, trials_in
+from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, stable_hash
+from loradem.merge.space import SearchSpace, build_sampler, read_previous, target_trials, warm_start_points
+from loradem.merge.study import Storage, enqueue_points, finished_count, open_study, param_importances, run_workers, split_trials, stop_at, trials_in
 
 DIRECTION = {"val_loss": "minimize", "exact_match": "maximize"}
 LABEL = {"val_loss": "validation loss", "exact_match": "exact match"}
@@ -58,8 +58,8 @@ def weighted_mean(values: dict[str, float], importance: dict[str, float]) -> flo
 
 def make_evaluators(model, tokenizer, used: dict[str, list[dict]], recipe) -> dict[str, Callable[[], float]]:
     """One zero-argument scorer per source, on rows prepared once (tokenized for the loss; prompts and references for exact match)."""
-    from loradem import evaluate
-    from loradem.data import eval_pair
+    from loradem.model import generate as evaluate
+    from loradem.data.rows import eval_pair
 
     settings = recipe.search
     out: dict[str, Callable[[], float]] = {}
@@ -83,7 +83,7 @@ def make_objective(model, evaluators: dict[str, Callable[[], float]], space: Sea
     """The trial function: suggest, set the LoRA scales, score source by source (reporting partial means when pruning)."""
     import optuna
 
-    from loradem.multi import set_weights
+    from loradem.model.soup import set_weights
 
     order = list(evaluators)
 
@@ -166,7 +166,7 @@ def run_trials(job: TrialJob, log: Callable[[str], None] = print) -> None:
     import optuna
     import torch
 
-    from loradem.multi import load_multi
+    from loradem.model.soup import load_multi
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -250,7 +250,7 @@ def trials_csv(trials: list, space: SearchSpace, sources: list[str], metric: str
 def plot_search(trials: list, pruned: list, path: Path, title: str, ylabel: str, minimize: bool) -> None:
     from matplotlib.figure import Figure
 
-    from loradem.report import save_png
+    from loradem.evaluate.report import save_png
 
     numbers = [t.number for t in trials]
     values = [t.value for t in trials]
@@ -273,7 +273,7 @@ def plot_search(trials: list, pruned: list, path: Path, title: str, ylabel: str,
 def plot_importances(importances: dict, path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
-    from loradem.report import save_png
+    from loradem.evaluate.report import save_png
 
     items = sorted(importances["values"].items(), key=lambda kv: kv[1])
     fig = Figure(figsize=(6.4, 1.2 + 0.3 * len(items)))
@@ -318,7 +318,7 @@ def study_identity(recipe, base_dir: Path, adapters: dict[str, Path], used: dict
 
 
 def _check_inputs(recipe, sources: list[str], adapters: dict[str, Path], validation: dict[str, list[dict]]) -> None:
-    from loradem.data import eval_pair
+    from loradem.data.rows import eval_pair
 
     for label, given in (("adapters", adapters), ("validation", validation)):
         missing = [s for s in sources if s not in given]
@@ -359,7 +359,7 @@ def _previous_weights(recipe, out_dir: Path, sources: list[str], log) -> tuple[O
 def _num_layers(base_dir: Path) -> int:
     from transformers import AutoConfig
 
-    from loradem.multi import num_hidden_layers
+    from loradem.model.soup import num_hidden_layers
 
     return num_hidden_layers(AutoConfig.from_pretrained(base_dir))
 
@@ -376,7 +376,7 @@ def search_weights(
     and returns weights.json's content. `storage` (the CLI's --storage) wins over recipe.search.storage."""
     import optuna
 
-    from loradem.multi import check_adapter_folder, default_device
+    from loradem.model.soup import check_adapter_folder, default_device
 
     settings = recipe.search
     sources = [s.name for s in recipe.sources]

@@ -1,6 +1,6 @@
 """Train: one LoRA adapter per source with TRL's SFT trainer, kept at its best validation step.
 
-    from loradem.train import train_all
+    from loradem.train.sft import train_all
     adapters = train_all(recipe, resolve_base(recipe.base))   # {source name: adapter folder}
 
 Each source trains alone (DEM step 1) into ``<adapters_dir>/<source>-<key>/``,
@@ -41,7 +41,7 @@ from TRL's intermediate checkpoints would mean loading the pickled
 ``optimizer.pt`` / ``rng_state.pth`` through torch.load, which loradem refuses
 to do (checkpoints are saved with ``save_only_model``, adapter weights only).
 
-``vector.json`` (the shareable card, read and checked by `loradem.card`):
+``vector.json`` (the shareable card, read and checked by `loradem.vectors.card`):
 loradem_vector (format version), source, base {name, fingerprint}, data
 {fingerprint, rows {train, validation, test}, format}, the effective train and
 lora settings, metrics {best_val_loss, best_step, steps, train_tokens},
@@ -64,10 +64,10 @@ from typing import Any, Callable, Iterator, Sequence
 from transformers import TrainerCallback
 
 import loradem
-from loradem import anchor
-from loradem.data import Splits, load_splits
+from loradem.data import anchors as anchor
+from loradem.data.rows import Splits, load_splits
 from loradem.errors import LorademError
-from loradem.io import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
+from loradem.files import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
 from loradem.recipe import LoraSettings, Recipe, Source, TrainSettings
 
 TRAIN_RECORD = "loradem-train.json"

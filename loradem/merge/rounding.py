@@ -1,6 +1,6 @@
 """Round float64 into the output dtype once, to nearest with ties to even; the largest value that stays finite.
 
-    from loradem.rounding import round_into, finite_limit
+    from loradem.merge.rounding import round_into, finite_limit
     stored = round_into(out_chunk, acc_float64)     # out_chunk: bfloat16, float16, float32 or float64
 
 torch converts float64 to bfloat16 and float16 through float32: two roundings,

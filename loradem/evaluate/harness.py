@@ -4,7 +4,7 @@
     # {"loradem_demo_arith": {"acc": 0.45, "acc_norm": 0.4, "brier_score": 0.71}}
 
 `model` is any causal LM transformers can run: a plain model, or the PeftModel
-of `loradem.multi.load_multi` with its weights set (the weights live in the
+of `loradem.model.soup.load_multi` with its weights set (the weights live in the
 LoRA layers' scales, so lm-eval scores θ₀ + Σ wᵢ·ΔWᵢ without a merge or a
 reload). Tasks are lm-eval task, group or tag names: the paper's public
 benchmarks (`mmlu`, `bbh`, `drop`), which need their datasets reachable (a
@@ -46,9 +46,9 @@ from typing import Callable, Iterator, Optional
 import yaml
 
 from loradem.errors import LorademError
-from loradem.io import yaml_problem
+from loradem.files import yaml_problem
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HUB_HINT = "public tasks need their datasets reachable (a dataset hub, or a local datasets cache)"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from loradem.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from loradem.recipe import format_overrides
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")

@@ -22,10 +22,10 @@ longer than with the deltas folded. The price is a copy of every folded weight
 tied weights, quantized bases) keep using scales.
 
 A weight may also be a list, one weight per layer group
-(`loradem.layers.weight_for`: consecutive decoder blocks in `len(list)` groups;
+(`loradem.model.layers.weight_for`: consecutive decoder blocks in `len(list)` groups;
 modules outside the blocks get the list's mean), or a dict, one weight per
 LoRA module keyed by the module's path in the base model
-(``model.layers.0.self_attn.q_proj``; `loradem.layers.canonical_module` drops
+(``model.layers.0.self_attn.q_proj``; `loradem.model.layers.canonical_module` drops
 PEFT's ``base_model.model.``), naming exactly the modules that carry that
 adapter. Either way a search sets per-module scales the same way the
 assembler folds them.
@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 
 from loradem.errors import LorademError
-from loradem.layers import Weight, check_module_values
+from loradem.model.layers import Weight, check_module_values
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -135,7 +135,7 @@ def load_base(base_dir: Path, *, device: Optional[str] = None, dtype: torch.dtyp
     """The base as a transformers causal LM (safetensors only), refusing a checkpoint with missing weights."""
     from transformers import AutoModelForCausalLM
 
-    from loradem.base import check_base_folder
+    from loradem.model.base import check_base_folder
 
     base_dir = Path(base_dir)
     check_base_folder(base_dir)
@@ -265,7 +265,7 @@ def adapter_names(model) -> dict[str, str]:
     """source name -> PEFT adapter name, for a model built by `load_multi`."""
     names = getattr(model, _NAMES_ATTR, None)
     if names is None:
-        raise LorademError("set_weights: expected a model built by loradem.multi.load_multi")
+        raise LorademError("set_weights: expected a model built by loradem.model.soup.load_multi")
     return names
 
 
@@ -294,10 +294,10 @@ def set_weights(model, weights: dict[str, Weight]) -> None:
 
     A weight is a number (every module), a list of one weight per layer group, or a dict of one weight
     per LoRA module (canonical module path, exactly the modules carrying that adapter), applied per
-    LoRA layer by `loradem.layers.weight_for` (modules outside the decoder blocks get a list's mean).
+    LoRA layer by `loradem.model.layers.weight_for` (modules outside the decoder blocks get a list's mean).
     Everything is checked before any scale changes.
     """
-    from loradem.layers import canonical_module, check_module_weights, weight_for
+    from loradem.model.layers import canonical_module, check_module_weights, weight_for
 
     names = adapter_names(model)
     unknown = sorted(set(weights) - set(names))

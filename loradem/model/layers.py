@@ -11,7 +11,7 @@ assembler (folded weights) both call it, so they cannot disagree.
 
 A weight may also be a dict, one weight per LoRA module (LoRA Soups / CAT
 style), keyed by the module's path in the base model (`canonical_module`:
-``model.layers.0.self_attn.q_proj``, as `loradem.lora.LoraModule.module`
+``model.layers.0.self_attn.q_proj``, as `loradem.vectors.lora.LoraModule.module`
 holds it). It must name every LoRA module of its adapter and nothing else
 (`check_module_weights`); a missing module is an error, never the mean.
 """

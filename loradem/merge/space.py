@@ -7,7 +7,7 @@
 - granularity 'source': one parameter per source, named after it.
 - granularity 'layer-groups': one parameter per (source, layer group), named
   ``<source>@g<i>``; the number of groups is `layer_groups`, at most the base's
-  number of decoder blocks (`loradem.layers` maps a module to its group).
+  number of decoder blocks (`loradem.model.layers` maps a module to its group).
 - global_scale: one more parameter, ``@global_scale`` in [0, 2], that
   multiplies every weight. '@' cannot appear in a source name, so parameter
   names never collide.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.io import read_json
+from loradem.files import read_json
 
 GLOBAL = "@global_scale"
 GLOBAL_RANGE = (0.0, 2.0)

@@ -1,6 +1,6 @@
 """Read a PEFT LoRA adapter folder as exact additive deltas, one per base tensor.
 
-    from loradem.lora import load_adapter
+    from loradem.vectors.lora import load_adapter
     adapter = load_adapter("adapters/math")          # adapter_config.json + adapter_model.safetensors
     for m in adapter.lora.values():                  # one LoraModule per base tensor it modifies
         L, R = adapter.lowrank(m)                    # float64; ΔW = m.scale · L @ R, in the base tensor's layout
@@ -38,7 +38,7 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from loradem.errors import LorademError
-from loradem.io import read_json, sha256_file
+from loradem.files import read_json, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

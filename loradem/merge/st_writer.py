@@ -1,6 +1,6 @@
 """Write a safetensors file one tensor at a time: peak memory is the tensors in flight, never the file.
 
-    from loradem.st_writer import SafetensorsWriter, TensorSpec
+    from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
     specs = [TensorSpec("w", torch.bfloat16, (4096, 4096)), TensorSpec("b", torch.float32, (4096,))]
     with SafetensorsWriter("model.safetensors", specs) as writer:
         for spec in writer.order:                 # the file's order (safetensors': dtype, then name)

@@ -1,0 +1,1 @@
+"""Rows in, splits out: reading and checking data files, the generated demo tasks, anchor rows."""

@@ -1,0 +1,1 @@
+"""Scoring every model of a run on held-out rows and writing the report."""

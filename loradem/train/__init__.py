@@ -1,0 +1,1 @@
+"""One LoRA adapter per source with TRL's SFT trainer, and the data-mixing baseline."""
