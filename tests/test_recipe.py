@@ -96,7 +96,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_readme_recipe_reference_is_current():
     from loradem.recipe import reference_markdown
 
-    assert reference_markdown() in (REPO / "README.md").read_text()
+    assert reference_markdown() in (REPO / "docs" / "recipes.md").read_text()
 
 
 def test_lm_eval_include_path_resolves_against_the_recipe(recipe_dir):
