@@ -54,6 +54,7 @@ def measure_overhead(
 ) -> dict:
     """Time loradem trials and naive trials at the same `points`; returns per-trial timings, fractions, ratio and loss agreement."""
     from loradem.model import generate as evaluate
+    from loradem.model import render
     from loradem.model.soup import load_multi, set_weights
 
     sources = list(adapters)
@@ -69,7 +70,7 @@ def measure_overhead(
         model, tok = load_multi(base_dir, adapters, fold=fold)
         load_seconds[key] = time.perf_counter() - t0
         if not encoded:
-            encoded = {s: evaluate.encode_for_loss(validation[s], tok, max_length) for s in sources}
+            encoded = {s: render.encode_for_loss(validation[s], tok, max_length) for s in sources}
             for s in sources:  # warm-up (first-call allocations, kernel choice), untimed: one batch per source
                 evaluate.mean_loss(model, encoded[s][:batch_size], batch_size=batch_size)
         runs[key] = []

@@ -10,3 +10,9 @@ partial is left on disk.
 
 class LorademError(Exception):
     """Bad input or a refused operation; the message is one self-contained line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), for one-line errors."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return line or type(exc).__name__

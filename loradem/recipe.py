@@ -33,11 +33,11 @@ from pydantic import (
 
 from loradem.errors import LorademError
 from loradem.files import yaml_problem
+from loradem.model.base import BASE_ALIASES
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SAFE_NAME_HELP = "a safe folder name (letters, digits, '.', '_', '-'; starts with a letter or digit; at most 64 characters)"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-BASE_ALIASES = ("smollm2-135m",)
 
 
 class _Strict(BaseModel):

@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from loradem.errors import LorademError
-from loradem.model.generate import (
-    encode_for_loss,
-    evaluate_source,
-    exact_match,
-    generate_answers,
-    mean_loss,
-    render_prompt,
-)
+from loradem.model.generate import evaluate_source, exact_match, generate_answers, mean_loss
+from loradem.model.render import encode_for_loss, render_prompt
 from loradem.recipe import EvalSettings
 
 ROWS = [

@@ -11,7 +11,8 @@ import yaml
 
 import loradem.merge.learn
 from loradem.errors import LorademError
-from loradem.model.generate import encode_for_loss, mean_loss
+from loradem.model.generate import mean_loss
+from loradem.model.render import encode_for_loss
 from loradem.merge.learn import attach_weights, learn_weights, module_weights
 from loradem.pipeline import learned_weights
 from loradem.model.soup import load_multi, set_weights

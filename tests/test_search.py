@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 import loradem.model.generate
 import loradem.merge.search
 from loradem.errors import LorademError
-from loradem.model.generate import encode_for_loss, mean_loss
+from loradem.model.generate import mean_loss
+from loradem.model.render import encode_for_loss
 from loradem.model.soup import adapter_names, load_multi, set_weights
 from loradem.recipe import Recipe
 from loradem.merge.search import search_weights

@@ -31,9 +31,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
-from loradem.errors import LorademError
+from loradem.errors import LorademError, first_line
+from loradem.model.render import Row
 from loradem.recipe import DATA_SUFFIXES, Source
 
 FORMATS = ("messages", "prompt_completion", "text")
@@ -44,8 +45,6 @@ EXPECTED = {
     "text": 'a "text" row (non-empty string "text")',
 }
 
-Row = dict[str, Any]
-Prompt = Union[list[dict], str]
 
 
 @dataclass(frozen=True)
@@ -80,23 +79,6 @@ def load_splits(source: Source, seed: int) -> Splits:
             "lower `test` / `validation` or add rows"
         )
     return Splits(source.name, fmt, train, validation, test, data_fingerprint(source, seed, fmt))
-
-
-def eval_pair(row: Row) -> tuple[Prompt, str]:
-    """(prompt, reference answer) of a row: the messages before the last assistant turn, or the prompt string."""
-    if "messages" in row:
-        return row["messages"][:-1], row["messages"][-1]["content"]
-    if "prompt" in row and "completion" in row:
-        return row["prompt"], row["completion"]
-    raise LorademError(
-        'exact match needs a prompt and an answer, but a "text" row has neither '
-        "(use metric: loss, or messages / prompt_completion data)"
-    )
-
-
-def normalize_answer(s: str) -> str:
-    """Strip, and collapse every run of whitespace to one space (case-sensitive)."""
-    return " ".join(s.split())
 
 
 def split_size(value: int | float, n: int, where: str) -> int:
@@ -266,7 +248,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - any reader failure is one line naming the file
-        raise LorademError(f"{display_name(path)}: not a readable parquet file ({_first_line(exc)})") from None
+        raise LorademError(f"{display_name(path)}: not a readable parquet file ({first_line(exc)})") from None
     yield from enumerate(table.to_pylist(), start=1)
 
 
@@ -277,7 +259,7 @@ def _hub_rows(data: str, hub_split: str) -> Iterator[tuple[int, Any]]:
         dataset = datasets.load_dataset(data, split=hub_split)
     except Exception as exc:  # noqa: BLE001 - any hub failure is one clear line
         raise LorademError(
-            f"{data}: could not load the hub dataset (split {hub_split!r}): {_first_line(exc)}"
+            f"{data}: could not load the hub dataset (split {hub_split!r}): {first_line(exc)}"
         ) from None
     yield from enumerate(dataset, start=1)
 
@@ -300,7 +282,7 @@ def _content_id(data: str | None, hub_split: str) -> str:
     try:
         return f"hub:{data}:{hub_split}:{datasets.load_dataset(data, split=hub_split)._fingerprint}"
     except Exception as exc:  # noqa: BLE001
-        raise LorademError(f"{data}: could not load the hub dataset (split {hub_split!r}): {_first_line(exc)}") from None
+        raise LorademError(f"{data}: could not load the hub dataset (split {hub_split!r}): {first_line(exc)}") from None
 
 
 def display_name(data: str | Path) -> str:
@@ -311,7 +293,3 @@ def display_name(data: str | Path) -> str:
     except (ValueError, OSError):
         return str(data)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

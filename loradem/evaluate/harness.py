@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 
-from loradem.errors import LorademError
+from loradem.errors import LorademError, first_line
 from loradem.files import yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,11 +211,6 @@ def _task_manager(folder: Optional[str], with_defaults: bool, log: Callable[[str
     return _MANAGERS[key]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
-
 
 def load_lm_eval_tasks(tasks: list[str], *, include_path: Optional[Path], log: Callable[[str], None] = print):
     """Check the names and build every task (its dataset loaded); returns (task manager, {name: [Task | Group]})."""
@@ -247,8 +242,8 @@ def load_lm_eval_tasks(tasks: list[str], *, include_path: Optional[Path], log: C
                 loaded = tm.load([name])
         except Exception as exc:  # noqa: BLE001 - datasets raises many types when data is unreachable
             if name in custom:
-                raise LorademError(f"lm-eval task {name!r} (from {include_path}): could not build it ({_first_line(exc)})") from None
-            raise LorademError(f"lm-eval task {name!r}: could not load its data ({_first_line(exc)}); {HUB_HINT}") from None
+                raise LorademError(f"lm-eval task {name!r} (from {include_path}): could not build it ({_described(exc)})") from None
+            raise LorademError(f"lm-eval task {name!r}: could not load its data ({_described(exc)}); {HUB_HINT}") from None
         groups = loaded.get("groups") or {}
         built[name] = [groups[name]] if name in groups else list(loaded["tasks"].values())
     return tm, built
@@ -329,3 +324,9 @@ def run_lm_eval(
     for name, metrics in out.items():
         log(f"lm-eval {name}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return out
+
+
+def _described(exc: BaseException) -> str:
+    """`first_line` with the exception's type, capped: lm-eval's messages can be long and untyped."""
+    line = first_line(exc)
+    return type(exc).__name__ if line == type(exc).__name__ else f"{type(exc).__name__}: {line[:300]}"

@@ -20,30 +20,17 @@ per model). Exact match prints as a percentage, loss with 3 decimals.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
 from loradem.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from loradem.plots import png_bytes
 from loradem.recipe import format_overrides
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
 METRIC_LABEL = {"exact_match": "exact match", "loss": "loss"}
-
-
-# ---- files --------------------------------------------------------------------
-
-def png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
-
-
-def save_png(fig, path: Path) -> None:
-    """Render a matplotlib Figure (no pyplot, Agg) and write it atomically."""
-    atomic_write_bytes(path, png_bytes(fig))
 
 
 # ---- checking and formatting ----------------------------------------------------

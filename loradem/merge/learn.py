@@ -133,7 +133,8 @@ def _val_loss(model, val_encoded: dict[str, list], importance: dict[str, float],
 def learn_weights(recipe, base_dir: Path, adapters: dict[str, Path], splits: dict, out_dir: Path, *,
                   log: Callable[[str], None] = print) -> dict:
     """Fit, or reuse, the per-module weights; returns weights.json's content."""
-    from loradem.model.generate import _collate_right, encode_for_loss
+    from loradem.model.generate import _collate_right
+    from loradem.model.render import encode_for_loss
     from loradem.model.soup import load_multi
 
     settings = recipe.learn

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from loradem import __version__
+from loradem.model.base import HUB_IDS
 
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an adapter trained on the alias may record
 
 
 def provenance(

@@ -26,7 +26,7 @@ from typing import Mapping
 
 import torch
 
-from loradem.errors import LorademError
+from loradem.errors import LorademError, first_line
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -50,7 +50,7 @@ def quantized_tensors(folder: str | Path) -> set[str]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure to build the skeleton is one line
-        raise LorademError(f"{folder}: cannot build the model skeleton to find its 4-bit layers ({_first_line(exc)})") from None
+        raise LorademError(f"{folder}: cannot build the model skeleton to find its 4-bit layers ({first_line(exc)})") from None
     quantizer = AutoHfQuantizer.from_config(
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE, bnb_4bit_use_double_quant=DOUBLE_QUANT),
         pre_quantized=False,
@@ -93,7 +93,3 @@ def _bnb_version() -> str:
 
     return f"bitsandbytes {bitsandbytes.__version__}"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -59,13 +59,14 @@ def weighted_mean(values: dict[str, float], importance: dict[str, float]) -> flo
 def make_evaluators(model, tokenizer, used: dict[str, list[dict]], recipe) -> dict[str, Callable[[], float]]:
     """One zero-argument scorer per source, on rows prepared once (tokenized for the loss; prompts and references for exact match)."""
     from loradem.model import generate as evaluate
-    from loradem.data.rows import eval_pair
+    from loradem.model import render
+    from loradem.model.render import eval_pair
 
     settings = recipe.search
     out: dict[str, Callable[[], float]] = {}
     for s, rows in used.items():
         if settings.objective == "val_loss":
-            encoded = evaluate.encode_for_loss(rows, tokenizer, recipe.train.max_length)
+            encoded = render.encode_for_loss(rows, tokenizer, recipe.train.max_length)
             if evaluate.scored_tokens(encoded) == 0:
                 raise LorademError(f"search: source {s!r}: no completion tokens left within train.max_length={recipe.train.max_length}")
             out[s] = lambda enc=encoded: evaluate.mean_loss(model, enc, batch_size=settings.batch_size)
@@ -250,7 +251,7 @@ def trials_csv(trials: list, space: SearchSpace, sources: list[str], metric: str
 def plot_search(trials: list, pruned: list, path: Path, title: str, ylabel: str, minimize: bool) -> None:
     from matplotlib.figure import Figure
 
-    from loradem.evaluate.report import save_png
+    from loradem.plots import save_png
 
     numbers = [t.number for t in trials]
     values = [t.value for t in trials]
@@ -273,7 +274,7 @@ def plot_search(trials: list, pruned: list, path: Path, title: str, ylabel: str,
 def plot_importances(importances: dict, path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
-    from loradem.evaluate.report import save_png
+    from loradem.plots import save_png
 
     items = sorted(importances["values"].items(), key=lambda kv: kv[1])
     fig = Figure(figsize=(6.4, 1.2 + 0.3 * len(items)))
@@ -318,7 +319,7 @@ def study_identity(recipe, base_dir: Path, adapters: dict[str, Path], used: dict
 
 
 def _check_inputs(recipe, sources: list[str], adapters: dict[str, Path], validation: dict[str, list[dict]]) -> None:
-    from loradem.data.rows import eval_pair
+    from loradem.model.render import eval_pair
 
     for label, given in (("adapters", adapters), ("validation", validation)):
         missing = [s for s in sources if s not in given]

@@ -23,6 +23,11 @@ from pathlib import Path
 from loradem.errors import LorademError
 from loradem.files import atomic_dir
 
+# The embedded default base: its short name in recipes and on the command line, and its hub id
+# (what an adapter trained on it records, and what a model card names as base_model).
+EMBEDDED = "smollm2-135m"
+BASE_ALIASES = (EMBEDDED,)
+HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 
@@ -33,7 +38,7 @@ def cache_root() -> Path:
 
 def resolve_base(spec: str, log=print) -> Path:
     """Return a local folder holding the base model's config, safetensors weights and tokenizer."""
-    if spec == "smollm2-135m":
+    if spec == EMBEDDED:
         return _embedded_smollm2(log)
     path = Path(spec).expanduser()
     if path.is_dir():

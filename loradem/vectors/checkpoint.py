@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from loradem.errors import LorademError
+from loradem.errors import LorademError, first_line
 from loradem.files import read_json
 from loradem.vectors.lora import LoadedAdapter
 
@@ -59,7 +59,7 @@ def read_base(folder: Path) -> BaseCheckpoint:
         except LorademError:
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise LorademError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+            raise LorademError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
     return BaseCheckpoint(folder, config, files, tensors)
 
 
@@ -106,7 +106,3 @@ def may_touch_ties(adapters: Sequence[LoadedAdapter], base: BaseCheckpoint) -> b
         m.kind == "embedding" or m.target not in base.tensors for a in adapters for m in a.lora.values()
     ) or any(a.full for a in adapters)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

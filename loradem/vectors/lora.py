@@ -37,7 +37,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
-from loradem.errors import LorademError
+from loradem.errors import LorademError, first_line
 from loradem.files import read_json, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
@@ -130,7 +130,7 @@ class _Safetensors:
             with safe_open(path, framework="pt") as f:
                 self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise LorademError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+            raise LorademError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
 
     def read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -147,7 +147,7 @@ class _Pickle:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise LorademError(f"{path}: could not be read as a weights-only torch file ({_first_line(exc)})") from None
+            raise LorademError(f"{path}: could not be read as a weights-only torch file ({first_line(exc)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise LorademError(f"{path}: expected a dict of tensors")
         self.path, self._state = path, state
@@ -156,10 +156,6 @@ class _Pickle:
     def read(self, key: str) -> torch.Tensor:
         return self._state[key]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- the adapter ----------------------------------------------------------

@@ -16,7 +16,7 @@ from loradem.vectors.checkpoint import BaseCheckpoint
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json
 from loradem.vectors.lora import LoadedAdapter
-from loradem.merge.model_card import HUB_IDS
+from loradem.model.base import HUB_IDS
 
 
 def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
