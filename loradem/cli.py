@@ -21,6 +21,7 @@ import sys
 
 from loradem import __version__
 from loradem.errors import LorademError
+from loradem.progress import quiet_libraries, set_verbose
 
 EPILOG = """\
 The recipe (YAML) is the single source of truth: base model, sources, LoRA,
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"loradem {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own warnings, logs and progress bars (hidden by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run every stage of a recipe", description="Run every stage: train the "
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--adapters-dir", default="adapters", help="where to import to (default: %(default)s)")
     vp.add_argument("--allow-no-card", action="store_true",
                     help="import a folder without vector.json, writing a card of what can be known (no base check)")
+    for command in (*sub.choices.values(), *vsub.choices.values()):  # --verbose after the subcommand works too
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -229,6 +234,8 @@ def _assemble(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
+    quiet_libraries()
     try:
         return _dispatch(args)
     except LorademError as exc:

@@ -21,20 +21,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 from loradem.errors import LorademError
 from loradem.files import atomic_write_json, fingerprint_weights, read_json
+from loradem.progress import Log, stage_log
 from loradem.recipe import Recipe, format_overrides, load_recipe
 
-Log = Callable[[str], None]
-
-
-def _log(stage: str) -> Log:
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')} {stage}] {msg}", flush=True)
-
-    return log
+_log = stage_log
 
 
 def _prepare(recipe_path: str | Path) -> tuple[Recipe, Path]:
