@@ -193,7 +193,7 @@ def test_pickled_adapter_is_refused(tiny_base, adapters, tmp_path):
 
 def test_dora_adapter_is_refused(tiny_base, tmp_path):
     ad = make_adapter(tiny_base, tmp_path / "dora", seed=5, r=4, targets=["q_proj"], use_dora=True)
-    with pytest.raises(LorademError, match=r"adapter 'd': .*use_dora is set; DoRA is not additive"):
+    with pytest.raises(LorademError, match=r"adapter 'd': .*use_dora is set; DoRA rescales"):
         load_multi(tiny_base, {"d": ad})
 
 
@@ -368,3 +368,40 @@ def test_bad_per_module_weights_are_refused_before_any_change(adapters, multi, e
     with pytest.raises(LorademError, match=message):
         set_weights(model, _bad(adapters, "add.v2", edit))
     assert torch.equal(logits(model, tok), before)  # checked before any scale (or folded weight) changed
+
+
+# ---- one acceptance rule: what the search loads, the fold accepts ------------------------------
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' rewrites the base weight"),
+        ({"lora_bias": True}, r"lora_bias is set"),
+        ({"use_dora": True}, r"use_dora is set"),
+    ],
+)
+def test_search_refuses_what_the_fold_refuses(tiny_base, adapters, tmp_path, changes, message):
+    from loradem.vectors.lora import load_adapter
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["rev"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(LorademError, match=message):
+        load_adapter(bad)
+    with pytest.raises(LorademError, match=rf"adapter 'rev': .*{message}"):
+        load_multi(tiny_base, {"rev": bad})
+
+
+def test_full_module_copies_are_refused_before_a_recipe_uses_them(tiny_base, tmp_path):
+    """modules_to_save folds with `loradem assemble --adapter`, but the search cannot weight it: refused at import and load."""
+    from loradem.vectors.card import import_vector
+    from loradem.vectors.lora import load_adapter
+
+    ad = make_adapter(tiny_base, tmp_path / "mts", seed=3, r=2, targets=["q_proj"], modules_to_save=["lm_head"])
+    assert load_adapter(ad).full  # the fold accepts it
+    with pytest.raises(LorademError, match=r"adapter 'm': .*modules_to_save is set; .*cannot weight"):
+        load_multi(tiny_base, {"m": ad})
+    with pytest.raises(LorademError, match=r"modules_to_save is set; .*loradem assemble --adapter"):
+        import_vector(ad, tmp_path / "adapters", base_dir=tiny_base, source="m", allow_no_card=True)
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())

@@ -37,7 +37,6 @@ the mapping lives on the model (`adapter_names(model)`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -47,7 +46,9 @@ from typing import Optional
 import torch
 
 from loradem.errors import LorademError
+from loradem.files import read_json
 from loradem.model.layers import Weight, check_module_values
+from loradem.model.lora_config import check_weighable
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,14 +57,6 @@ _LAYERS_ATTR = "loradem_lora_layers"
 _MODULES_ATTR = "loradem_lora_modules"
 _NUM_LAYERS_ATTR = "loradem_num_layers"
 _FOLD_ATTR = "loradem_folded"
-# adapter features whose effect is not a weighted sum of low-rank deltas
-_NOT_ADDITIVE = {
-    "use_dora": "DoRA is not additive (it rescales the base weight's rows)",
-    "modules_to_save": "modules_to_save stores full module copies, not deltas",
-    "trainable_token_indices": "trainable tokens store replacement rows, not deltas",
-}
-
-
 def peft_adapter_name(index: int, source: str) -> str:
     """A name PEFT accepts for source number `index` (no '.', never inside the 'lora_' prefix)."""
     return f"s{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", source)
@@ -78,15 +71,13 @@ def check_adapter_folder(source: str, folder: Path) -> dict:
     if not (folder / ADAPTER_WEIGHTS).is_file():
         found = ", ".join(p.name for p in folder.glob("adapter_model.*")) or "nothing"
         raise LorademError(f"adapter {source!r}: expected {folder / ADAPTER_WEIGHTS} (found {found}; loradem never unpickles)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LorademError(f"adapter {source!r}: {config_path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if config.get("peft_type") != "LORA":
-        raise LorademError(f"adapter {source!r}: {config_path}: peft_type: expected 'LORA', got {config.get('peft_type')!r}")
-    for key, why in _NOT_ADDITIVE.items():
-        if config.get(key):
-            raise LorademError(f"adapter {source!r}: {config_path}: {key} is set; {why}, so it cannot be weighted")
+    try:  # the one acceptance rule of every weighted vector, the assembler's plus what a trial must scale
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise LorademError(f"{config_path}: expected a JSON object")
+        check_weighable(config, config_path)
+    except LorademError as exc:
+        raise LorademError(f"adapter {source!r}: {exc}") from None
     return config
 
 

@@ -39,6 +39,7 @@ from typing import Callable, Mapping
 from loradem import __version__
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights, read_json, sha256_file
+from loradem.model.lora_config import check_weighable
 
 CARD_FILE = "vector.json"
 IMPORT_RECORD = "loradem-import.json"
@@ -178,6 +179,7 @@ def _import_folder(folder: Path, origin: str, adapters_dir: Path, base_dir: Path
         hint = " (adapter_model.bin is a pickle; shared vectors must be safetensors)" if (folder / "adapter_model.bin").exists() else ""
         raise LorademError(f"{folder}: expected {WEIGHTS_FILE}{hint}")
     load_adapter(folder)  # a plain additive LoRA with a valid config and header, or one line why not
+    check_weighable(read_json(folder / "adapter_config.json"), folder / "adapter_config.json")  # a recipe will weight it
     if (folder / CARD_FILE).is_file():
         card, generated = check_card(folder, base_dir), False
     elif allow_no_card:
