@@ -198,7 +198,7 @@ class LearnSettings(_Strict):
         "module", description="'module': a weight per source per LoRA module; 'layer': one per source per decoder layer (shared by its modules)."
     )
     steps: int = Field(60, gt=0, description="Optimizer steps; each is a forward and backward pass of the whole model over one batch.")
-    learning_rate: float = Field(0.1, gt=0, description="Adam's learning rate on the weights (on the first demo, 0.05 / 0.1 / 0.2 gave 38 / 43 / 43% test exact match).")
+    learning_rate: float = Field(0.1, gt=0, description="Adam's learning rate on the weights (chosen by measurement: benchmarks/RESULTS.md).")
     batch_size: int = Field(8, gt=0, description="Rows per step.")
     rows_per_source: int = Field(64, gt=0, description="Training rows per source (a seeded sample; never validation or test rows) the weights are fit on.")
     init: float = Field(0.5, description="Every weight's starting value.")
@@ -206,10 +206,10 @@ class LearnSettings(_Strict):
 
 
 class AnchorSettings(_Strict):
-    enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (README 'Anchored training'). On the demo (fraction 0.25) the plain sum went from 24.4% to 40.6% average, the searched weights from 27.2% to 43.3% and the learned weights from 58.3% to 64.4%.")
+    enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (docs/stages.md, 'Anchored training'; measured effect in benchmarks/RESULTS.md).")
     data: str = Field("builtin", description="'builtin' (everyday questions generated from templates, loradem.data.anchors) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used.")
     prompts: int = Field(400, gt=0, description="How many builtin prompts (ignored for a file).")
-    fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same. On the first demo (letter reversal) 0.1 / 0.25 / 0.5 gave the searched weights 25.6 / 27.8 / 18.9% average.")
+    fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same. 0.25 scored best of 0.1 / 0.25 / 0.5 when measured (benchmarks/RESULTS.md).")
     max_new_tokens: int = Field(48, gt=0, description="The base's replies that have not ended within this many tokens are dropped.")
 
     @field_validator("data")
@@ -249,12 +249,18 @@ class Variant(_Strict):
         return value.model_copy(update={"data": AnchorSettings._resolve_anchor_data(value.data, info)})
 
     def overrides(self) -> dict:
-        """{block: {field: value}} of what this variant changes (only the fields it sets)."""
-        blocks = {b: getattr(self, b).model_dump(exclude_none=True) for b in VARIANT_BLOCKS}
+        """{block: {field: value}} of what this variant changes: the fields it sets, an explicit null included."""
+        blocks = {b: set_fields(getattr(self, b)) for b in VARIANT_BLOCKS}
         return {b: v for b, v in blocks.items() if v}
 
 
 VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn")
+
+
+def set_fields(override: BaseModel) -> dict:
+    """The fields an override block was given in the YAML, `null` included (`max_steps: null` means run by
+    epochs, not "inherit"), and none of the fields it left out."""
+    return override.model_dump(include=override.model_fields_set)
 
 
 def format_overrides(overrides: dict) -> str:
@@ -339,6 +345,18 @@ class Recipe(_Strict):
         raise ValueError(f"expected {' or '.join(BASE_ALIASES)}, a local model folder, or a hub id 'org/name', got {value!r}")
 
     @model_validator(mode="after")
+    def _effective_settings_valid(self) -> "Recipe":
+        """A per-source override may set a field to null only where null means something (e.g. max_steps)."""
+        for i, s in enumerate(self.sources):
+            for block, effective in (("train", self.train_for), ("lora", self.lora_for)):
+                try:
+                    effective(s)
+                except ValidationError as err:
+                    first = err.errors(include_url=False)[0]
+                    raise ValueError(f"sources[{i}].{block}.{_loc(first['loc'])}: {first['msg']} (got {first['input']!r})") from None
+        return self
+
+    @model_validator(mode="after")
     def _learned_needs_learn(self) -> "Recipe":
         if self.assemble.weights == "learned" and not self.learn.enabled:
             raise ValueError("assemble.weights: 'learned' needs learn.enabled: true")
@@ -384,9 +402,9 @@ class Recipe(_Strict):
         if v is None:
             have = ", ".join(x.name for x in self.variants) or "none"
             raise LorademError(f"recipe {self.name!r}: no variant named {name!r} (have: {have})")
-        raw = self.model_dump(mode="json")
+        raw = self.model_dump(mode="json", exclude_unset=True)  # an override's unset fields stay unset
         for block, changes in v.overrides().items():
-            raw[block] = {**raw[block], **changes}
+            raw[block] = {**raw.get(block, {}), **changes}
         raw.update(variants=[], output_dir=str(self.out_dir / "variants" / v.name))
         try:  # every path in `raw` is already resolved, so no root is needed
             return Recipe.model_validate(raw)
@@ -396,10 +414,12 @@ class Recipe(_Strict):
             raise ValueError(f"variants[{self.variants.index(v)}] ({v.name}):{where} {first['msg'].removeprefix('Value error, ')}") from None
 
     def train_for(self, source: Source) -> TrainSettings:
-        return TrainSettings(**{**self.train.model_dump(), **source.train.model_dump(exclude_none=True)})
+        """The source's effective training settings: the recipe's, with the fields its `train:` sets."""
+        return TrainSettings(**{**self.train.model_dump(), **set_fields(source.train)})
 
     def lora_for(self, source: Source) -> LoraSettings:
-        return LoraSettings(**{**self.lora.model_dump(), **source.lora.model_dump(exclude_none=True)})
+        """The source's effective LoRA settings: the recipe's, with the fields its `lora:` sets."""
+        return LoraSettings(**{**self.lora.model_dump(), **set_fields(source.lora)})
 
 
 # ---- loading and error messages ----------------------------------------
@@ -434,7 +454,8 @@ def _loc(loc: tuple) -> str:
 
 def format_validation_error(path: str | Path, err: ValidationError) -> str:
     """One line: ``<file>: <field path>: <what was expected>`` (+ how many more problems)."""
-    errors = err.errors(include_url=False)
+    # an unknown key first: a typo ("dataset:") also makes its real key look missing, and the typo is the cause
+    errors = sorted(err.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = first["loc"]
     # pydantic reports union members separately; keep the member-free path
@@ -483,14 +504,19 @@ def _default_name(path: Path) -> str:
 # ---- reference documentation (generated from the Field descriptions) ---------
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
-    if text is None:
-        text = str(annotation).replace("typing.", "").replace("NoneType", "None")
-    text = re.sub(r"Annotated\[([^,\]]+)[^\]]*\]", r"\1", text)
-    text = re.sub(r"Optional\[Literal\[(.*)\]\]", r"Literal[\1] | None", text)
-    text = re.sub(r"\b[\w.]*\.(\w+)", r"\1", text)  # module prefixes
-    text = re.sub(r"Optional\[(.*)\]", r"\1 | None", text)
-    return text.replace("Union[int, float]", "int | float")
+    """A field's type as a user reads it: ``int | None``, ``'match' | int``, ``list[str]``, ``'tpe' | 'random'``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is Union:
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def reference_markdown() -> str:

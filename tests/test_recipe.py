@@ -81,6 +81,34 @@ def test_bad_recipe_one_line_error(recipe_dir, overrides, expected):
     assert "\n" not in str(info.value)
 
 
+def test_an_override_can_set_a_field_to_null(recipe_dir):
+    """`max_steps: null` in a source's or a variant's train: means "run by epochs", not "inherit the recipe's 80"."""
+    path = write(recipe_dir, train={"max_steps": 80, "early_stopping_patience": 3},
+                 sources=[{"name": "a", "data": "a.jsonl", "train": {"max_steps": None, "early_stopping_patience": None, "epochs": 2}},
+                          {"name": "b", "data": "a.jsonl"}],
+                 variants=[{"name": "v", "train": {"max_steps": None}}])
+    recipe = load_recipe(path)
+    a, b = recipe.source("a"), recipe.source("b")
+    assert (recipe.train_for(a).max_steps, recipe.train_for(a).early_stopping_patience, recipe.train_for(a).epochs) == (None, None, 2)
+    assert (recipe.train_for(b).max_steps, recipe.train_for(b).early_stopping_patience) == (80, 3)  # unset fields inherit
+    assert recipe.variants[0].overrides() == {"train": {"max_steps": None}}
+    variant = recipe.variant("v")
+    assert variant.train_for(b).max_steps is None and variant.train_for(b).early_stopping_patience == 3
+    assert variant.train_for(a).epochs == 2  # the source's own override survives into the variant
+
+
+def test_null_where_a_value_is_required_names_the_field(recipe_dir):
+    path = write(recipe_dir, sources=[{"name": "a", "data": "a.jsonl", "lora": {"r": None}}])
+    with pytest.raises(LorademError, match=r"r\.yaml: sources\[0\]\.lora\.r: .*valid integer \(got None\)"):
+        load_recipe(path)
+
+
+def test_an_unknown_key_is_named_before_the_problems_it_causes(recipe_dir):
+    path = write(recipe_dir, sources=[{"name": "a", "dataset": "a.jsonl"}])
+    with pytest.raises(LorademError, match=r"r\.yaml: sources\[0\]\.dataset: unknown key; expected one of: name, data, .*\(and 1 more problem\)"):
+        load_recipe(path)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: [\n")
@@ -93,10 +121,24 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nothere.yaml")
 
 
-def test_readme_recipe_reference_is_current():
+def test_docs_recipe_reference_is_current():
     from loradem.recipe import reference_markdown
 
     assert reference_markdown() in (REPO / "docs" / "recipes.md").read_text()
+
+
+def test_reference_renders_types_as_users_read_them():
+    from loradem.recipe import reference_markdown
+
+    rows = {line.split("|")[1].strip(): line for line in reference_markdown().splitlines() if line.startswith("| `")}
+    cell = lambda key: [c.strip() for c in rows[key].split(" | ")][1]  # noqa: E731
+    assert cell("`tokens`") == "'match' \\| int"
+    assert cell("`max_steps`") == "int \\| None"
+    assert cell("`target_modules`") == "'all-linear' \\| list[str]"
+    assert cell("`validation`") == "int \\| float"
+    assert cell("`sampler`") == "'tpe' \\| 'random' \\| 'cmaes' \\| 'gp' \\| 'grid'"
+    assert cell("`sources`") == "list[Source]"
+    assert "Union" not in reference_markdown() and "Literal" not in reference_markdown() and "Annotated" not in reference_markdown()
 
 
 def test_lm_eval_include_path_resolves_against_the_recipe(recipe_dir):
