@@ -145,17 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output model folder (default for a recipe: runs/<name>/model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size-mb", type=float, default=2000,
-                   help="largest safetensors shard written, in MB (default: %(default)s; tensors are streamed, "
-                   "so peak memory does not depend on it)")
+    p.add_argument("--max-shard-size-mb", type=float, default=None,
+                   help="largest safetensors shard written, in MB (default: the recipe's assemble.max_shard_size_mb, "
+                   "else 2000; tensors are streamed, so peak memory does not depend on it)")
     p.add_argument("--fold-base", choices=["original", "dequantized"],
                    help="fold onto the base's original weights, or onto the NF4 round trip of its 4-bit layers "
                    "(what QLoRA adapters were trained against) (default: the recipe's assemble.fold_base, "
                    "else original)")
     p.add_argument("--allow-name-mismatch", action="store_true",
-                   help="accept adapters whose recorded base name differs (shapes must still match)")
+                   help="accept adapters whose recorded base name differs (shapes must still match; --adapter folds only)")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow adapter_model.bin (a pickle; only for files you trust)")
+                   help="allow adapter_model.bin (a pickle; only for files you trust; --adapter folds only)")
 
     p = sub.add_parser("eval", help="evaluate base, each adapter, uniform, sum and DEM; write the report",
                        description="Evaluate every model of the run on each source's held-out test rows "
@@ -222,13 +222,19 @@ def _assemble(args: argparse.Namespace) -> None:
     if args.recipe:
         if args.base or args.adapter:
             raise LorademError("assemble: give either a RECIPE or --base/--adapter, not both")
+        # a recipe's vectors are its own trained adapters or imported ones, checked by base fingerprint and
+        # stored as safetensors: these two options could only be ignored there, so they are refused
+        for flag, given in (("--allow-name-mismatch", args.allow_name_mismatch), ("--trust-pickle", args.trust_pickle)):
+            if given:
+                raise LorademError(f"assemble: {flag} applies to --adapter folds only; a recipe's vectors are checked by "
+                                   "base fingerprint and read from safetensors")
         pipeline.assemble_recipe(args.recipe, out=args.out, dtype=args.dtype, overwrite=args.overwrite,
-                                 fold_base=args.fold_base)
+                                 fold_base=args.fold_base, max_shard_size_mb=args.max_shard_size_mb)
         return
     if not args.base or not args.adapter or not args.out:
         raise LorademError("assemble: without a RECIPE, --base, at least one --adapter PATH=WEIGHT and --out are required")
     assemble(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
-             max_shard_size_mb=args.max_shard_size_mb, allow_name_mismatch=args.allow_name_mismatch,
+             max_shard_size_mb=args.max_shard_size_mb or 2000, allow_name_mismatch=args.allow_name_mismatch,
              trust_pickle=args.trust_pickle, fold_base=args.fold_base or "original")
 
 

@@ -266,13 +266,15 @@ def model_weights(recipe: Recipe) -> dict:
 
 
 def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
-                    fold_base: str | None = None) -> Path:
+                    fold_base: str | None = None, max_shard_size_mb: float | None = None) -> Path:
+    """`loradem assemble RECIPE`: every command-line option wins over the recipe's `assemble:` block."""
     recipe, base_dir = _prepare(recipe_path)
-    return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite, fold_base=fold_base)
+    return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite, fold_base=fold_base,
+                     max_shard_size_mb=max_shard_size_mb)
 
 
 def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
-              fold_base: str | None = None) -> Path:
+              fold_base: str | None = None, max_shard_size_mb: float | None = None) -> Path:
     """Fold the searched weights (per layer group when the search found `layer_weights`), or the learned
     per-module ones (assemble.weights: learned), into the base."""
     from loradem.merge.fold import assemble
@@ -285,7 +287,7 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
     dt = dtype or (None if recipe.assemble.dtype == "auto" else recipe.assemble.dtype)
     return assemble(
         base_dir, [(adapters[n], weights[n]) for n in adapters], target, dtype=dt, overwrite=replace,
-        max_shard_size_mb=recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
+        max_shard_size_mb=max_shard_size_mb or recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
         log=_log("assemble"),
     )
 

@@ -245,3 +245,29 @@ def test_assemble_recipe_with_ready_vectors_and_layer_weights(tiny_base, tmp_pat
     assert record["fold_base"] == "dequantized"
     out = assemble_recipe(tmp_path / "ready.yaml", out="plain", fold_base="original")
     assert json.loads((out / "loradem.json").read_text())["fold_base"] == "original"
+
+
+def test_assemble_recipe_honours_the_command_line_options(tiny_base, tmp_path, monkeypatch):
+    """`loradem assemble RECIPE` honours --max-shard-size-mb and refuses the options it cannot use (they were ignored)."""
+    from test_pipeline import _rows
+
+    from loradem.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "addition.jsonl").write_text(_rows("addition", 20))
+    folder = with_card(make_adapter(tiny_base, tmp_path / "shared" / "addition", seed=0, r=2, target_modules=["q_proj"]),
+                       tiny_base, source="addition")
+    recipe = {"name": "ready", "base": str(tiny_base),
+              "sources": [{"name": "addition", "data": "data/addition.jsonl", "validation": 4, "test": 4, "vector": str(folder)}]}
+    (tmp_path / "ready.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "runs/ready/search").mkdir(parents=True)
+    (tmp_path / "runs/ready/search/weights.json").write_text(json.dumps({"weights": {"addition": 0.75}}))
+
+    assert main(["assemble", "ready.yaml", "--out", "small", "--max-shard-size-mb", "0.05"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "small").glob("*.safetensors"))
+    assert len(shards) > 1 and set(json.loads((tmp_path / "small" / "loradem.json").read_text())["shards"]) == set(shards)
+
+    for flag in ("--allow-name-mismatch", "--trust-pickle"):  # meaningless for a recipe: refused, not ignored
+        assert main(["assemble", "ready.yaml", "--out", "refused", flag]) == 2
+        assert not (tmp_path / "refused").exists()
