@@ -7,7 +7,7 @@ Bases:
 - ``smollm2-135m``: the embedded SmolLM2-135M-Instruct (float32, 540 MB).
 - ``standin``: a randomly initialised Llama of about a billion parameters in
   bfloat16 (hidden 2048, 16 layers, intermediate 5632, vocab 32000, untied
-  head: 0.95 B parameters, 1.9 GB), the issue's target size. It is built once,
+  head: 0.95 B parameters, 1.9 GB), the size of a small model a hobbyist merges. It is built once,
   tensor by tensor with ``torch.empty(...).normal_`` and loradem's streamed
   writer (never a model in memory), in 1 GB shards under
   ``$LORADEM_CACHE/bench/`` (default ``~/.cache/loradem/bench/``).
@@ -22,8 +22,8 @@ transformers + peft gives the baseline RSS; "extra" is peak RSS minus that
 baseline. The parent then compares the outputs tensor by tensor (one tensor
 in memory at a time) and checks every target of the first and last layer
 against a float64 reference rounded once, bit for bit.
-Targets (the issue): loradem >= 4x faster than peft's path, and its extra peak
-memory <= 1/3 of the model's size.
+Targets: loradem >= 4x faster than peft's path, at most 2x a plain copy of the
+base's files, and its extra peak memory <= 1/3 of the model's size.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from loradem import __version__
 from loradem.errors import LorademError
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
                        "exact-match tasks on the embedded SmolLM2-135M-Instruct; measured 22 min on 2 CPU cores).")
-    p.add_argument("--recipe", default="recipes/demo.yaml", help="demo recipe (default: %(default)s)")
+    p.add_argument("--recipe", default=DEMO_RECIPE, help="demo recipe (default: %(default)s, from the working directory "
+                   "or else the loradem checkout; outputs go to ./runs/ and ./adapters/)")
 
     p = sub.add_parser("check", help="validate a recipe and its data without running anything",
                        description="Validate the recipe schema, every data file and every row; print the "
@@ -189,13 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEMO_RECIPE = "recipes/demo.yaml"
+
+
+def _demo_recipe(given: str) -> str:
+    """The demo recipe from any working directory: the given path, else the checkout's own recipes/demo.yaml."""
+    if given != DEMO_RECIPE or Path(given).is_file():
+        return given
+    shipped = Path(__file__).resolve().parents[1] / DEMO_RECIPE
+    if not shipped.is_file():
+        raise LorademError(f"{given}: not found here nor in the loradem checkout; pass --recipe PATH")
+    return str(shipped)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from loradem import pipeline
 
     if args.command == "run":
         pipeline.run(args.recipe, force=args.force, baseline=args.baseline)
     elif args.command == "demo":
-        pipeline.run(args.recipe)
+        pipeline.run(_demo_recipe(args.recipe))
     elif args.command == "check":
         pipeline.check(args.recipe)
     elif args.command == "train":

@@ -137,3 +137,21 @@ def test_assemble_cli_requires_inputs(capsys):
     with pytest.raises(SystemExit):
         main(["assemble", "--adapter", "x=nan", "--base", "b", "--out", "o"])
     assert "expected a finite weight" in capsys.readouterr().err
+
+
+def test_demo_finds_its_recipe_from_any_directory(tmp_path, monkeypatch):
+    from loradem.cli import _demo_recipe
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(_demo_recipe("recipes/demo.yaml")) == Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "demo.yaml").write_text("name: mine\n")
+    assert _demo_recipe("recipes/demo.yaml") == "recipes/demo.yaml"  # a local one wins
+    assert _demo_recipe("other.yaml") == "other.yaml"  # a path the user gave is theirs to get right
+
+
+def test_verbose_flag_is_accepted_before_or_after_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-v", "check", "missing.yaml"]) == 2
+    assert main(["check", "missing.yaml", "--verbose"]) == 2
+    assert capsys.readouterr().err.count("missing.yaml: recipe file not found") == 2

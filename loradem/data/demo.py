@@ -17,10 +17,9 @@ files under recipes/data/demo/ are this generator's output with the defaults
 (a test regenerates them and compares bytes).
 
 Reverse and uppercase draw from the word list below (727 words of 4-8
-letters). Reverse used to ask for a word's letters backwards; SmolLM2-135M's
-adapters scored 0% on that after 80 steps (its tokens are not letters), so
-since 2026-11-29 it reverses the order of 3-5 words instead (93.3% after the
-same 80 steps, measured alone).
+letters). Reverse asks for the order of 3-5 words backwards, not a word's
+letters: SmolLM2-135M's tokens are not letters, and a letter-reversal adapter
+learned nothing in the demo's 80 steps.
 """
 
 from __future__ import annotations
