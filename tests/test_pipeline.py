@@ -155,3 +155,7 @@ def test_verbose_flag_is_accepted_before_or_after_the_command(tmp_path, monkeypa
     assert main(["-v", "check", "missing.yaml"]) == 2
     assert main(["check", "missing.yaml", "--verbose"]) == 2
     assert capsys.readouterr().err.count("missing.yaml: recipe file not found") == 2
+    from loradem.progress import set_verbose, verbose
+
+    assert verbose()  # the flag reached the process-wide switch the libraries' noise filter reads
+    set_verbose(False)
