@@ -50,10 +50,12 @@ def stage_log(stage: str) -> Log:
 
 
 @contextmanager
-def progress(total: int | None, desc: str, *, unit: str = "it") -> Iterator[tqdm]:
-    """One bar with count, rate and ETA. Off a terminal it redraws at most every 30 s, so a CI log stays short."""
+def progress(total: int | None, desc: str, *, unit: str = "it", bytes: bool = False) -> Iterator[tqdm]:
+    """One bar with count, rate and ETA (`bytes`: sizes in kB/MB/GB). Off a terminal it redraws at most every
+    30 s, so a CI log stays short; LORADEM_NO_PROGRESS=1 turns bars off."""
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, file=sys.stderr,
+    bar = tqdm(total=total, desc=desc, unit="B" if bytes else unit, unit_scale=bytes, unit_divisor=1024 if bytes else 1000,
+               dynamic_ncols=True, leave=True, file=sys.stderr,
                mininterval=0.5 if interactive else 30.0, disable=os.environ.get("LORADEM_NO_PROGRESS") == "1")
     try:
         yield bar

@@ -63,6 +63,7 @@ from loradem.model.base import resolve_base
 from loradem.vectors.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights
+from loradem.progress import progress
 from loradem.model.layers import Weight, check_module_values, check_module_weights, weight_for
 from loradem.vectors.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
 from loradem.merge.model_card import model_card, provenance
@@ -410,7 +411,7 @@ def write_shards(
             return handles[path].get_tensor(name)
 
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="fold"))
-        done, total, next_report = 0, max(1, sum(sizes)), 0.25
+        bar = stack.enter_context(progress(sum(sizes), "assemble", bytes=True))
         for shard, fname in zip(shards, names):
             jobs = {plan.jobs[i].name: i for i in shard}
             specs = [TensorSpec(plan.jobs[i].name, dtypes[i], plan.jobs[i].shape) for i in shard]
@@ -423,10 +424,7 @@ def write_shards(
                     writer.write(job.name, out)
                     del out
                     weight_map[job.name] = fname
-                    done += sizes[i]
-                    if next_report <= done / total < 1:
-                        log(f"folded {done / total:.0%} of {total / 1e6:.0f} MB")
-                        next_report = (int(done / total * 4) + 1) / 4
+                    bar.update(sizes[i])
             hashes[fname] = writer.sha256
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
