@@ -424,20 +424,49 @@ def test_refuses_non_finite_result_and_bad_options(tiny_base, one, tmp_path):
     refused(r"the folded tensor has NaN or Inf in torch\.float16", tmp_path / "out", tiny_base, [(one, 1e7)], dtype="float16")
     refused(r"dtype: expected auto, float32, bfloat16, float16, got 'int8'", tmp_path / "out", tiny_base, [(one, 1.0)], dtype="int8")
     refused(r"expected at least one adapter", tmp_path / "out", tiny_base, [])
-    with pytest.raises(LorademError, match="is an input of this fold"):
+    with pytest.raises(LorademError, match="replaces only a model folder loradem wrote"):
         fold(tiny_base, [(one, 1.0)], tiny_base, overwrite=True)
     assert (tiny_base / "model.safetensors").is_file()
 
 
 def test_existing_output_kept_unless_overwrite(tiny_base, one, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    fold(tiny_base, [(one, 1.0)], out)
     (out / "keep.txt").write_text("earlier result")
     with pytest.raises(LorademError, match=r"out: already exists \(pass --overwrite to replace it\)"):
-        fold(tiny_base, [(one, 1.0)], out)
+        fold(tiny_base, [(one, 0.5)], out)
     assert (out / "keep.txt").read_text() == "earlier result"
-    fold(tiny_base, [(one, 1.0)], out, overwrite=True)
+    fold(tiny_base, [(one, 0.5)], out, overwrite=True)  # a folder loradem wrote: replaced whole
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_overwrite_never_replaces_a_folder_loradem_did_not_write(tiny_base, one, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(LorademError, match=r"notes: --overwrite replaces only a model folder loradem wrote \(with loradem\.json\)"):
+        fold(tiny_base, [(one, 1.0)], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_never_deletes_the_inputs_it_holds(tiny_base, one, tmp_path):
+    """--out a parent of the base and the adapter, marked as loradem's: refused, and every input is still there."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(tiny_base, inputs / "base")
+    shutil.copytree(one, inputs / "ad")
+    (inputs / "notes.txt").write_text("unrelated")
+    (inputs / "loradem.json").write_text("{}")  # even a folder that looks like loradem's output
+    before = sorted(str(p.relative_to(inputs)) for p in inputs.rglob("*"))
+    with pytest.raises(LorademError, match=r"inputs: holds an input of this fold .*choose another output folder"):
+        fold(inputs / "base", [(inputs / "ad", 1.0)], inputs, overwrite=True)
+    assert sorted(str(p.relative_to(inputs)) for p in inputs.rglob("*")) == before
+
+
+def test_more_layer_groups_than_layers_is_refused(tiny_base, one, tmp_path):
+    """On a 2-layer base a third group weight would fold nothing while the record claimed it: refused."""
+    with pytest.raises(LorademError, match=r"3 layer-group weights for a base with 2 decoder layers; give 1 to 2"):
+        fold(tiny_base, [(one, [1.0, 1.0, 5.0])], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_failure_mid_write_leaves_nothing(tiny_base, one, tmp_path, monkeypatch):

@@ -457,8 +457,7 @@ def assemble(
     """
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LorademError(f"{out}: already exists (pass --overwrite to replace it)")
+    _check_output(out, overwrite)
     if not adapters:
         raise LorademError("assemble: expected at least one adapter")
     if not max_shard_size_mb > 0:
@@ -474,6 +473,11 @@ def assemble(
     loaded = [load_adapter(path, trust_pickle=trust_pickle) for path, _ in adapters]
     _refuse_overwriting_inputs(out, folder, loaded)
     checkpoint = read_base(folder)
+    num_layers = num_hidden_layers(checkpoint.config)
+    for (path, _), weight in zip(adapters, weights):
+        if isinstance(weight, list) and len(weight) > num_layers:  # a group with no layer would drop its weight
+            raise LorademError(f"weight for adapter {path}: {len(weight)} layer-group weights for a base with "
+                               f"{num_layers} decoder layers; give 1 to {num_layers} (one per group of consecutive layers)")
     if not allow_name_mismatch:
         for adapter in loaded:
             check_same_base(adapter, spec, checkpoint)
@@ -488,7 +492,7 @@ def assemble(
             "cannot fold an embedding LoRA or full copy exactly"
         )
     plan = plan_fold(checkpoint.tensors, list(zip(loaded, weights)), tied=tied,
-                     num_layers=num_hidden_layers(checkpoint.config), dequantize=quantized)
+                     num_layers=num_layers, dequantize=quantized)
     with torch_threads(1):
         for adapter in loaded:
             adapter.check_finite()
@@ -590,11 +594,24 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    """`--overwrite` replaces only a model folder loradem wrote itself (it holds loradem.json), never any other folder."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise LorademError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.is_dir() or not (out / "loradem.json").is_file():
+        raise LorademError(f"{out}: --overwrite replaces only a model folder loradem wrote (with loradem.json); "
+                           "this is not one, so choose another output folder")
+
+
 def _refuse_overwriting_inputs(out: Path, base: Path, adapters: Sequence[LoadedAdapter]) -> None:
+    """The output may be neither an input nor a folder that holds one: replacing it would delete the input."""
     target = out.resolve()
     for p in (base, *(a.path for a in adapters)):
-        if target == p.resolve():
-            raise LorademError(f"{out}: is an input of this fold; choose another output folder")
+        if target == p.resolve() or target in p.resolve().parents:
+            raise LorademError(f"{out}: {'is' if target == p.resolve() else 'holds'} an input of this fold ({p}); "
+                               "choose another output folder")
 
 
 def _write_config(base: BaseCheckpoint, folder: Path, dtype: str | None, untied: Sequence[str]) -> None:
