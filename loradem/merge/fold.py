@@ -475,7 +475,7 @@ def assemble(
     checkpoint = read_base(folder)
     num_layers = num_hidden_layers(checkpoint.config)
     for (path, _), weight in zip(adapters, weights):
-        if isinstance(weight, list) and len(weight) > num_layers:  # a group with no layer would drop its weight
+        if isinstance(weight, list) and num_layers is not None and len(weight) > num_layers:  # a group with no layer would drop its weight
             raise LorademError(f"weight for adapter {path}: {len(weight)} layer-group weights for a base with "
                                f"{num_layers} decoder layers; give 1 to {num_layers} (one per group of consecutive layers)")
     if not allow_name_mismatch:
