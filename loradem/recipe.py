@@ -487,6 +487,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise LorademError(f"{path}: {yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise LorademError(f"{path}: byte {exc.start}: not UTF-8 text; save the recipe as UTF-8") from None
     if not isinstance(raw, dict):
         raise LorademError(f"{path}: (top level): expected a mapping of recipe keys, got {type(raw).__name__}")
     raw.setdefault("name", _default_name(path))

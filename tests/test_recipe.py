@@ -109,6 +109,13 @@ def test_an_unknown_key_is_named_before_the_problems_it_causes(recipe_dir):
         load_recipe(path)
 
 
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\nbase: smollm2-135m\n".encode("latin-1"))
+    with pytest.raises(LorademError, match=r"latin1\.yaml: byte 9: not UTF-8 text; save the recipe as UTF-8"):
+        load_recipe(path)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: [\n")
