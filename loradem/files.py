@@ -9,6 +9,7 @@ file contents (safetensors has no checksum of its own).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -94,22 +95,33 @@ def clean_partials(parent: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = False, *, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a scratch folder that becomes `final` only if the block finishes.
 
     On an exception the scratch folder is removed and `final` is untouched.
     With overwrite=True an existing `final` is replaced (the old one is moved
-    away first and deleted only after the new one is in place).
+    away first and deleted only after the new one is in place). A place that
+    cannot be written (read-only, a plain file in the path) and a disk that
+    fills up are one-line errors; `needed_bytes` says how much the output takes.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise LorademError(f"{final}: already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_partials(final.parent, final.name)
-    tmp = _partial_path(final)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_partials(final.parent, final.name)
+        tmp = _partial_path(final)
+        tmp.mkdir()
+    except OSError as exc:
+        raise LorademError(f"{final}: cannot write there ({exc.strerror or exc}); choose another output folder") from None
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            need = f"; the output needs about {needed_bytes / 1e6:,.0f} MB" if needed_bytes else ""
+            raise LorademError(f"{final}: the disk is full ({exc.strerror}){need}; nothing was written, free space and re-run") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

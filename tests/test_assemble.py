@@ -489,6 +489,33 @@ def test_failure_mid_write_leaves_nothing(tiny_base, one, tmp_path, monkeypatch)
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_disk_full_is_one_line_with_the_space_needed(tiny_base, one, tmp_path, monkeypatch):
+    import errno
+
+    import loradem.merge.st_writer as mod
+
+    real, calls = mod.tensor_bytes, []
+
+    def full(tensor):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensor)
+
+    monkeypatch.setattr(mod, "tensor_bytes", full)
+    out = tmp_path / "out"
+    with pytest.raises(LorademError, match=r"out: the disk is full \(No space left on device\); the output needs about [\d,]+ MB; nothing was written"):
+        fold(tiny_base, [(one, 1.0)], out)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_an_output_under_a_plain_file_is_one_line(tiny_base, one, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(LorademError, match=r"afile/out: cannot write there \(.*\); choose another output folder"):
+        fold(tiny_base, [(one, 1.0)], tmp_path / "afile" / "out")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
 def test_tied_pair_with_ensure_weight_tying(tiny_base_tied, tmp_path):
     """peft ties lm_head's LoRA to the embedding's (A_head = B_embᵀ, B_head = A_embᵀ): both sides get the same delta."""
     adapter = make_adapter(tiny_base_tied, tmp_path / "w", r=4, target_modules=["embed_tokens", "lm_head", "q_proj"],

@@ -502,7 +502,8 @@ def assemble(
     # the inputs' sha256 (provenance) are read and hashed beside the fold, not before it (the base's is
     # cached if this process knows it already); a daemon thread, so a failed fold does not wait for it
     inputs_sha256 = _in_background(lambda: (fingerprint_weights(folder), [a.sha256() for a in loaded]))
-    with atomic_dir(out, overwrite=overwrite) as tmp, torch_threads(1):
+    needed = sum(math.prod(j.shape) * _target_dtype(j, out_dtype).itemsize for j in plan.jobs)
+    with atomic_dir(out, overwrite=overwrite, needed_bytes=needed) as tmp, torch_threads(1):
         weight_map, hashes = write_shards(
             plan, checkpoint, loaded, tmp, out_dtype=out_dtype, quant_dtype=qdtype,
             max_shard_bytes=int(max_shard_size_mb * 1e6), log=log,
