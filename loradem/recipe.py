@@ -118,6 +118,9 @@ class Source(_Strict):
     format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
         "auto", description="Row format; 'auto' detects it from the first row and checks every row against it."
     )
+    chat_template: bool = Field(
+        False, description="Render prompt/completion rows through the base's chat template, as one user turn and one assistant turn (how an instruct base saw its training); false: plain text, prompt then completion. Training, the search and evaluation all see the same rendering. messages rows always use the template."
+    )
     validation: Split = Field(0.1, description="Validation rows carved from `data` (int: rows, float: fraction), seeded.")
     test: Split = Field(0.1, description="Held-out test rows carved from `data` when `test_data` is not given (never trained or searched on).")
     test_data: Optional[str] = Field(None, description="Separate test file; when given, `test` is ignored.")

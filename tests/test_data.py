@@ -243,3 +243,21 @@ def test_normalize_answer():
     assert normalize_answer("  3,  7,\n19\t42 ") == "3, 7, 19 42"
     assert normalize_answer("GREEN Apple") == "GREEN Apple"  # case-sensitive
     assert normalize_answer("\n") == ""
+
+
+def test_chat_template_renders_prompt_completion_rows_as_turns(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(20)))
+    plain = load_splits(source(path, validation=2, test=2), seed=0)
+    chat = load_splits(source(path, validation=2, test=2, chat_template=True), seed=0)
+    assert plain.format == "prompt_completion" and chat.format == "messages"
+    for a, b in zip(plain.train + plain.validation + plain.test, chat.train + chat.validation + chat.test):
+        assert b == {"messages": [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["completion"]}]}
+    assert chat.fingerprint != plain.fingerprint  # an adapter trained one way is never reused for the other
+
+
+def test_chat_template_refuses_text_rows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    with pytest.raises(LorademError, match=r"source 'src': chat_template: true needs prompt/completion or messages rows"):
+        load_splits(source(path, chat_template=True), seed=0)

@@ -78,7 +78,18 @@ def load_splits(source: Source, seed: int) -> Splits:
             f"{where}: no training rows left ({len(rows)} rows, {len(test)} test, {len(validation)} validation); "
             "lower `test` / `validation` or add rows"
         )
+    if source.chat_template:
+        if fmt == "text":
+            raise LorademError(f"{where}: chat_template: true needs prompt/completion or messages rows; a text row has no turns")
+        if fmt == "prompt_completion":
+            train, validation, test = ([as_chat(r) for r in part] for part in (train, validation, test))
+            fmt = "messages"
     return Splits(source.name, fmt, train, validation, test, data_fingerprint(source, seed, fmt))
+
+
+def as_chat(row: Row) -> Row:
+    """A prompt/completion row as one user turn and one assistant turn, for the base's chat template."""
+    return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
 
 
 def split_size(value: int | float, n: int, where: str) -> int:
