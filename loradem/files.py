@@ -75,11 +75,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_leftover(partial: Path, name: str) -> bool:
-    """Whether `partial` (``.<name>.partial-<host>-<pid>``, or ``-<pid>`` from before hosts were named) was left
+def _is_leftover(partial: Path, name: str, kind: str = "partial") -> bool:
+    """Whether `partial` (``.<name>.<kind>-<host>-<pid>``, or ``-<pid>`` from before hosts were named) was left
     by a process that is gone: one of this host's, not running any more, or this very process. A live writer's
     partial, and any other host's (its pid means nothing here), is left alone."""
-    tag = partial.name[len(f".{name}.partial-"):]
+    tag = partial.name[len(f".{name}.{kind}-"):]
     host, _, pid = tag.rpartition("-")
     if not pid.isdigit() or (host and host != socket.gethostname()):
         return False
@@ -87,10 +87,22 @@ def _is_leftover(partial: Path, name: str) -> bool:
 
 
 def clean_partials(parent: Path, name: str) -> None:
-    """Remove leftovers of interrupted writes of `name` in `parent` (never a live writer's; see `_is_leftover`)."""
-    if parent.is_dir():
-        for p in parent.glob(f".{name}.partial-*"):
-            if _is_leftover(p, name):
+    """Remove leftovers of interrupted writes of `name` in `parent` (never a live writer's; see `_is_leftover`).
+
+    A replaced folder is moved to ``.<name>.old-<host>-<pid>`` just before the new one is renamed into place;
+    a writer killed between the two renames leaves no `name` at all, so its old folder is put back (the
+    earlier result survives), and otherwise it is deleted.
+    """
+    if not parent.is_dir():
+        return
+    for p in parent.glob(f".{name}.partial-*"):
+        if _is_leftover(p, name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in parent.glob(f".{name}.old-*"):
+        if _is_leftover(p, name, "old"):
+            if not (parent / name).exists():
+                os.replace(p, parent / name)
+            else:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -105,11 +117,11 @@ def atomic_dir(final: str | Path, overwrite: bool = False, *, needed_bytes: int 
     fills up are one-line errors; `needed_bytes` says how much the output takes.
     """
     final = Path(final)
+    clean_partials(final.parent, final.name)  # first: it may put an interrupted replace's old folder back
     if final.exists() and not overwrite:
         raise LorademError(f"{final}: already exists (pass --overwrite to replace it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        clean_partials(final.parent, final.name)
         tmp = _partial_path(final)
         tmp.mkdir()
     except OSError as exc:
@@ -127,7 +139,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False, *, needed_bytes: int 
         raise
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{socket.gethostname()}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from loradem.errors import LorademError
 from loradem.files import atomic_dir
 
 
@@ -53,3 +54,23 @@ def test_atomic_dir_leaves_no_partial_and_keeps_the_old_folder_on_failure(tmp_pa
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+
+
+def test_a_dead_writers_old_folder_is_removed_or_put_back(tmp_path):
+    """kill -9 during an --overwrite replace leaves `.<name>.old-<host>-<pid>`: removed when the new folder is in
+    place, put back when the writer died between the two renames (so the earlier result survives)."""
+    host = socket.gethostname()
+    replaced = tmp_path / "a"
+    replaced.mkdir()
+    (replaced / "new.txt").write_text("new")
+    (tmp_path / f".a.old-{host}-{dead_pid()}").mkdir()
+    between = tmp_path / f".b.old-{host}-{dead_pid()}"
+    between.mkdir()
+    (between / "model.txt").write_text("earlier")
+    with atomic_dir(tmp_path / "a", overwrite=True) as scratch:
+        (scratch / "x").write_text("1")
+    with pytest.raises(LorademError, match="already exists"):  # put back, so it is an existing result again
+        with atomic_dir(tmp_path / "b"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "b" / "model.txt").read_text() == "earlier"
