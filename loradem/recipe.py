@@ -28,6 +28,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -88,13 +89,22 @@ class TrainSettings(_Strict):
     completion_only_loss: bool = Field(True, description="Loss on completions / assistant turns only.")
 
 
+class _Override(_Strict):
+    """An override block: it holds, and dumps, only the fields the YAML gave (an explicit null included), so a
+    dumped recipe validates back to the same recipe."""
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler):
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
 def _partial(model: type[BaseModel]) -> type[BaseModel]:
     """The same fields as `model`, each optional and defaulting to None (an override block)."""
     fields: dict[str, Any] = {}
     for name, f in model.model_fields.items():
         inner = Annotated[tuple([f.annotation, *f.metadata])] if f.metadata else f.annotation
         fields[name] = (Optional[inner], Field(None, description=f.description))
-    return create_model(f"{model.__name__}Override", __base__=_Strict, **fields)
+    return create_model(f"{model.__name__}Override", __base__=_Override, **fields)
 
 
 LoraOverride = _partial(LoraSettings)

@@ -154,3 +154,14 @@ def test_lm_eval_include_path_resolves_against_the_recipe(recipe_dir):
     assert Path(recipe.eval.lm_eval_include_path) == (recipe_dir / "tasks").resolve()
     with pytest.raises(LorademError, match=r"eval\.lm_eval_include_path: expected a folder of lm-eval task YAMLs"):
         load_recipe(write(recipe_dir, eval={"lm_eval_include_path": "nowhere"}))
+
+
+def test_a_dumped_recipe_validates_back_to_itself(recipe_dir):
+    path = write(recipe_dir, train={"max_steps": 80},
+                 sources=[{"name": "a", "data": "a.jsonl", "train": {"max_steps": None}}, {"name": "b", "data": "a.jsonl"}],
+                 variants=[{"name": "v", "lora": {"r": 4}}])
+    recipe = load_recipe(path)
+    dumped = recipe.model_dump(mode="json")
+    assert dumped["sources"][0]["train"] == {"max_steps": None} and dumped["sources"][1]["train"] == {}
+    again = type(recipe).model_validate(dumped)
+    assert again == recipe and again.train_for(again.source("a")).max_steps is None
