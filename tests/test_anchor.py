@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from loradem import pipeline
 from loradem.data import anchors as anchor
-from loradem.evaluate.compare import _cost
-from loradem.data.rows import load_splits
 from loradem.data.demo import task_rows
 from loradem.errors import LorademError
+from loradem.evaluate.compare import _cost
 from loradem.files import fingerprint_weights
-from loradem.recipe import Recipe, load_recipe
+from loradem.recipe import AnchorSettings, Recipe, load_recipe
 from loradem.train.sft import CARD, TRAIN_RECORD, adapter_key, train_source
 
 
@@ -32,6 +32,10 @@ def make_recipe(tmp_path: Path, base: Path, *, anchor_block: dict | None = None,
         "sources": [{"name": "addition", "data": data, "validation": 2, "test": 2}],
         **({"anchor": anchor_block} if anchor_block is not None else {}),
     })
+
+
+def addition_job(recipe: Recipe):
+    return pipeline.train_jobs(recipe, pipeline._splits(recipe))[0]
 
 
 def fake_replies(replies: list[tuple[str, bool]], calls: list):
@@ -75,14 +79,17 @@ def test_with_anchors_adds_the_fraction_keeps_every_source_row_and_is_seeded():
 
 # ---- generation and cache ----------------------------------------------------------
 
-def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monkeypatch):
+def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monkeypatch, capsys):
     import loradem.model.generate as evaluate
 
-    recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 6, "max_new_tokens": 5})
+    settings = AnchorSettings(enabled=True, prompts=6, max_new_tokens=5)
+    adapters = tmp_path / "adapters"
     calls: list = []
     monkeypatch.setattr(evaluate, "generate_replies", fake_replies([("Paris.", True), ("cut off", False), ("  ", True)], calls))
-    rows, info = anchor.anchor_rows(recipe, tiny_base, log=lambda s: None)
+    rows, info = anchor.anchor_rows(settings, tiny_base, adapters, log=lambda s: None)
     assert calls == [(6, 5)]
+    bar = capsys.readouterr().err  # the base's answering, as a progress bar over the prompts
+    assert "anchor replies" in bar and "6/6" in bar
     prompts = anchor.builtin_prompts(6)
     assert rows == [{"messages": [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": "Paris."}]}
                     for i in (0, 3)]
@@ -92,30 +99,30 @@ def test_anchor_rows_keep_ended_replies_and_are_cached(tmp_path, tiny_base, monk
     assert cached == [f"{info['key']}.json", f"{info['key']}.jsonl"]
 
     monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("the cache was not used"))
-    again, info2 = anchor.anchor_rows(recipe, tiny_base, log=lambda s: None)
+    again, info2 = anchor.anchor_rows(settings, tiny_base, adapters, log=lambda s: None)
     assert again == rows and info2["spent_seconds"] == 0.0 and info2["key"] == info["key"]
 
 
 def test_a_non_zero_rank_reads_rank_zeros_replies_and_never_generates(tmp_path, tiny_base, monkeypatch):
     from loradem.model import generate as evaluate
 
-    recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 3})
+    settings, adapters = AnchorSettings(enabled=True, prompts=3), tmp_path / "adapters"
     monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("a non-zero rank generated"))
     with pytest.raises(LorademError, match=r"anchor: waited 0 s for rank 0 to write the base's anchor replies .*\.json\); did it fail\?"):
-        anchor.anchor_rows(recipe, tiny_base, log=lambda m: None, generate=False, wait_seconds=0)
+        anchor.anchor_rows(settings, tiny_base, adapters, log=lambda m: None, generate=False, wait_seconds=0)
     assert not (tmp_path / "adapters" / ".anchors").exists()
 
     monkeypatch.setattr(evaluate, "generate_replies", fake_replies([("Paris.", True)], []))
-    written, _ = anchor.anchor_rows(recipe, tiny_base, log=lambda m: None)  # rank 0
+    written, _ = anchor.anchor_rows(settings, tiny_base, adapters, log=lambda m: None)  # rank 0
     monkeypatch.setattr(evaluate, "generate_replies", lambda *a, **k: pytest.fail("a non-zero rank generated"))
-    rows, record = anchor.anchor_rows(recipe, tiny_base, log=lambda m: None, generate=False, wait_seconds=0)
+    rows, record = anchor.anchor_rows(settings, tiny_base, adapters, log=lambda m: None, generate=False, wait_seconds=0)
     assert rows == written and len(rows) == 3 and record["spent_seconds"] == 0.0
 
 
 def test_a_base_that_never_ends_its_replies_is_refused_and_nothing_is_cached(tmp_path, tiny_base):
-    recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 3, "max_new_tokens": 1})
+    settings = AnchorSettings(enabled=True, prompts=3, max_new_tokens=1)
     with pytest.raises(LorademError, match=r"anchor: the base ended none of its 3 replies within anchor.max_new_tokens=1; raise it"):
-        anchor.anchor_rows(recipe, tiny_base, log=lambda s: None)  # the real tiny model: one random token, no eos
+        anchor.anchor_rows(settings, tiny_base, tmp_path / "adapters", log=lambda s: None)  # the real tiny model: one random token, no eos
     assert not (tmp_path / "adapters" / ".anchors").exists() or not any((tmp_path / "adapters" / ".anchors").iterdir())
 
 
@@ -156,17 +163,16 @@ def test_anchored_training_adds_the_rows_records_them_and_has_its_own_key(tmp_pa
 
     plain = make_recipe(tmp_path, tiny_base)
     anchored = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 5, "fraction": 0.5})
-    source = anchored.source("addition")
-    splits = load_splits(source, anchored.seed)
+    job = addition_job(anchored)
+    splits = job.splits
     fp = fingerprint_weights(tiny_base)
-    assert adapter_key(plain, plain.source("addition"), fp, splits.fingerprint) != adapter_key(anchored, source, fp, splits.fingerprint)
-    assert adapter_key(plain, plain.source("addition"), fp, splits.fingerprint) == adapter_key(
-        plain.model_copy(update={"anchor": plain.anchor.model_copy(update={"fraction": 0.5})}), plain.source("addition"),
-        fp, splits.fingerprint)  # disabled anchor settings do not touch the key
+    assert adapter_key(addition_job(plain), fp) != adapter_key(job, fp)
+    assert adapter_key(addition_job(plain), fp) == adapter_key(addition_job(
+        plain.model_copy(update={"anchor": plain.anchor.model_copy(update={"fraction": 0.5})})), fp)  # disabled anchor settings do not touch the key
 
     monkeypatch.setattr(evaluate, "generate_replies", fake_replies([("Fine, thanks.", True)], []))
     log: list[str] = []
-    folder = train_source(anchored, source, tiny_base, splits, log=log.append)
+    folder = train_source(job, tiny_base, log=log.append)
     record = json.loads((folder / TRAIN_RECORD).read_text())
     n = len(splits.train)
     assert record["anchor"]["rows"] == anchor.anchor_count(n, 0.5) == n
@@ -181,7 +187,6 @@ def test_anchored_training_adds_the_rows_records_them_and_has_its_own_key(tmp_pa
 def test_anchored_training_refuses_a_source_without_chat_rows_before_training(tmp_path, tiny_base):
     rows = [{"prompt": f"{i} + 1 =", "completion": str(i + 1)} for i in range(16)]
     recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True}, fmt_rows=rows)
-    source = recipe.source("addition")
     with pytest.raises(LorademError, match=r"source 'addition': anchored training needs messages rows .* 'prompt_completion' rows"):
-        train_source(recipe, source, tiny_base, load_splits(source, 0), log=lambda s: None)
+        train_source(addition_job(recipe), tiny_base, log=lambda s: None)
     assert not (tmp_path / "adapters").exists() or not any(p.name.startswith("addition") for p in (tmp_path / "adapters").iterdir())

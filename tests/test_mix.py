@@ -1,4 +1,7 @@
-"""loradem.train.mix: the data-mixing baseline at equal training tokens, its row stream, its cache and its report row."""
+"""loradem.train.mix: the data-mixing baseline at equal training tokens, its row stream, its cache and its report row.
+
+The stage takes a `MixJob`; the tests build it from a recipe through `pipeline.mix_job`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ import pytest
 import yaml
 from transformers import TrainerControl, TrainerState
 
-from loradem.data.rows import load_splits
+from loradem import pipeline
 from loradem.data.demo import task_rows
+from loradem.data.rows import load_splits
 from loradem.errors import LorademError
-from loradem.train.mix import TokenBudget, find_mix, mix_shares, mix_stream, plan_mix, take_steps, train_mix
-from loradem.recipe import Recipe
+from loradem.recipe import LoraSettings, MixSettings, Recipe, TrainSettings
+from loradem.train.callbacks import TokenBudget
+from loradem.train.mix import MixJob, find_mix, mix_shares, mix_stream, plan_mix, take_steps, train_mix
 from loradem.train.sft import is_finished, train_all
 
 
@@ -40,8 +45,8 @@ def task_source(tmp_path: Path, task: str, rows: int, **kw) -> dict:
     return {"name": task, "data": data, "validation": 2, "test": 2, **kw}
 
 
-def all_splits(recipe: Recipe) -> dict:
-    return {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
+def mix_job(recipe: Recipe) -> MixJob:
+    return pipeline.mix_job(recipe, pipeline._splits(recipe))
 
 
 def sha(path: Path) -> str:
@@ -104,12 +109,27 @@ def test_token_budget_stops_at_the_first_step_that_reaches_it_and_evaluates_it()
 def test_shares_default_to_training_rows_and_proportions_are_all_or_none(tmp_path, tiny_base):
     a, s = task_source(tmp_path, "addition", 14), task_source(tmp_path, "sort", 24)
     r = make_recipe(tmp_path, tiny_base, [a, s])
-    assert mix_shares(r, all_splits(r)) == pytest.approx({"addition": 10 / 30, "sort": 20 / 30})
+    assert mix_shares(mix_job(r)) == pytest.approx({"addition": 10 / 30, "sort": 20 / 30})
     r = make_recipe(tmp_path, tiny_base, [{**a, "mix_proportion": 3}, {**s, "mix_proportion": 1}])
-    assert mix_shares(r, all_splits(r)) == pytest.approx({"addition": 0.75, "sort": 0.25})
+    assert mix_shares(mix_job(r)) == pytest.approx({"addition": 0.75, "sort": 0.25})
     r = make_recipe(tmp_path, tiny_base, [{**a, "mix_proportion": 3}, s])
     with pytest.raises(LorademError, match=r"mix_proportion: set for addition but not for sort; set it for every source or for none"):
-        mix_shares(r, all_splits(r))
+        mix_shares(mix_job(r))
+
+
+def test_a_mix_job_built_by_hand_plans_like_the_recipes(tmp_path, tiny_base):
+    r = make_recipe(tmp_path, tiny_base, [task_source(tmp_path, "addition", 14, mix_proportion=2.0),
+                                          task_source(tmp_path, "sort", 14, mix_proportion=1.0)], mix={"tokens": 700})
+    splits = {s.name: load_splits(s, 0) for s in r.sources}
+    job = MixJob(splits=splits, proportions={"addition": 2.0, "sort": 1.0}, train=r.train, lora=LoraSettings(),
+                 mix=MixSettings(tokens=700), seed=0, adapters_dir=str(tmp_path / "adapters"), base_name="unused")
+    plan = plan_mix(job, tiny_base, {})
+    assert plan == plan_mix(mix_job(r), tiny_base, {})
+    assert plan.shares == pytest.approx({"addition": 2 / 3, "sort": 1 / 3}) and plan.target_tokens == 700
+    other = MixJob(**{**job.__dict__, "train": TrainSettings(**{**r.train.model_dump(), "max_steps": 50})})
+    assert plan_mix(other, tiny_base, {}).folder == plan.folder  # the budget, not max_steps, ends the mix
+    other = MixJob(**{**job.__dict__, "seed": 1})
+    assert plan_mix(other, tiny_base, {}).folder != plan.folder
 
 
 def test_plan_refuses_what_it_cannot_mix(tmp_path, tiny_base):
@@ -118,17 +138,18 @@ def test_plan_refuses_what_it_cannot_mix(tmp_path, tiny_base):
             "data": write_jsonl(tmp_path / "txt.jsonl", [{"text": f"{i} before {i + 1}"} for i in range(10)])}
     r = make_recipe(tmp_path, tiny_base, [a, text], mix={"tokens": 1000})
     with pytest.raises(LorademError, match=r"mix: the sources' rows have different formats \(addition: messages, txt: text\)"):
-        plan_mix(r, tiny_base, {}, all_splits(r))
+        plan_mix(mix_job(r), tiny_base, {})
     r = make_recipe(tmp_path, tiny_base, [a, task_source(tmp_path, "sort", 14)])
     with pytest.raises(LorademError, match=r"tokens: match needs every source's finished adapter .*; none for addition, sort"):
-        plan_mix(r, tiny_base, {}, all_splits(r))
+        plan_mix(mix_job(r), tiny_base, {})
     empty = tmp_path / "no-record"
     empty.mkdir()
     with pytest.raises(LorademError, match=r"source 'addition'.*no-record has no train_tokens in loradem-train.json or vector.json"):
-        plan_mix(r, tiny_base, {"addition": empty, "sort": empty}, all_splits(r))
-    assert find_mix(r, tiny_base, {}, all_splits(r)) is None  # the report just has no mix row
-    fixed = make_recipe(tmp_path, tiny_base, r.model_dump(mode="json")["sources"], mix={"tokens": 500})
-    plan = plan_mix(fixed, tiny_base, {}, all_splits(fixed))  # a number needs no per-source adapter
+        plan_mix(mix_job(r), tiny_base, {"addition": empty, "sort": empty})
+    assert find_mix(mix_job(r), tiny_base, {}) is None  # the report just has no mix row
+    assert pipeline.find_mix(r, tiny_base, {}, pipeline._splits(r)) is None
+    fixed = r.model_copy(update={"mix": MixSettings(tokens=500)})
+    plan = plan_mix(mix_job(fixed), tiny_base, {})  # a number needs no per-source adapter
     assert (plan.target_tokens, plan.source_tokens, plan.folder.parent) == (500, None, tmp_path / "adapters")
     assert plan.folder.name == f"mix-{plan.key}"
 
@@ -136,16 +157,18 @@ def test_plan_refuses_what_it_cannot_mix(tmp_path, tiny_base):
 # ---- training ---------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_mix_trains_on_the_per_source_token_budget_with_the_shares_and_is_cached(tmp_path, tiny_base):
+def test_mix_trains_on_the_per_source_token_budget_with_the_shares_and_is_cached(tmp_path, tiny_base, capsys):
     sources = [task_source(tmp_path, "addition", 24, mix_proportion=3.0),
                task_source(tmp_path, "sort", 24, mix_proportion=1.0, train={"max_steps": 2, "learning_rate": 5e-3})]
     r = make_recipe(tmp_path, tiny_base, sources, max_steps=1, eval_steps=2)
-    adapters = train_all(r, tiny_base, log=lambda _: None)
+    adapters = train_all(pipeline.train_jobs(r, pipeline._splits(r)), tiny_base, log=lambda _: None)
     per_source = {n: json.loads((f / "loradem-train.json").read_text())["train_tokens"] for n, f in adapters.items()}
     target = sum(per_source.values())
 
     log: list[str] = []
-    folder = train_mix(r, tiny_base, adapters, log=log.append)
+    capsys.readouterr()
+    folder = train_mix(mix_job(r), tiny_base, adapters, log=log.append)
+    assert "train mix" in capsys.readouterr().err  # its progress bar, like every source's
     assert is_finished(folder) and folder.name.startswith("mix-") and folder.parent == tmp_path / "adapters"
     rec = json.loads((folder / "loradem-train.json").read_text())
     assert (rec["source"], rec["target_tokens"], rec["source_tokens"]) == ("mix", target, per_source)
@@ -171,13 +194,14 @@ def test_mix_trains_on_the_per_source_token_budget_with_the_shares_and_is_cached
     # cached: a second run reuses it; find_mix sees it; a different budget is another adapter
     log.clear()
     before = sha(folder / "adapter_model.safetensors")
-    assert train_mix(r, tiny_base, adapters, log=log.append) == folder
+    assert train_mix(mix_job(r), tiny_base, adapters, log=log.append) == folder
     assert log == [f"mix: skipped (finished adapter {folder})"]
     assert sha(folder / "adapter_model.safetensors") == before
-    assert find_mix(r, tiny_base, adapters, all_splits(r)) == folder
+    assert find_mix(mix_job(r), tiny_base, adapters) == folder
+    assert pipeline.find_mix(r, tiny_base, adapters, pipeline._splits(r)) == folder
     other = make_recipe(tmp_path, tiny_base, sources, mix={"tokens": target + 1}, max_steps=1, eval_steps=2)
-    assert plan_mix(other, tiny_base, adapters, all_splits(other)).folder != folder
-    assert find_mix(other, tiny_base, adapters, all_splits(other)) is None
+    assert plan_mix(mix_job(other), tiny_base, adapters).folder != folder
+    assert find_mix(mix_job(other), tiny_base, adapters) is None
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """loradem.train.sft: one adapter per source, the best validation checkpoint kept, cached by key, atomic on failure.
 
-Training tests use the tiny Llama fixture on the CPU, a few optimizer steps each.
+Training tests use the tiny Llama fixture on the CPU, a few optimizer steps each. The stage takes `TrainJob`s;
+most tests build them from a recipe through `pipeline.train_jobs`, one builds its job by hand.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import loradem
-from loradem.data.rows import load_splits
+from loradem import pipeline
 from loradem.data.demo import task_rows
+from loradem.data.rows import Splits
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights
-from loradem.recipe import Recipe
+from loradem.recipe import LoraSettings, Recipe, TrainSettings
 from loradem.train.sft import (
     FINISHED_FILES,
+    TrainJob,
     adapter_dir,
     adapter_key,
     is_finished,
+    plot_curve,
     train_all,
     train_source,
     trainer_configs,
@@ -43,14 +48,32 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def make_recipe(tmp_path: Path, base: Path, sources: list[dict], **train) -> Recipe:
-    return Recipe.model_validate({
+def recipe_dict(tmp_path: Path, base: Path, sources: list[dict], **train) -> dict:
+    return {
         "name": "t",
         "base": str(base),
         "adapters_dir": str(tmp_path / "adapters"),
         "train": {"max_steps": 2, "eval_steps": 1, "batch_size": 4, **train},
         "sources": sources,
-    })
+    }
+
+
+def make_recipe(tmp_path: Path, base: Path, sources: list[dict], **train) -> Recipe:
+    return Recipe.model_validate(recipe_dict(tmp_path, base, sources, **train))
+
+
+def jobs(recipe: Recipe, only: list[str] | None = None) -> list[TrainJob]:
+    return pipeline.train_jobs(recipe, pipeline._splits(recipe), only=only)
+
+
+def job(recipe: Recipe, name: str = "addition") -> TrainJob:
+    return jobs(recipe, only=[name])[0]
+
+
+def write_recipe(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
 
 
 def addition_source(tmp_path: Path, rows: int = 12, **kw) -> dict:
@@ -112,20 +135,27 @@ def test_adapter_key_depends_on_what_shapes_the_weights(tmp_path, tiny_base):
     src = addition_source(tmp_path)
     other = {**src, "name": "other"}
     r = make_recipe(tmp_path, tiny_base, [src, other])
-    a, o = r.sources
-    key = adapter_key(r, a, "base", "data")
-    assert key == adapter_key(r, a, "base", "data") and len(key) == 12
-    assert adapter_dir(r, a, key) == tmp_path / "adapters" / f"addition-{key}"
-    assert adapter_key(r, a, "base2", "data") != key
-    assert adapter_key(r, a, "base", "data2") != key
+    a, o = jobs(r)
+    key = adapter_key(a, "base")
+    assert key == adapter_key(a, "base") and len(key) == 12
+    assert adapter_dir(a, key) == tmp_path / "adapters" / f"addition-{key}"
+    assert adapter_key(a, "base2") != key
+    assert adapter_key(replace(a, splits=replace(a.splits, fingerprint="data2")), "base") != key
     r_lr = make_recipe(tmp_path, tiny_base, [src, {**other, "train": {"learning_rate": 5e-3}}])
-    assert adapter_key(r_lr, r_lr.sources[0], "base", "data") == key  # another source's override
-    assert adapter_key(r_lr, r_lr.sources[1], "base", "data") != adapter_key(r, o, "base", "data")
-    assert adapter_key(make_recipe(tmp_path, tiny_base, [src], learning_rate=5e-3), a, "base", "data") != key
-    r_rank = make_recipe(tmp_path, tiny_base, [{**src, "lora": {"r": 4}}])
-    assert adapter_key(r_rank, r_rank.sources[0], "base", "data") != key
-    r_seed = Recipe.model_validate({**r.model_dump(), "seed": 1})
-    assert adapter_key(r_seed, r_seed.sources[0], "base", "data") != key
+    assert adapter_key(jobs(r_lr)[0], "base") == key  # another source's override
+    assert adapter_key(jobs(r_lr)[1], "base") != adapter_key(o, "base")
+    assert adapter_key(job(make_recipe(tmp_path, tiny_base, [src], learning_rate=5e-3)), "base") != key
+    assert adapter_key(job(make_recipe(tmp_path, tiny_base, [{**src, "lora": {"r": 4}}])), "base") != key
+    assert adapter_key(job(r.model_copy(update={"seed": 1})), "base") != key
+    # the same settings by hand give the same key; disabled anchor settings shape nothing
+    by_hand = TrainJob(source="addition", splits=a.splits, train=TrainSettings(max_steps=2, eval_steps=1, batch_size=4),
+                       lora=LoraSettings(), seed=0, adapters_dir=str(tmp_path / "adapters"), base_name="anything")
+    assert adapter_key(by_hand, "base") == key and adapter_dir(by_hand, key) == adapter_dir(a, key)
+    anchored = replace(by_hand, anchor=r.anchor.model_copy(update={"enabled": True}))
+    assert adapter_key(anchored, "base") != key
+    assert adapter_key(replace(by_hand, anchor=r.anchor.model_copy(update={"fraction": 0.5})), "base") == key
+    with pytest.raises(ValueError, match=r"splits are for source 'addition', not 'other'"):
+        replace(by_hand, source="other")
 
 
 def test_trainer_configs_map_every_setting(tmp_path, tiny_base):
@@ -153,35 +183,74 @@ def test_trl_rows_are_conversational_prompt_completion():
 def test_no_validation_rows_is_refused_before_training(tmp_path, tiny_base):
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, validation=0)])
     with pytest.raises(LorademError, match=r"source 'addition': no validation rows; the best checkpoint is chosen on them"):
-        train_all(r, tiny_base, log=lambda _: None)
+        train_all(jobs(r), tiny_base, log=lambda _: None)
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
 
 
 def test_unknown_source_names_are_refused(tmp_path, tiny_base):
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)])
+    with pytest.raises(LorademError, match=r"--force nope: no source named 'nope' \(have: addition\)"):
+        train_all(jobs(r), tiny_base, force=["nope"], log=lambda _: None)
+    path = write_recipe(tmp_path, recipe_dict(tmp_path, tiny_base, [addition_source(tmp_path)]))
     with pytest.raises(LorademError, match=r"no source named 'nope' \(have: addition\)"):
-        train_all(r, tiny_base, only=["nope"], log=lambda _: None)
-    with pytest.raises(LorademError, match=r"no source named 'nope'"):
-        train_all(r, tiny_base, force=["nope"], log=lambda _: None)
+        pipeline.train(path, only=["nope"])
+
+
+def test_train_checks_every_source_and_variant_before_training_the_first(tmp_path, tiny_base):
+    good = addition_source(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                   + "\n" + json.dumps({"messages": "not a list"}) + "\n")
+    raw = recipe_dict(tmp_path, tiny_base, [good, {"name": "second", "data": str(bad), "validation": 0}])
+    with pytest.raises(LorademError, match=r"bad.jsonl: row 2: expected a \"messages\" row"):
+        pipeline.train(write_recipe(tmp_path, raw))
+    assert not (tmp_path / "adapters").exists()  # the first source was not trained
+
+    pc = {"name": "pc", "validation": 2, "test": 0, "data": write_jsonl(
+        tmp_path / "pc.jsonl", [{"prompt": f"{i} + 1 =", "completion": str(i + 1)} for i in range(10)])}
+    raw = {**recipe_dict(tmp_path, tiny_base, [good, pc]), "variants": [{"name": "anchored", "anchor": {"enabled": True}}]}
+    with pytest.raises(LorademError, match=r"variant 'anchored': source 'pc': anchored training needs messages rows"):
+        pipeline.train(write_recipe(tmp_path, raw))
+    assert not (tmp_path / "adapters").exists()
+
+    # what TRL's config refuses, on the second source, also fails before the first one trains
+    raw = recipe_dict(tmp_path, tiny_base, [good, {**pc, "train": {"optimizer": "no_such_optimizer"}}])
+    with pytest.raises(LorademError, match=r"source 'pc': train settings: transformers refuses them: no_such_optimizer is not"):
+        pipeline.train(write_recipe(tmp_path, raw))
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_the_curve_is_a_png_drawn_without_pyplot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    hist = [{"step": 1, "train_loss": 2.0}, {"step": 1, "eval_loss": 2.1}, {"step": 2, "train_loss": 1.5},
+            {"step": 2, "eval_loss": 1.7}]
+    plot_curve(hist, tmp_path / "curve.png", title="addition (k)", best_step=2)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.get_fignums() == []  # no pyplot figure left open
 
 
 # ---- training -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base):
-    # 8 training rows, batch 4, one epoch: every row is fed exactly once in 2 steps
-    r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)], max_steps=None, epochs=1.0)
-    source = r.sources[0]
-    splits = load_splits(source, r.seed)
+def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base, capsys):
+    # a job built by hand, no recipe: 8 training rows, batch 4, one epoch: every row is fed exactly once in 2 steps
+    rows = task_rows("addition", rows=12)
+    splits = Splits("addition", "messages", rows[:8], rows[8:10], rows[10:], fingerprint="addition-data")
+    train = TrainSettings(max_steps=None, epochs=1.0, eval_steps=1, batch_size=4)
+    addition = TrainJob(source="addition", splits=splits, train=train, lora=LoraSettings(), seed=0,
+                      adapters_dir=tmp_path / "adapters", base_name=str(tiny_base))
     snap, log = Snapshot(), []
-    folder = train_source(r, source, tiny_base, splits, log=log.append, callbacks=[snap])
+    folder = train_source(addition, tiny_base, log=log.append, callbacks=[snap])
 
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FINISHED_FILES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(FINISHED_FILES) and is_finished(folder)
     assert not list(folder.parent.glob(".*partial*"))
     record = json.loads((folder / "loradem-train.json").read_text())
-    key = adapter_key(r, source, fingerprint_weights(tiny_base), splits.fingerprint)
-    assert folder == adapter_dir(r, source, key) and record["key"] == key
+    key = adapter_key(addition, fingerprint_weights(tiny_base))
+    assert folder == adapter_dir(addition, key) == tmp_path / "adapters" / f"addition-{key}" and record["key"] == key
     assert (record["source"], record["steps"], record["train_rows"], record["validation_rows"]) == ("addition", 2, 8, 2)
+    bar = capsys.readouterr().err  # one progress bar, in optimizer steps
+    assert "train addition" in bar and "2/2" in bar and "step" in bar
 
     # tokens: the non-padding tokens of the 8 rows, each fed once
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -226,8 +295,8 @@ def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base):
         "source": "addition",
         "base": {"name": str(tiny_base), "fingerprint": fingerprint_weights(tiny_base)},
         "data": {"fingerprint": splits.fingerprint, "rows": {"train": 8, "validation": 2, "test": 2}, "format": "messages"},
-        "train": r.train_for(source).model_dump(),
-        "lora": r.lora_for(source).model_dump(),
+        "train": train.model_dump(),
+        "lora": LoraSettings().model_dump(),
         "metrics": {"best_val_loss": record["best_val_loss"], "best_step": record["best_step"], "steps": 2,
                     "train_tokens": expected},
         "adapter_sha256": hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(),
@@ -246,10 +315,8 @@ def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base):
 @pytest.mark.slow
 def test_the_saved_adapter_is_the_best_validation_checkpoint(tmp_path, tiny_base):
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=40)], max_steps=6, eval_steps=2)
-    source = r.sources[0]
     snap = Snapshot()
-    folder = train_source(r, source, tiny_base, load_splits(source, r.seed), log=lambda _: None,
-                          callbacks=[snap, Reverse(after=2)])
+    folder = train_source(job(r), tiny_base, log=lambda _: None, callbacks=[snap, Reverse(after=2)])
     record = json.loads((folder / "loradem-train.json").read_text())
     evals = {h["step"]: h["eval_loss"] for h in record["history"] if "eval_loss" in h}
     assert sorted(evals) == [2, 4, 6]
@@ -266,7 +333,7 @@ def test_the_saved_adapter_is_the_best_validation_checkpoint(tmp_path, tiny_base
 @pytest.mark.slow
 def test_nf4_training_runs_and_saves(tmp_path, tiny_base_tied):
     r = make_recipe(tmp_path, tiny_base_tied, [addition_source(tmp_path)], quantization="nf4")
-    folder = train_all(r, tiny_base_tied, log=lambda _: None)["addition"]
+    folder = train_all(jobs(r), tiny_base_tied, log=lambda _: None)["addition"]
     record = json.loads((folder / "loradem-train.json").read_text())
     assert record["train"]["quantization"] == "nf4" and record["steps"] == 2
     saved = tensors(folder)
@@ -290,12 +357,12 @@ def test_finished_adapters_are_reused_and_a_changed_source_retrains_alone(tmp_pa
     ]
     r = make_recipe(tmp_path, tiny_base, sources, max_steps=1)
     log: list[str] = []
-    first = train_all(r, tiny_base, log=log.append)
+    first = train_all(jobs(r), tiny_base, log=log.append)
     assert len(lines(log, ": trained -> ")) == 3 and not lines(log, "skipped")
     before = {name: digest(folder) for name, folder in first.items()}
 
     log.clear()
-    second = train_all(r, tiny_base, log=log.append)
+    second = train_all(jobs(r), tiny_base, log=log.append)
     assert second == first
     assert sorted(lines(log, "skipped")) == sorted(f"{n}: skipped (finished adapter {p})" for n, p in first.items())
     assert not lines(log, "trained")
@@ -305,21 +372,21 @@ def test_finished_adapters_are_reused_and_a_changed_source_retrains_alone(tmp_pa
     card = (first["txt"] / "vector.json").read_text()
     (first["txt"] / "vector.json").unlink()
     log.clear()
-    assert train_all(r, tiny_base, only=["txt"], log=log.append) == {"txt": first["txt"]}
+    assert train_all(jobs(r, only=["txt"]), tiny_base, log=log.append) == {"txt": first["txt"]}
     assert lines(log, "txt: skipped") and not lines(log, "trained")
     assert json.loads((first["txt"] / "vector.json").read_text()) == json.loads(card)
 
     changed = make_recipe(tmp_path, tiny_base, [sources[0], {**sources[1], "train": {"learning_rate": 5e-3}}, sources[2]],
                           max_steps=1)
     log.clear()
-    third = train_all(changed, tiny_base, log=log.append)
+    third = train_all(jobs(changed), tiny_base, log=log.append)
     assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["pc"]
     assert third["addition"] == first["addition"] and third["txt"] == first["txt"]
     assert third["pc"] != first["pc"] and digest(first["pc"]) == before["pc"]  # the old one is kept
     assert json.loads((third["pc"] / "loradem-train.json").read_text())["train"]["learning_rate"] == 5e-3
 
     log.clear()
-    assert train_all(r, tiny_base, only=["txt"], force=["txt"], log=log.append) == {"txt": first["txt"]}
+    assert train_all(jobs(r, only=["txt"]), tiny_base, force=["txt"], log=log.append) == {"txt": first["txt"]}
     assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["txt"]
     # seeded: retraining the same key gives the same weights, bit for bit
     assert digest(first["txt"])["adapter_model.safetensors"] == before["txt"]["adapter_model.safetensors"]
@@ -328,17 +395,16 @@ def test_finished_adapters_are_reused_and_a_changed_source_retrains_alone(tmp_pa
 @pytest.mark.slow
 def test_a_failure_mid_training_leaves_no_adapter_and_keeps_the_old_one(tmp_path, tiny_base):
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path)])
-    source = r.sources[0]
-    splits = load_splits(source, r.seed)
+    source = job(r)
     adapters = tmp_path / "adapters"
     with pytest.raises(RuntimeError, match="boom at step 1"):
-        train_source(r, source, tiny_base, splits, log=lambda _: None, callbacks=[Boom()])
+        train_source(source, tiny_base, log=lambda _: None, callbacks=[Boom()])
     assert list(adapters.iterdir()) == []  # neither the adapter nor a partial folder
 
-    folder = train_source(r, source, tiny_base, splits, log=lambda _: None)
+    folder = train_source(source, tiny_base, log=lambda _: None)
     kept = digest(folder)
     with pytest.raises(RuntimeError, match="boom at step 1"):
-        train_source(r, source, tiny_base, splits, force=True, log=lambda _: None, callbacks=[Boom()])
+        train_source(source, tiny_base, force=True, log=lambda _: None, callbacks=[Boom()])
     assert list(adapters.iterdir()) == [folder] and digest(folder) == kept
 
 
@@ -346,10 +412,8 @@ def test_a_failure_mid_training_leaves_no_adapter_and_keeps_the_old_one(tmp_path
 def test_early_stopping_stops_when_validation_loss_rises_and_keeps_the_best(tmp_path, tiny_base):
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=40)], max_steps=10, eval_steps=2,
                     early_stopping_patience=1)
-    source = r.sources[0]
     snap, log = Snapshot(), []
-    folder = train_source(r, source, tiny_base, load_splits(source, r.seed), log=log.append,
-                          callbacks=[snap, Reverse(after=2)])
+    folder = train_source(job(r), tiny_base, log=log.append, callbacks=[snap, Reverse(after=2)])
     record = json.loads((folder / "loradem-train.json").read_text())
     evals = {h["step"]: h["eval_loss"] for h in record["history"] if "eval_loss" in h}
     assert sorted(evals) == [2, 4] and evals[4] > evals[2]  # one evaluation without improvement, then stop
@@ -369,14 +433,13 @@ def test_sources_with_a_ready_vector_are_not_trained(tmp_path, tiny_base):
     ready.mkdir()
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, vector=str(ready))])
     log: list[str] = []
-    assert train_all(r, tiny_base, log=log.append) == {}
+    assert train_all(jobs(r), tiny_base, log=log.append) == {}
     assert log == [f"addition: uses ready vector {ready}"]
     assert not (tmp_path / "adapters").exists()
     with pytest.raises(LorademError, match=r"--force addition: source 'addition' uses a ready vector .*nothing to train"):
-        train_all(r, tiny_base, force=["addition"], log=log.append)
-    source = r.sources[0]
+        train_all(jobs(r), tiny_base, force=["addition"], log=log.append)
     with pytest.raises(LorademError, match=r"source 'addition' uses a ready vector"):
-        train_source(r, source, tiny_base, load_splits(source, r.seed), log=log.append)
+        train_source(job(r), tiny_base, log=log.append)
 
 
 # The child trains one source and parks in on_save, right after TRL wrote its first checkpoint into the
@@ -385,6 +448,7 @@ KILLED_CHILD = """
 import sys, time
 from pathlib import Path
 from transformers import TrainerCallback
+from loradem import pipeline
 from loradem.recipe import Recipe
 from loradem.train.sft import train_all
 
@@ -394,7 +458,7 @@ class Park(TrainerCallback):
         time.sleep(600)
 
 recipe = Recipe.model_validate_json(Path(sys.argv[1]).read_text())
-train_all(recipe, Path(sys.argv[2]), callbacks=[Park()])
+train_all(pipeline.train_jobs(recipe, pipeline._splits(recipe)), Path(sys.argv[2]), callbacks=[Park()])
 """
 
 
@@ -403,10 +467,9 @@ def test_a_killed_run_leaves_no_finished_adapter_and_the_rerun_restarts_cleanly(
     from loradem.pipeline import finished_adapters
 
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=24)], max_steps=4, eval_steps=2)
-    source = r.sources[0]
-    final = adapter_dir(r, source, adapter_key(r, source, fingerprint_weights(tiny_base), load_splits(source, r.seed).fingerprint))
+    final = adapter_dir(job(r), adapter_key(job(r), fingerprint_weights(tiny_base)))
     adapters = tmp_path / "adapters"
-    (tmp_path / "recipe.json").write_text(r.model_dump_json())
+    (tmp_path / "recipe.json").write_text(r.model_dump_json(exclude_unset=True))
     parked = tmp_path / "parked"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path / "recipe.json"), str(tiny_base), str(parked)],
@@ -436,14 +499,14 @@ def test_a_killed_run_leaves_no_finished_adapter_and_the_rerun_restarts_cleanly(
 
     # the re-run removes the leftover and trains the source from scratch
     log: list[str] = []
-    assert train_all(r, tiny_base, log=log.append) == {"addition": final}
+    assert train_all(jobs(r), tiny_base, log=log.append) == {"addition": final}
     assert lines(log, "addition: trained -> ") and not lines(log, "skipped")
     assert list(adapters.iterdir()) == [final] and is_finished(final)
     assert json.loads((final / "loradem-train.json").read_text())["steps"] == 4
     # from scratch: bit for bit the adapter of a run that was never interrupted
-    fresh = make_recipe(tmp_path / "fresh", tiny_base, r.model_dump(mode="json")["sources"], max_steps=4, eval_steps=2)
+    fresh = make_recipe(tmp_path / "fresh", tiny_base, r.model_dump(mode="json", exclude_unset=True)["sources"], max_steps=4, eval_steps=2)
     (tmp_path / "fresh").mkdir()
-    clean = train_all(fresh, tiny_base, log=lambda _: None)["addition"]
+    clean = train_all(jobs(fresh), tiny_base, log=lambda _: None)["addition"]
     assert clean.name == final.name
     assert digest(clean)["adapter_model.safetensors"] == digest(final)["adapter_model.safetensors"]
     assert json.loads((clean / "vector.json").read_text()) == json.loads((final / "vector.json").read_text())
@@ -453,22 +516,21 @@ def test_a_killed_run_leaves_no_finished_adapter_and_the_rerun_restarts_cleanly(
 def test_data_parallel_training_under_torchrun_writes_one_finished_adapter(tmp_path, tiny_base):
     """Two CPU processes (gloo) train one source in step; only rank 0 writes, the other ranks leave nothing."""
     r = make_recipe(tmp_path, tiny_base, [addition_source(tmp_path, rows=24)], max_steps=2, eval_steps=2)
-    (tmp_path / "recipe.json").write_text(r.model_dump_json())
     recipe_yaml = tmp_path / "recipe.yaml"
-    recipe_yaml.write_text(json.dumps(json.loads(r.model_dump_json())))  # JSON is YAML
+    recipe_yaml.write_text(r.model_dump_json(exclude_unset=True))  # JSON is YAML
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "loradem.cli", "train", str(recipe_yaml)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    source = r.sources[0]
-    final = adapter_dir(r, source, adapter_key(r, source, fingerprint_weights(tiny_base), load_splits(source, r.seed).fingerprint))
+    source = job(r)
+    final = adapter_dir(source, adapter_key(source, fingerprint_weights(tiny_base)))
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == [final.name] and is_finished(final)
     assert (done.stdout + done.stderr).count("addition: trained -> ") == 1  # rank 0 alone reports
     record = json.loads((final / "loradem-train.json").read_text())
     # 2 steps x batch 4 x 2 ranks = 16 rows fed, counted over both ranks
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    lengths = [len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"]) for row in load_splits(source, r.seed).train]
+    lengths = [len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"]) for row in source.splits.train]
     assert (record["steps"], record["world_size"]) == (2, 2) and record["train_tokens"] >= 16 * min(lengths)
     assert record["train_tokens"] > 8 * max(lengths)  # more than one process alone could have fed
     assert not list(Path(tempfile.gettempdir()).glob(".loradem-rank-*"))
@@ -479,11 +541,11 @@ def test_adding_a_source_to_the_recipe_trains_only_that_source(tmp_path, tiny_ba
     first_source = addition_source(tmp_path)
     added = {"name": "sort", "validation": 2, "test": 0, "data": write_jsonl(
         tmp_path / "sort.jsonl", task_rows("sort", seed=0, rows=12))}
-    before = train_all(make_recipe(tmp_path, tiny_base, [first_source], max_steps=1), tiny_base, log=lambda m: None)
+    before = train_all(jobs(make_recipe(tmp_path, tiny_base, [first_source], max_steps=1)), tiny_base, log=lambda m: None)
     kept = digest(before["addition"])
 
     log: list[str] = []
-    after = train_all(make_recipe(tmp_path, tiny_base, [first_source, added], max_steps=1), tiny_base, log=log.append)
+    after = train_all(jobs(make_recipe(tmp_path, tiny_base, [first_source, added], max_steps=1)), tiny_base, log=log.append)
     assert [line.split(":")[0] for line in lines(log, ": trained -> ")] == ["sort"]
     assert lines(log, "addition: skipped")
     assert after["addition"] == before["addition"] and digest(after["addition"]) == kept

@@ -1,21 +1,23 @@
 """Anchored training: teach each distribution vector to leave inputs outside its source alone.
 
     from loradem.data.anchors import anchor_rows, with_anchors
-    anchors, info = anchor_rows(recipe, base_dir)          # generic prompts answered by the base itself
-    rows = with_anchors(splits.train, anchors, recipe.anchor.fraction, seed=0, source="sort")
+    anchors, info = anchor_rows(settings, base_dir, adapters_dir)   # generic prompts answered by the base itself
+    rows = with_anchors(splits.train, anchors, settings.fraction, seed=0, source="sort")
+
+(`settings` is an `AnchorSettings`, the recipe's ``anchor:`` block.)
 
 Why: an adapter trained only on its own source changes the model everywhere. On
 the demo, the plain sum of the three adapters answers sort prompts in the
-reverse adapter's format (it reverses the list; 24.4% average exact match, 40.6%
-with anchors). Data mixing never has this
+reverse adapter's format (it reverses the list). Data mixing never has this
 problem: its single adapter sees every source and learns which format goes
 with which prompt. DEM cannot show one source's adapter the other sources'
 data (adding a source later would retrain all of them), but it can show every
 adapter the same *generic* prompts answered by the base model itself. Trained
 on those rows too, a vector learns "change nothing here", and the sum of
-vectors interferes less (README, "Interference").
+vectors interferes less (docs/stages.md, "Anchored training"; the measured
+effect is in benchmarks/RESULTS.md).
 
-Anchor rows: `recipe.anchor.data` is ``builtin`` (`builtin_prompts`, everyday
+Anchor rows: ``anchor.data`` is ``builtin`` (`builtin_prompts`, everyday
 questions generated from templates; none asks to add, sort, reverse or
 capitalize) or a file of ``messages`` / ``prompt_completion`` rows, whose
 answers are ignored. Each prompt is answered by the base with greedy decoding;
@@ -39,11 +41,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from loradem.data.demo import WORDS
+from loradem.data.rows import read_rows
 from loradem.errors import LorademError
 from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, read_json, sha256_file, stable_hash
+from loradem.progress import progress
+from loradem.recipe import AnchorSettings
 
 Row = dict[str, Any]
 Log = Callable[[str], Any]
+GENERATION_BATCH = 50  # prompts the base answers at once
 
 _COUNTRIES = ("France", "Spain", "Italy", "Japan", "Egypt", "Canada", "Brazil", "Kenya", "Norway", "Peru",
               "India", "China", "Mexico", "Greece", "Chile", "Poland")
@@ -56,8 +63,6 @@ _TOPICS = ("the sea", "winter", "a garden", "music", "a city", "the moon", "rain
 
 
 def _templates(rng: random.Random) -> list[Callable[[], str]]:
-    from loradem.data.demo import WORDS
-
     return [
         lambda: f"What is the capital of {rng.choice(_COUNTRIES)}?",
         lambda: f"Give one word that rhymes with '{rng.choice(WORDS)}'.",
@@ -93,8 +98,6 @@ def builtin_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def _file_prompts(path: str) -> list[list[dict]]:
-    from loradem.data.rows import read_rows
-
     rows, fmt = read_rows(path)
     if fmt == "messages":
         return [r["messages"][:-1] for r in rows]
@@ -104,32 +107,32 @@ def _file_prompts(path: str) -> list[list[dict]]:
                        f"used), got {fmt!r} rows")
 
 
-def prompts_for(settings) -> list[list[dict]]:
+def prompts_for(settings: AnchorSettings) -> list[list[dict]]:
     """The anchor prompts as chat messages (each a list of turns ending before the answer)."""
     if settings.data == "builtin":
         return [[{"role": "user", "content": p}] for p in builtin_prompts(settings.prompts)]
     return _file_prompts(settings.data)
 
 
-def identity(settings) -> dict:
+def identity(settings: AnchorSettings) -> dict:
     """What decides the anchor rows besides the base: part of every anchored adapter's key."""
     source = "builtin" if settings.data == "builtin" else sha256_file(settings.data)
     return {"prompts": source, "n": settings.prompts if settings.data == "builtin" else None,
             "fraction": settings.fraction, "max_new_tokens": settings.max_new_tokens}
 
 
-def anchor_rows(recipe, base_dir: Path, *, log: Log = print, generate: bool = True,
-                wait_seconds: float = 7200.0) -> tuple[list[Row], dict]:
-    """The anchor rows (messages: prompt + the base's own greedy reply) and their record, from the cache
-    or generated now; the record's ``spent_seconds`` is the generation time paid by this call (0 when cached).
+def anchor_rows(settings: AnchorSettings, base_dir: Path, adapters_dir: Path, *, log: Log = print,
+                generate: bool = True, wait_seconds: float = 7200.0) -> tuple[list[Row], dict]:
+    """The anchor rows (messages: prompt + the base's own greedy reply) and their record, from the cache in
+    ``<adapters_dir>/.anchors/`` or generated now; the record's ``spent_seconds`` is the generation time paid
+    by this call (0 when cached).
 
     With ``generate=False`` (a non-zero rank of a data-parallel job) the replies are never generated here:
     the call waits up to `wait_seconds` for the process that does (rank 0) to write the cache."""
-    settings = recipe.anchor
     ident = identity(settings)
     key = stable_hash({"base": fingerprint_weights(base_dir), "prompts": ident["prompts"], "n": ident["n"],
                        "max_new_tokens": settings.max_new_tokens})
-    folder = Path(recipe.adapters_dir) / ".anchors"
+    folder = Path(adapters_dir) / ".anchors"
     rows_path, record_path = folder / f"{key}.jsonl", folder / f"{key}.json"
     deadline = time.monotonic() + wait_seconds
     while not generate and not record_path.is_file():  # the record is written last
@@ -143,13 +146,20 @@ def anchor_rows(recipe, base_dir: Path, *, log: Log = print, generate: bool = Tr
     prompts = prompts_for(settings)
     log(f"anchor: answering {len(prompts)} generic prompts with the base itself (greedy, "
         f"at most {settings.max_new_tokens} new tokens; cached in {rows_path})")
+    # torch comes with these (about 2 s): imported only when the base has to answer, because `loradem check`
+    # imports this module to check the anchor settings
     from loradem.model.generate import generate_replies
     from loradem.model.soup import load_base, load_tokenizer
 
     model, tokenizer = load_base(base_dir), load_tokenizer(base_dir)
     start = time.perf_counter()
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, batch_size=50,
-                               log=None)
+    replies = []
+    with progress(len(prompts), "anchor replies", unit="prompt") as bar:
+        for first in range(0, len(prompts), GENERATION_BATCH):  # one generation batch per call, for the bar
+            batch = prompts[first:first + GENERATION_BATCH]
+            replies += generate_replies(model, tokenizer, batch, max_new_tokens=settings.max_new_tokens,
+                                        batch_size=GENERATION_BATCH, log=None)
+            bar.update(len(batch))
     seconds = time.perf_counter() - start
     rows = [{"messages": [*p, {"role": "assistant", "content": text}]}
             for p, (text, ended) in zip(prompts, replies) if ended and text.strip()]

@@ -1,7 +1,12 @@
 """Data mixing, the baseline DEM is measured against: one adapter on every source's rows, at equal compute.
 
     loradem train recipes/demo.yaml --baseline mix       # after (or with) the per-source adapters
-    folder = train_mix(recipe, base_dir, adapters)        # adapters: {source: finished adapter folder}
+    folder = train_mix(job, base_dir, adapters)           # adapters: {source: finished adapter folder}
+
+A `MixJob` is everything the mix needs, already resolved (`pipeline.mix_job`
+builds it from a recipe): every source's splits and mix_proportion, the
+recipe-wide train and LoRA settings, the mix settings, the seed, the adapters
+folder and the base's name for the card.
 
 What it trains, exactly:
 
@@ -11,7 +16,7 @@ What it trains, exactly:
   share of all training rows. Slot k of the stream goes to the source furthest
   below its share (share·k − rows so far; ties to the earlier source), so after
   any number of rows every source's count is within one row of its share.
-  Within a source, rows cycle through a permutation seeded by (recipe seed,
+  Within a source, rows cycle through a permutation seeded by (seed,
   source, pass): a source that runs out starts a new shuffled pass. The Trainer
   reads the stream in order (sequential sampler), so what `mix_stream` yields is
   what is fed.
@@ -38,7 +43,11 @@ What it trains, exactly:
   card whose source is ``mix``.
 
 All sources must share one row format (TRL reads a dataset's format from its
-first row, and a stream of mixed formats crashes it).
+first row, and a stream of mixed formats crashes it). `check_mix` refuses that,
+partly set proportions and a mix without validation rows before any training;
+`loradem check` runs the same function.
+
+Progress: one bar in optimizer steps, as for every source (`sft.fit`).
 """
 
 from __future__ import annotations
@@ -48,17 +57,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from transformers import TrainerCallback
-
 import loradem
-from loradem.data.rows import Splits, load_splits
+from loradem.data.rows import Splits
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json, stable_hash
-from loradem.recipe import Recipe, TrainSettings
+from loradem.recipe import LoraSettings, MixSettings, TrainSettings
 from loradem.train.sft import CARD, TRAIN_RECORD, finish_folder, fit, is_finished, is_main_process, output_folder
 
 MIX = "mix"
 Log = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class MixJob:
+    """Everything training the data-mixing adapter needs, resolved by the caller."""
+
+    splits: dict[str, Splits]  # every source's splits, in the recipe's order
+    proportions: dict[str, float | None]  # each source's mix_proportion (None: unset)
+    train: TrainSettings  # the recipe-wide settings: per-source overrides do not apply to the mix
+    lora: LoraSettings
+    mix: MixSettings
+    seed: int
+    adapters_dir: Path
+    base_name: str  # the base as the user named it, written on the card
+
+    def __post_init__(self) -> None:
+        if list(self.proportions) != list(self.splits):
+            raise ValueError(f"proportions are for {list(self.proportions)}, splits for {list(self.splits)}")
+        object.__setattr__(self, "adapters_dir", Path(self.adapters_dir))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.splits)
 
 
 @dataclass(frozen=True)
@@ -73,19 +103,40 @@ class MixPlan:
     data_fingerprint: str
 
 
-# ---- the plan (no training) ------------------------------------------------
+# ---- refusals and the plan (no training) -------------------------------------
 
-def mix_shares(recipe: Recipe, splits: dict[str, Splits]) -> dict[str, float]:
-    """Each source's share of the stream: its mix_proportion, or its share of the training rows; sums to 1."""
-    given = {s.name: s.mix_proportion for s in recipe.sources}
+def check_mix(job: MixJob) -> None:
+    """Raise LorademError for what the mix would refuse on its data and settings alone (`loradem check` and
+    `plan_mix` both call it): sources of different row formats, mix_proportion set for some sources only,
+    no validation rows at all."""
+    formats = {n: job.splits[n].format for n in job.names}
+    if len(set(formats.values())) > 1:
+        raise LorademError(
+            "mix: the sources' rows have different formats (" + ", ".join(f"{n}: {f}" for n, f in formats.items())
+            + "); the mixing baseline trains on one stream and needs one format"
+        )
+    _check_proportions(job.proportions)
+    if not any(job.splits[n].validation for n in job.names):
+        raise LorademError("mix: no source has validation rows; the best checkpoint is chosen on them")
+
+
+def _check_proportions(given: dict[str, float | None]) -> None:
     unset = [n for n, p in given.items() if p is None]
     if unset and len(unset) < len(given):
         have = [n for n in given if n not in unset]
         raise LorademError(
-            f"recipe {recipe.name!r}: sources[].mix_proportion: set for {', '.join(have)} but not for "
-            f"{', '.join(unset)}; set it for every source or for none (default: proportional to training rows)"
+            f"mix: sources[].mix_proportion: set for {', '.join(have)} but not for {', '.join(unset)}; "
+            "set it for every source or for none (default: proportional to training rows)"
         )
-    raw = {n: float(len(splits[n].train)) for n in given} if unset else {n: float(p) for n, p in given.items()}
+
+
+def mix_shares(job: MixJob) -> dict[str, float]:
+    """Each source's share of the stream: its mix_proportion, or its share of the training rows; sums to 1."""
+    _check_proportions(job.proportions)
+    if any(p is None for p in job.proportions.values()):
+        raw = {n: float(len(job.splits[n].train)) for n in job.names}
+    else:
+        raw = {n: float(p) for n, p in job.proportions.items()}
     total = sum(raw.values())
     return {n: v / total for n, v in raw.items()}
 
@@ -105,54 +156,49 @@ def adapter_tokens(name: str, folder: Path) -> int:
     )
 
 
-def target_tokens(recipe: Recipe, adapters: dict[str, Path]) -> tuple[int, dict[str, int] | None]:
+def target_tokens(job: MixJob, adapters: dict[str, Path]) -> tuple[int, dict[str, int] | None]:
     """(token budget, per-source adapter tokens or None): the sum of the adapters' tokens, or mix.tokens."""
-    if recipe.mix.tokens != "match":
-        return int(recipe.mix.tokens), None
-    missing = [s.name for s in recipe.sources if s.name not in adapters]
+    if job.mix.tokens != "match":
+        return int(job.mix.tokens), None
+    missing = [n for n in job.names if n not in adapters]
     if missing:
         raise LorademError(
             f"mix: tokens: match needs every source's finished adapter to count its training tokens; none for "
             f"{', '.join(missing)} (run `loradem train <recipe>` first, or set `mix.tokens` to a number)"
         )
-    per = {s.name: adapter_tokens(s.name, adapters[s.name]) for s in recipe.sources}
+    per = {n: adapter_tokens(n, adapters[n]) for n in job.names}
     return sum(per.values()), per
 
 
-def mix_settings(recipe: Recipe) -> dict:
+def mix_settings(train: TrainSettings) -> dict:
     """The training settings that shape the mix (max_steps / epochs are replaced by the token budget)."""
-    return recipe.train.model_dump(exclude={"max_steps", "epochs"})
+    return train.model_dump(exclude={"max_steps", "epochs"})
 
 
-def plan_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict[str, Splits]) -> MixPlan:
+def plan_mix(job: MixJob, base_dir: Path, adapters: dict[str, Path]) -> MixPlan:
     """Where the mix adapter lives and what it will be trained on; raises LorademError if it cannot be trained."""
-    names = [s.name for s in recipe.sources]
-    formats = {n: splits[n].format for n in names}
-    if len(set(formats.values())) > 1:
-        raise LorademError(
-            "mix: the sources' rows have different formats (" + ", ".join(f"{n}: {f}" for n, f in formats.items())
-            + "); the mixing baseline trains on one stream and needs one format"
-        )
-    shares = mix_shares(recipe, splits)
-    target, per = target_tokens(recipe, adapters)
+    check_mix(job)
+    shares = mix_shares(job)
+    target, per = target_tokens(job, adapters)
     base_fp = fingerprint_weights(base_dir)
-    data_fp = stable_hash({"data": {n: splits[n].fingerprint for n in names}, "shares": shares}, length=64)
+    data_fp = stable_hash({"data": {n: job.splits[n].fingerprint for n in job.names}, "shares": shares}, length=64)
     key = stable_hash({
         "base": base_fp,
         "data": data_fp,
         "target_tokens": target,
-        "train": mix_settings(recipe),
-        "lora": recipe.lora.model_dump(),
-        "seed": recipe.seed,
+        "train": mix_settings(job.train),
+        "lora": job.lora.model_dump(),
+        "seed": job.seed,
         "loradem": loradem.__version__.split(".")[0],
     })
-    return MixPlan(Path(recipe.adapters_dir) / f"{MIX}-{key}", key, target, shares, per, formats[names[0]], base_fp, data_fp)
+    fmt = job.splits[job.names[0]].format
+    return MixPlan(job.adapters_dir / f"{MIX}-{key}", key, target, shares, per, fmt, base_fp, data_fp)
 
 
-def find_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict[str, Splits]) -> Path | None:
-    """The recipe's finished mix adapter for the current per-source adapters, or None."""
+def find_mix(job: MixJob, base_dir: Path, adapters: dict[str, Path]) -> Path | None:
+    """The finished mix adapter for these per-source adapters, or None (also when it could not be trained)."""
     try:
-        plan = plan_mix(recipe, base_dir, adapters, splits)
+        plan = plan_mix(job, base_dir, adapters)
     except LorademError:
         return None
     return plan.folder if is_finished(plan.folder) else None
@@ -192,64 +238,46 @@ def take_steps(stream: Iterator[Any], length: Callable[[Any], int], target: int,
     return out
 
 
-class TokenBudget(TrainerCallback):
-    """Stop at the first optimizer step whose counted training tokens (TRL's num_tokens) reach `target`,
-    and evaluate and checkpoint that step so it can be the one kept."""
-
-    def __init__(self, target: int):
-        self.target, self.reached_at = target, None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if self.reached_at is None and "loss" in logs and logs.get("num_tokens", 0) >= self.target:
-            self.reached_at = state.global_step
-            control.should_training_stop = True
-            control.should_evaluate = True
-            control.should_save = True
-
-
 # ---- training ------------------------------------------------------------------
 
 def train_mix(
-    recipe: Recipe,
+    job: MixJob,
     base_dir: Path,
     adapters: dict[str, Path],
-    splits: dict[str, Splits] | None = None,
     *,
     force: bool = False,
     log: Log = print,
     callbacks: Sequence[Any] = (),
 ) -> Path:
     """Train the data-mixing adapter (or reuse the finished one) and return its folder."""
-    splits = splits or {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
-    plan = plan_mix(recipe, base_dir, adapters, splits)
+    from loradem.train.callbacks import TokenBudget  # transformers' trainer stack: imported when training
+
+    plan = plan_mix(job, base_dir, adapters)
     log = log if is_main_process() else (lambda _: None)
     if is_finished(plan.folder) and not force:
         log(f"{MIX}: skipped (finished adapter {plan.folder})")
         return plan.folder
-    names = [s.name for s in recipe.sources]
+    names, splits = job.names, job.splits
     train_rows = [{**row, "loradem_source": n, "loradem_row": i} for n in names for i, row in enumerate(splits[n].train)]
     val_rows = [row for n in names for row in splits[n].validation]
-    if not val_rows:
-        raise LorademError("mix: no source has validation rows; the best checkpoint is chosen on them")
     log(f"{MIX}: budget {plan.target_tokens:,} training tokens"
         + (" (the per-source adapters' sum)" if plan.source_tokens else " (mix.tokens)")
         + "; shares " + ", ".join(f"{n} {p:.3f}" for n, p in plan.shares.items()))
     budget = TokenBudget(plan.target_tokens)
 
     def prepare(trainer) -> dict:
-        return _lay_out(trainer, plan, names, recipe.seed, log)
+        return _lay_out(trainer, plan, names, job.seed, log)
 
     with output_folder(plan.folder) as tmp:
-        record = fit(MIX, Path(base_dir), recipe.train, recipe.lora, seed=recipe.seed, fmt=plan.fmt,
+        record = fit(MIX, Path(base_dir), job.train, job.lora, seed=job.seed, fmt=plan.fmt,
                      train_rows=train_rows, val_rows=val_rows, out=tmp, log=log,
                      callbacks=[budget, *callbacks], prepare=prepare)
-        record["train"] = _effective(recipe.train, record["max_steps"])
+        record["train"] = _effective(job.train, record["max_steps"])
         record.update(source=MIX, key=plan.key, base_fingerprint=plan.base_fingerprint,
                       data_fingerprint=plan.data_fingerprint, target_reached_at_step=budget.reached_at)
         rows = {split: sum(len(getattr(splits[n], split)) for n in names) for split in ("train", "validation", "test")}
         if is_main_process():
-            finish_folder(tmp, record, base_name=recipe.base, rows=rows, fmt=plan.fmt)
+            finish_folder(tmp, record, base_name=job.base_name, rows=rows, fmt=plan.fmt)
     log(f"{MIX}: trained -> {plan.folder} ({record['train_tokens']:,} tokens for a target of {plan.target_tokens:,}; "
         f"best step {record['best_step']}/{record['steps']}, val loss {record['best_val_loss']:.4f}, "
         f"{record['train_seconds']:.1f} s)")
@@ -286,5 +314,5 @@ def _lay_out(trainer, plan: MixPlan, names: list[str], seed: int, log: Log) -> d
 
 
 def _effective(train: TrainSettings, steps: int) -> dict:
-    """The recipe's train settings as the mix ran them: max_steps is the budget's step count."""
+    """The train settings as the mix ran them: max_steps is the budget's step count."""
     return {**train.model_dump(), "max_steps": steps}

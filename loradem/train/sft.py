@@ -1,7 +1,14 @@
 """Train: one LoRA adapter per source with TRL's SFT trainer, kept at its best validation step.
 
-    from loradem.train.sft import train_all
-    adapters = train_all(recipe, resolve_base(recipe.base))   # {source name: adapter folder}
+    from loradem.train.sft import TrainJob, train_all
+    job = TrainJob(source="addition", splits=splits, train=TrainSettings(), lora=LoraSettings(), seed=0,
+                   adapters_dir=Path("adapters"), base_name="smollm2-135m")
+    adapters = train_all([job], base_dir)        # {source name: adapter folder}
+
+A `TrainJob` is everything one source's training needs, already resolved:
+its splits, its effective train and LoRA settings, the anchor settings (None
+when anchoring is off), the seed, the adapters folder and the base's name for
+the card (`pipeline.train_jobs` builds them from a recipe).
 
 Each source trains alone (DEM step 1) into ``<adapters_dir>/<source>-<key>/``,
 where the key hashes everything that shapes the result (base weights, data
@@ -13,6 +20,13 @@ written aside and renamed when complete; TRL's intermediate checkpoints live
 inside the partial folder and are deleted before the rename (their
 ``training_args.bin`` pickle is never read).
 
+Refusals come before any training: `check_jobs` refuses what the data and
+settings alone make untrainable (no validation rows, anchored training on
+rows that are not chat turns, anchor prompts the settings cannot give);
+`loradem check` runs the same function, so the two cannot disagree.
+`train_all` runs it on every job before training the first, then
+`check_trainable`: what the base's tokenizer and TRL's config refuse.
+
 ``loradem-train.json`` cost accounting: ``train_tokens`` = non-padding tokens
 fed to the model over all optimizer steps (TRL's ``num_tokens``, a sum of the
 attention masks); ``train_seconds`` = wall time of ``trainer.train()``,
@@ -21,15 +35,21 @@ evaluations and checkpoint saves included; ``flops_estimate`` =
 
 Rendering (the same in evaluation): a messages row trains as conversational
 prompt/completion (prompt = messages[:-1] through the chat template with the
-generation prompt, completion = the last assistant turn + eos); loss on the
-completion only unless ``completion_only_loss: false``.
+generation prompt, completion = the last assistant turn and what the template
+closes it with); loss on the completion only unless ``completion_only_loss:
+false``. `loradem.model.render` reproduces these tokens for the search and
+evaluation, tested against TRL's own rendering.
 
-Early stopping: with ``train.early_stopping_patience: N`` transformers'
+Early stopping: with ``early_stopping_patience: N`` transformers'
 EarlyStoppingCallback stops after N evaluations without a lower validation
 loss; the record says ``stopped_early`` and the real ``steps``; the kept
 adapter is still the best evaluated checkpoint.
 
-Sources with ``vector:`` (a ready distribution vector) are not trained:
+Progress: one bar per source in optimizer steps (rate and ETA), and a line per
+evaluation ("step 20/80: train loss ..., val loss ...") through `log`, which
+prints above the bar.
+
+Jobs with a ``vector`` (a ready distribution vector) are not trained:
 `train_all` logs "<name>: uses ready vector <path>" and leaves them out of its
 result (`pipeline.finished_adapters` finds them).
 
@@ -46,8 +66,14 @@ loradem_vector (format version), source, base {name, fingerprint}, data
 {fingerprint, rows {train, validation, test}, format}, the effective train and
 lora settings, metrics {best_val_loss, best_step, steps, train_tokens},
 adapter_sha256 and loradem_version. It is written inside the atomic folder, so
-only finished adapters have one; an adapter finished before cards existed gets
-its card (from its ``loradem-train.json``) the next time it is reused.
+only finished adapters have one; a folder with every other finished file and a
+record of its own key gets its card, derived from ``loradem-train.json``, the
+next time it is reused (nothing is retrained for a card).
+
+The ML libraries (torch, transformers, peft, trl, datasets) are imported inside
+the functions that use them: importing them takes about 10 s, and
+`loradem check` and `pipeline.finished_adapters` import this module only for
+its jobs, keys and checks.
 """
 
 from __future__ import annotations
@@ -58,17 +84,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-
-from transformers import TrainerCallback
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import loradem
 from loradem.data import anchors as anchor
-from loradem.data.rows import Splits, load_splits
-from loradem.errors import LorademError
+from loradem.data.rows import Splits
+from loradem.errors import LorademError, first_line
 from loradem.files import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
-from loradem.recipe import LoraSettings, Recipe, Source, TrainSettings
+from loradem.plots import figure, save_png
+from loradem.recipe import AnchorSettings, LoraSettings, TrainSettings
 
 TRAIN_RECORD = "loradem-train.json"
 CARD = "vector.json"
@@ -79,28 +105,91 @@ FLOPS_FORMULA = "6 * n_params * train_tokens (n_params: every base and LoRA para
 Log = Callable[[str], Any]
 
 
-# ---- keys and folders ---------------------------------------------------
+# ---- the job, its key and folder -------------------------------------------
 
-def adapter_key(recipe: Recipe, source: Source, base_fingerprint: str, data_fingerprint: str) -> str:
-    """Short hash of everything that decides the adapter's weights (anchor settings only when enabled, so
-    adapters trained without anchors keep their keys)."""
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything training one source's adapter needs, resolved by the caller."""
+
+    source: str
+    splits: Splits
+    train: TrainSettings  # the source's effective settings (its overrides applied)
+    lora: LoraSettings
+    seed: int
+    adapters_dir: Path
+    base_name: str  # the base as the user named it (alias, folder or hub id), written on the card
+    anchor: AnchorSettings | None = None  # None: trained on its own rows only
+    vector: str | None = None  # a ready vector (adapter folder or hub id): the source is not trained
+
+    def __post_init__(self) -> None:
+        if self.splits.source != self.source:
+            raise ValueError(f"splits are for source {self.splits.source!r}, not {self.source!r}")
+        object.__setattr__(self, "adapters_dir", Path(self.adapters_dir))
+        if self.anchor is not None and not self.anchor.enabled:
+            object.__setattr__(self, "anchor", None)  # disabled settings shape nothing, so they stay out of the key
+
+
+def adapter_key(job: TrainJob, base_fingerprint: str) -> str:
+    """Short hash of everything that decides the adapter's weights (anchor settings only when anchoring is
+    on, so adapters trained without anchors keep their keys)."""
     return stable_hash({
         "base": base_fingerprint,
-        "data": data_fingerprint,
-        "train": recipe.train_for(source).model_dump(),
-        "lora": recipe.lora_for(source).model_dump(),
-        "seed": recipe.seed,
+        "data": job.splits.fingerprint,
+        "train": job.train.model_dump(),
+        "lora": job.lora.model_dump(),
+        "seed": job.seed,
         "loradem": loradem.__version__.split(".")[0],
-        **({"anchor": anchor.identity(recipe.anchor)} if recipe.anchor.enabled else {}),
+        **({"anchor": anchor.identity(job.anchor)} if job.anchor is not None else {}),
     })
 
 
-def adapter_dir(recipe: Recipe, source: Source, key: str) -> Path:
-    return Path(recipe.adapters_dir) / f"{source.name}-{key}"
+def adapter_dir(job: TrainJob, key: str) -> Path:
+    return job.adapters_dir / f"{job.source}-{key}"
 
 
 def is_finished(folder: Path) -> bool:
     return all((folder / name).is_file() for name in FINISHED_FILES)
+
+
+# ---- refusals, before any training --------------------------------------------
+
+def check_jobs(jobs: Sequence[TrainJob]) -> None:
+    """Raise LorademError for what the train stage would refuse on the jobs' data and settings alone.
+
+    `loradem check` and `train_all` both call it, so a recipe that passes check is not refused later for
+    these reasons. Jobs with a ready vector are not trained and not checked.
+    """
+    checked_anchors: list[AnchorSettings] = []
+    for job in jobs:
+        if job.vector is not None:
+            continue
+        if not job.splits.validation:
+            raise LorademError(
+                f"source {job.source!r}: no validation rows; the best checkpoint is chosen on them "
+                "(set `validation:` to a row count or fraction above 0)"
+            )
+        if job.anchor is None:
+            continue
+        if job.splits.format != "messages":
+            raise LorademError(f"source {job.source!r}: anchored training needs messages rows (the anchors are "
+                               f"chat turns), this source has {job.splits.format!r} rows; set anchor.enabled: false")
+        if job.anchor not in checked_anchors:  # the builtin prompts can be given, a prompts file has prompt rows
+            anchor.prompts_for(job.anchor)
+            checked_anchors.append(job.anchor)
+
+
+def check_trainable(jobs: Sequence[TrainJob], base_dir: Path) -> None:
+    """What the base's tokenizer and TRL's config would refuse, checked for every job before the first trains:
+    a tokenizer without a chat template for messages rows, settings TRL's SFTConfig rejects."""
+    trained = [job for job in jobs if job.vector is None]
+    if any(job.splits.format == "messages" for job in trained):
+        training_tokenizer(base_dir, "messages")
+    for job in trained:
+        try:
+            trainer_configs(job.train, job.lora, seed=job.seed, output_dir=job.adapters_dir / ".unused",
+                            fmt=job.splits.format)
+        except LorademError as exc:
+            raise LorademError(f"source {job.source!r}: {exc}") from None
 
 
 # ---- one process, or data parallelism (torchrun / accelerate launch) -----------
@@ -134,46 +223,50 @@ def _quiet(_: str) -> None:
 # ---- settings -> TRL / PEFT ----------------------------------------------
 
 def trainer_configs(train: TrainSettings, lora: LoraSettings, *, seed: int, output_dir: Path, fmt: str):
-    """The one translation from loradem's settings to (trl.SFTConfig, peft.LoraConfig)."""
+    """The one translation from loradem's settings to (trl.SFTConfig, peft.LoraConfig); settings transformers
+    rejects (an unknown optimizer name, ...) raise LorademError."""
     import torch
     from peft import LoraConfig
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    sft = SFTConfig(
-        output_dir=str(output_dir),
-        learning_rate=train.learning_rate,
-        max_steps=train.max_steps or -1,
-        num_train_epochs=train.epochs,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        max_length=train.max_length,
-        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a fraction of the steps in transformers 5
-        lr_scheduler_type=train.lr_scheduler,
-        weight_decay=train.weight_decay,
-        optim=train.optimizer,
-        gradient_checkpointing=train.gradient_checkpointing,
-        completion_only_loss=train.completion_only_loss and fmt != "text",
-        eval_strategy="steps",
-        eval_steps=train.eval_steps,
-        save_strategy="steps",
-        save_steps=train.eval_steps,
-        save_only_model=True,  # adapter weights only: no optimizer / RNG pickles
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_strategy="steps",
-        logging_steps=1,
-        disable_tqdm=True,
-        report_to="none",
-        seed=seed,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        use_cpu=not cuda,
-        dataloader_num_workers=0,
-    )
+    try:
+        sft = SFTConfig(
+            output_dir=str(output_dir),
+            learning_rate=train.learning_rate,
+            max_steps=train.max_steps or -1,
+            num_train_epochs=train.epochs,
+            per_device_train_batch_size=train.batch_size,
+            per_device_eval_batch_size=train.batch_size,
+            gradient_accumulation_steps=train.grad_accum,
+            max_length=train.max_length,
+            warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a fraction of the steps in transformers 5
+            lr_scheduler_type=train.lr_scheduler,
+            weight_decay=train.weight_decay,
+            optim=train.optimizer,
+            gradient_checkpointing=train.gradient_checkpointing,
+            completion_only_loss=train.completion_only_loss and fmt != "text",
+            eval_strategy="steps",
+            eval_steps=train.eval_steps,
+            save_strategy="steps",
+            save_steps=train.eval_steps,
+            save_only_model=True,  # adapter weights only: no optimizer / RNG pickles
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            logging_strategy="steps",
+            logging_steps=1,
+            disable_tqdm=True,
+            report_to="none",
+            seed=seed,
+            bf16=bf16,
+            fp16=cuda and not bf16,
+            use_cpu=not cuda,
+            dataloader_num_workers=0,
+        )
+    except ValueError as exc:
+        raise LorademError(f"train settings: transformers refuses them: {first_line(exc)}") from None
     peft = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -242,63 +335,64 @@ def _keep_narrow_4bit_layers_unpacked(model) -> None:
 
 # ---- training -----------------------------------------------------------
 
+def training_tokenizer(base_dir: Path, fmt: str):
+    """The base's tokenizer, refused for "messages" rows when it has no chat template to render them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if fmt == "messages" and not tokenizer.chat_template:
+        raise LorademError(f"base {str(base_dir)!r}: its tokenizer has no chat template, which \"messages\" data needs")
+    return tokenizer
+
+
 def train_source(
-    recipe: Recipe,
-    source: Source,
+    job: TrainJob,
     base_dir: Path,
-    splits: Splits,
     *,
     force: bool = False,
     log: Log = print,
     callbacks: Sequence[Any] = (),
 ) -> Path:
-    """Train `source`'s adapter (or reuse a finished one) and return its folder.
+    """Train `job`'s adapter (or reuse a finished one) and return its folder.
 
     `callbacks` are extra transformers TrainerCallbacks (tests use them to watch or perturb training).
     """
-    if splits.source != source.name:
-        raise ValueError(f"splits are for source {splits.source!r}, not {source.name!r}")
-    if source.vector is not None:
-        raise LorademError(f"source {source.name!r} uses a ready vector ({source.vector}); it is not trained")
+    if job.vector is not None:
+        raise LorademError(f"source {job.source!r} uses a ready vector ({job.vector}); it is not trained")
+    splits = job.splits
     base_fp = fingerprint_weights(base_dir)
-    key = adapter_key(recipe, source, base_fp, splits.fingerprint)
-    final = adapter_dir(recipe, source, key)
+    key = adapter_key(job, base_fp)
+    final = adapter_dir(job, key)
     if not force:
-        card = missing_card(final, recipe.base, splits)  # an adapter finished before cards existed
+        card = missing_card(final, job.base_name, splits)
         if card is not None and is_main_process():
             atomic_write_json(final / CARD, card)
         if is_finished(final) or card is not None:  # the same decision on every rank
-            log(f"{source.name}: skipped (finished adapter {final})")
+            log(f"{job.source}: skipped (finished adapter {final})")
             return final
-    if not splits.validation:
-        raise LorademError(
-            f"source {source.name!r}: no validation rows; the best checkpoint is chosen on them "
-            "(set `validation:` to a row count or fraction above 0)"
-        )
+    check_jobs([job])
     train_rows, anchored = splits.train, None
-    if recipe.anchor.enabled:
-        if splits.format != "messages":
-            raise LorademError(f"source {source.name!r}: anchored training needs messages rows (the anchors are "
-                               f"chat turns), this source has {splits.format!r} rows; set anchor.enabled: false")
+    if job.anchor is not None:
         # under data parallelism rank 0 alone generates the base's replies; the other ranks read its cache
-        rows, info = anchor.anchor_rows(recipe, Path(base_dir), log=log, generate=is_main_process())
-        train_rows = anchor.with_anchors(splits.train, rows, recipe.anchor.fraction, seed=recipe.seed, source=source.name)
-        anchored = {**anchor.identity(recipe.anchor), "rows": len(train_rows) - len(splits.train),
+        rows, info = anchor.anchor_rows(job.anchor, Path(base_dir), job.adapters_dir, log=log,
+                                        generate=is_main_process())
+        train_rows = anchor.with_anchors(splits.train, rows, job.anchor.fraction, seed=job.seed, source=job.source)
+        anchored = {**anchor.identity(job.anchor), "rows": len(train_rows) - len(splits.train),
                     "cache": info["key"], "generation_seconds": info["spent_seconds"]}
-        log(f"{source.name}: + {anchored['rows']} anchor rows ({recipe.anchor.fraction:.0%} of its training set)")
+        log(f"{job.source}: + {anchored['rows']} anchor rows ({job.anchor.fraction:.0%} of its training set)")
     with output_folder(final) as tmp:
         record = fit(
-            source.name, Path(base_dir), recipe.train_for(source), recipe.lora_for(source), seed=recipe.seed,
+            job.source, Path(base_dir), job.train, job.lora, seed=job.seed,
             fmt=splits.format, train_rows=train_rows, val_rows=splits.validation, out=tmp, log=log,
             callbacks=callbacks,
         )
-        record.update(source=source.name, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
+        record.update(source=job.source, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
         if anchored:
             record["anchor"] = anchored
         if is_main_process():
-            finish_folder(tmp, record, base_name=recipe.base, rows=split_rows(splits), fmt=splits.format)
+            finish_folder(tmp, record, base_name=job.base_name, rows=split_rows(splits), fmt=splits.format)
     log(
-        f"{source.name}: trained -> {final} (best step {record['best_step']}/{record['steps']}"
+        f"{job.source}: trained -> {final} (best step {record['best_step']}/{record['steps']}"
         f"{', stopped early' if record['stopped_early'] else ''}, "
         f"val loss {record['best_val_loss']:.4f}, {record['train_seconds']:.1f} s)"
     )
@@ -306,35 +400,35 @@ def train_source(
 
 
 def train_all(
-    recipe: Recipe,
+    jobs: Sequence[TrainJob],
     base_dir: Path,
     *,
-    only: list[str] | None = None,
-    force: Sequence[str] = (),
+    force: Collection[str] = (),
     log: Log = print,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Path]:
-    """Train every source (or those in `only`) whose adapter is not finished; retrain those in `force`.
+    """Train every job whose adapter is not finished, in order; retrain the sources named in `force`.
 
-    Returns {source: adapter folder} for the trained sources; sources with a ready `vector:` are skipped.
+    Every job is checked (`check_jobs`, `check_trainable`) before the first one trains. Returns
+    {source: adapter folder} for the trained sources; jobs with a ready `vector` are skipped.
     """
-    names = [s.name for s in recipe.sources] if only is None else list(only)
-    for name in [*names, *force]:
-        recipe.source(name)  # raises naming the known sources
+    by_name = {job.source: job for job in jobs}
     for name in force:
-        if recipe.source(name).vector is not None:
-            raise LorademError(f"--force {name}: source {name!r} uses a ready vector ({recipe.source(name).vector}); "
+        if name not in by_name:
+            raise LorademError(f"--force {name}: no source named {name!r} (have: {', '.join(by_name)})")
+        if by_name[name].vector is not None:
+            raise LorademError(f"--force {name}: source {name!r} uses a ready vector ({by_name[name].vector}); "
                                "there is nothing to train")
     fingerprint_weights(base_dir)  # fail early on a base without safetensors
+    check_jobs(jobs)
+    check_trainable(jobs, base_dir)
     log = log if is_main_process() else _quiet
     out: dict[str, Path] = {}
-    for name in names:
-        source = recipe.source(name)
-        if source.vector is not None:
-            log(f"{name}: uses ready vector {source.vector}")
+    for job in jobs:
+        if job.vector is not None:
+            log(f"{job.source}: uses ready vector {job.vector}")
             continue
-        splits = load_splits(source, recipe.seed)
-        out[name] = train_source(recipe, source, base_dir, splits, force=name in force, log=log, callbacks=callbacks)
+        out[job.source] = train_source(job, base_dir, force=job.source in force, log=log, callbacks=callbacks)
     return out
 
 
@@ -359,19 +453,20 @@ def fit(
     baseline uses it to lay out its row schedule); the dict it returns joins the record.
     """
     from datasets import Dataset
-    from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if fmt == "messages" and not tokenizer.chat_template:
-        raise LorademError(f"base {str(base_dir)!r}: its tokenizer has no chat template, which \"messages\" data needs")
+    from loradem.train.callbacks import ProgressBar, ProgressLog
+
+    tokenizer = training_tokenizer(base_dir, fmt)
     scratch = out / "checkpoints"
     sft_config, lora_config = trainer_configs(train, lora, seed=seed, output_dir=scratch, fmt=fmt)
     patience = train.early_stopping_patience
     stopper = EarlyStoppingCallback(early_stopping_patience=patience) if patience else None
     set_seed(seed)  # the LoRA init happens in SFTTrainer.__init__, before Trainer seeds
     model = load_base_model(base_dir, train)
+    bar = ProgressBar(f"train {name}") if is_main_process() else None  # rank 0 alone draws it
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
@@ -379,7 +474,7 @@ def fit(
         eval_dataset=Dataset.from_list(trl_rows(val_rows, fmt)),
         processing_class=tokenizer,
         peft_config=lora_config,
-        callbacks=[ProgressLog(name, log), *([stopper] if stopper else []), *callbacks],
+        callbacks=[ProgressLog(name, log), *([bar] if bar else []), *([stopper] if stopper else []), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -395,7 +490,11 @@ def fit(
         + (f"; TRL dropped {dropped} row(s) with no completion tokens left after truncation" if dropped else ""))
     extra = prepare(trainer) if prepare else {}
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
     state = trainer.state
     stopped_early = bool(stopper and stopper.early_stopping_patience_counter >= patience
@@ -451,23 +550,6 @@ def _check_best_loaded(model, state) -> None:
         raise RuntimeError(f"the model does not hold the best checkpoint's weights ({folder}) after training")
 
 
-class ProgressLog(TrainerCallback):
-    """One line per evaluation: step, last train loss, validation loss."""
-
-    def __init__(self, name: str, log: Log):
-        self.name, self.log, self.train_loss = name, log, float("nan")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" in logs:
-            self.train_loss = logs["loss"]
-        if "eval_loss" in logs:
-            self.log(
-                f"{self.name}: step {state.global_step}/{state.max_steps}: "
-                f"train loss {self.train_loss:.4f}, val loss {logs['eval_loss']:.4f}"
-            )
-
-
 # ---- record and card ----------------------------------------------------
 
 def split_rows(splits: Splits) -> dict[str, int]:
@@ -503,8 +585,8 @@ def make_card(record: dict, *, base_name: str, rows: dict[str, int], fmt: str, a
 
 
 def missing_card(folder: Path, base_name: str, splits: Splits) -> dict | None:
-    """The card of an adapter finished before cards existed (every finished file but vector.json, and a
-    record of this very key and data), or None; the caller writes it."""
+    """The card of a finished adapter that lacks only its card (every other finished file, and a record of
+    this very key and data), or None; the caller writes it."""
     if (folder / CARD).exists() or not all((folder / f).is_file() for f in FINISHED_FILES if f != CARD):
         return None
     record = json.loads((folder / TRAIN_RECORD).read_text(encoding="utf-8"))
@@ -529,12 +611,8 @@ def history(log_history: list[dict]) -> list[dict]:
 
 def plot_curve(hist: list[dict], path: Path, title: str = "", best_step: int | None = None) -> None:
     """Train and validation loss by step, as a PNG (a dashed line marks the kept step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = figure(6, 3.5)
+    ax = fig.subplots()
     for key, label, style in (("train_loss", "train", "-"), ("eval_loss", "validation", "o-")):
         points = [(h["step"], h[key]) for h in hist if key in h]
         if points:
@@ -545,9 +623,7 @@ def plot_curve(hist: list[dict], path: Path, title: str = "", best_step: int | N
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _versions() -> dict[str, str]:
