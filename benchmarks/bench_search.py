@@ -1,4 +1,4 @@
-"""Benchmark a search trial: loradem (LoRA scales on resident adapters) against a naive merge-and-reload trial.
+"""Benchmark a search trial: loradem (adapters resident, weights re-folded or set as LoRA scales) against a naive merge-and-reload trial.
 
     .venv/bin/python benchmarks/bench_search.py --threads 1 --trials 2   # SmolLM2-135M, ~2 minutes on 2 busy CPU cores
     .venv/bin/python benchmarks/bench_search.py --recipe recipes/demo.yaml   # the recipe's trained adapters
@@ -24,12 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_overhead.py beside this script
 
+import torch  # noqa: E402 - after the paths above: loradem from this checkout, search_overhead beside this script
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from loradem.data.rows import load_splits  # noqa: E402
+from loradem.model.base import resolve_base  # noqa: E402
+from loradem.pipeline import finished_adapters  # noqa: E402
+from loradem.recipe import load_recipe  # noqa: E402
+from search_overhead import format_overhead, measure_overhead  # noqa: E402
+
 
 def random_adapters(base: Path, root: Path, n: int = 3) -> dict[str, Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     out = {}
     for seed in range(n):
         torch.manual_seed(seed)
@@ -47,11 +53,6 @@ def random_adapters(base: Path, root: Path, n: int = 3) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from loradem.model.base import resolve_base
-    from loradem.data.rows import load_splits
-    from loradem.recipe import load_recipe
-    from search_overhead import format_overhead, measure_overhead
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m", help="base model: a folder or 'smollm2-135m' (default)")
     parser.add_argument("--recipe", help="use this recipe's finished adapters (and its base) instead of random ones")
@@ -64,15 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "took 16 ms with 2 threads against 0.19 ms with 1 on 2 busy cores)")
     args = parser.parse_args(argv)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
 
     data_recipe = load_recipe(args.recipe or args.data_recipe)
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         if args.recipe:
-            from loradem.pipeline import finished_adapters
-
             base = resolve_base(data_recipe.base)
             adapters = finished_adapters(data_recipe, base)
             kind = f"finished adapters of {args.recipe}"
@@ -87,8 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
         points = [{s: round(rng.uniform(0.0, 1.5), 3) for s in adapters} for _ in range(args.trials)]
         result = measure_overhead(base, adapters, rows, points, max_length=data_recipe.train.max_length,
                                   batch_size=args.batch_size, log=lambda m: print(m, flush=True))
-    import torch
-
     print(f"bench_search {dt.date.today().isoformat()}: base {args.recipe and data_recipe.base or args.base}, {kind}, "
           f"{len(adapters)} sources x {args.rows} validation rows, batch {args.batch_size}, {torch.get_num_threads()} torch threads")
     print(format_overhead(result))

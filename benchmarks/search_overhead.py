@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/bench_search.py          # the same on SmolLM2-135M
 
 Both trial kinds score the same tokenized validation rows with the same
-function (`evaluate.mean_loss`) at the same weight points:
+function (`generate.mean_loss`) at the same weight points:
 
 - loradem (what the search runs): every adapter resident on one base
-  (`multi.load_multi(fold=True)`, once, timed apart); a trial is `set_weights`
+  (`soup.load_multi(fold=True)`, once, timed apart); a trial is `set_weights`
   (the weighted deltas re-folded into the Linear weights) + the evaluation.
 - loradem scales: the same with fold=False: `set_weights` only changes LoRA
   scales, and every evaluation runs the unmerged adapters' extra matmuls.
@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from peft import PeftModel
+
+from loradem.model import generate, render
+from loradem.model.soup import load_base, load_multi, peft_adapter_name, set_weights
+
 
 def _naive_model(base_dir: Path, adapters: dict[str, Path], weights: dict[str, float]):
-    from peft import PeftModel
-
-    from loradem.model.soup import load_base, peft_adapter_name
-
     names = {s: peft_adapter_name(i, s) for i, s in enumerate(adapters)}
     model = None
     for s, folder in adapters.items():
@@ -53,17 +54,13 @@ def measure_overhead(
     max_length: int = 256, batch_size: int = 16, log: Callable[[str], None] = print,
 ) -> dict:
     """Time loradem trials and naive trials at the same `points`; returns per-trial timings, fractions, ratio and loss agreement."""
-    from loradem.model import generate as evaluate
-    from loradem.model import render
-    from loradem.model.soup import load_multi, set_weights
-
     sources = list(adapters)
     runs: dict[str, list[dict]] = {}
     load_seconds: dict[str, float] = {}
     encoded: dict[str, list] = {}
 
     def score(m) -> dict[str, float]:
-        return {s: evaluate.mean_loss(m, encoded[s], batch_size=batch_size) for s in sources}
+        return {s: generate.mean_loss(m, encoded[s], batch_size=batch_size) for s in sources}
 
     for key, fold in (("loradem", True), ("scales", False)):
         t0 = time.perf_counter()
@@ -72,7 +69,7 @@ def measure_overhead(
         if not encoded:
             encoded = {s: render.encode_for_loss(validation[s], tok, max_length) for s in sources}
             for s in sources:  # warm-up (first-call allocations, kernel choice), untimed: one batch per source
-                evaluate.mean_loss(model, encoded[s][:batch_size], batch_size=batch_size)
+                generate.mean_loss(model, encoded[s][:batch_size], batch_size=batch_size)
         runs[key] = []
         for i, w in enumerate(points):
             a = time.perf_counter()

@@ -13,14 +13,16 @@ import loradem.merge.learn
 from loradem.errors import LorademError
 from loradem.model.generate import mean_loss
 from loradem.model.render import encode_for_loss
-from loradem.merge.learn import attach_weights, learn_weights, module_weights
+from loradem.merge.learn import LearnJob, attach_weights, learn_weights, module_weights
 from loradem.pipeline import learned_weights
 from loradem.model.soup import load_multi, set_weights
-from loradem.recipe import Recipe
+from loradem.recipe import LearnSettings, Recipe
 from test_multi import make_adapter
-from test_pipeline import _read_all, tiny_recipe  # noqa: F401 - tiny_recipe is a fixture
+import test_pipeline
+from test_pipeline import _read_all
 
 SOURCES = ["add", "rev"]
+tiny_recipe = test_pipeline.tiny_recipe  # a fixture, found by its name here
 
 
 def _rows(kind: str, n: int) -> list[dict]:
@@ -31,9 +33,8 @@ def _rows(kind: str, n: int) -> list[dict]:
             for w in (words * 3)[:n]]
 
 
-class _Splits:
-    def __init__(self, kind: str):
-        self.train, self.validation, self.test = _rows(kind, 24), _rows(kind, 4), _rows(kind, 2)
+TRAIN = {"add": _rows("add", 24), "rev": _rows("rev", 24)}
+VALIDATION = {"add": _rows("add", 4), "rev": _rows("rev", 4)}
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +46,33 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def make_recipe(tmp_path: Path, base: Path, **learn) -> Recipe:
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n')
-    return Recipe.model_validate({
-        "name": "t", "base": str(base), "seed": 0, "train": {"max_length": 64}, "output_dir": str(tmp_path / "run"),
-        "sources": [{"name": s, "data": str(data)} for s in SOURCES],
-        "search": {"max_rows_per_source": 4, "batch_size": 4},
-        "learn": {"enabled": True, "steps": 6, "batch_size": 4, "rows_per_source": 8, "eval_every": 3, "learning_rate": 0.2, **learn},
-    })
+def make_job(out: Path, *, importance=None, **learn) -> LearnJob:
+    """A fit of plain settings (no recipe): 8 training rows per source, 6 steps, validation every 3."""
+    settings = LearnSettings(**{"enabled": True, "steps": 6, "batch_size": 4, "rows_per_source": 8, "eval_every": 3,
+                                "learning_rate": 0.2, **learn})
+    return LearnJob(name="t", settings=settings, importance={s: (importance or {}).get(s, 1.0) for s in SOURCES},
+                    out_dir=out, seed=0, max_length=64, validation_rows=4, eval_batch_size=4)
 
 
-SPLITS = {"add": _Splits("add"), "rev": _Splits("rev")}
+def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapters, tmp_path, monkeypatch):
+    """The stage from Python with plain settings and rows: weights that fold to the recorded validation loss."""
+    import contextlib
 
+    bars: list[list] = []
 
-def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base)
+    class Bar:
+        def update(self, k=1):
+            bars[-1][1] += k
+
+    def fake_progress(total, desc, *, unit="it"):
+        bars.append([(total, desc, unit), 0])
+        return contextlib.nullcontext(Bar())
+
+    monkeypatch.setattr(loradem.merge.learn, "progress", fake_progress)
+    job = make_job(tmp_path / "learn")
     lines: list[str] = []
-    result = learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lines.append)
+    result = learn_weights(job, tiny_base, adapters, TRAIN, VALIDATION, log=lines.append)
+    assert bars == [[(6, "learn", "step"), 6]]  # one bar, one step per optimizer step
 
     # every LoRA module of each adapter has a weight, and they moved away from the start
     assert set(result["module_weights"]["add"]) == {f"model.layers.{i}.{m}" for i in (0, 1)
@@ -75,12 +85,12 @@ def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapt
         assert any(abs(w - 0.5) > 1e-4 for ws in result["module_weights"].values() for w in ws.values())
     assert [h["step"] for h in result["history"]] == list(range(7))
     assert [h["step"] for h in result["history"] if "val_loss" in h] == [0, 3, 6]
-    assert result["learn_tokens"] == sum(len(ids) for batch in _batches_of(recipe, tiny_base) for ids in batch)
+    assert result["learn_tokens"] == sum(len(ids) for batch in _batches_of(job, tiny_base) for ids in batch)
 
     # the written weights, folded exactly, give the recorded validation loss (the module mapping is right)
     model, tok = load_multi(tiny_base, adapters, fold=True)
     set_weights(model, result["module_weights"])
-    losses = {s: mean_loss(model, encode_for_loss(SPLITS[s].validation, tok, 64)) for s in SOURCES}
+    losses = {s: mean_loss(model, encode_for_loss(VALIDATION[s], tok, 64)) for s in SOURCES}
     assert sum(losses.values()) / 2 == pytest.approx(result["objective"], rel=1e-5)
     on_disk = json.loads((tmp_path / "learn" / "weights.json").read_text())
     assert on_disk["module_weights"] == result["module_weights"]
@@ -94,18 +104,18 @@ def test_learned_weights_lower_validation_loss_and_reproduce_it(tiny_base, adapt
     lines.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("loradem.model.soup.load_multi", refuse)
-        assert learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lines.append) == on_disk
+        assert learn_weights(job, tiny_base, adapters, TRAIN, VALIDATION, log=lines.append) == on_disk
     assert lines and lines[0].startswith("learn: reusing")
 
 
-def _batches_of(recipe: Recipe, base: Path) -> list[list[list[int]]]:
+def _batches_of(job: LearnJob, base: Path) -> list[list[list[int]]]:
     """The token ids of the batches learn_weights steps through (the same seeded sample and order)."""
     from loradem.model.soup import load_tokenizer
 
     tok = load_tokenizer(base)
-    fit = loradem.merge.learn.fit_rows(recipe, SPLITS)
-    encoded = [row for s in SOURCES for row in encode_for_loss(fit[s], tok, recipe.train.max_length)]
-    return [[ids for ids, _ in batch] for batch in loradem.merge.learn._batches(encoded, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)]
+    fit = loradem.merge.learn.fit_rows(job, TRAIN)
+    encoded = [row for s in SOURCES for row in encode_for_loss(fit[s], tok, job.max_length)]
+    return [[ids for ids, _ in batch] for batch in loradem.merge.learn._batches(encoded, job.settings.batch_size, job.settings.steps, job.seed)]
 
 
 def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, adapters):
@@ -113,9 +123,9 @@ def test_gradient_reaches_every_weight_and_layer_granularity_shares(tiny_base, a
     params = attach_weights(model, SOURCES, "module", 0.5)
     assert all(not p.requires_grad for p in model.parameters())  # base and LoRA factors frozen
     batch = encode_for_loss(_rows("add", 2) + _rows("rev", 2), tok, 64)
-    from loradem.model.generate import _collate_right
+    from loradem.model.generate import collate_right
 
-    ids, mask, labels = _collate_right(batch, "cpu")
+    ids, mask, labels = collate_right(batch, "cpu")
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad) and p.grad != 0 for p in params.values())
 
@@ -133,27 +143,32 @@ def test_learning_keeps_the_start_when_every_step_is_worse(tiny_base, adapters, 
     """Validation loss decides: a run whose checks all come out worse than step 0 keeps the initial weights."""
     calls = iter([1.0, 2.0, 3.0])
     monkeypatch.setattr(loradem.merge.learn, "_val_loss", lambda *a, **k: (next(calls), {s: 0.0 for s in SOURCES}))
-    result = learn_weights(make_recipe(tmp_path, tiny_base, init=0.7), tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
+    result = learn_weights(make_job(tmp_path / "learn", init=0.7), tiny_base, adapters, TRAIN, VALIDATION, log=lambda s: None)
     assert result["best_step"] == 0 and result["objective"] == 1.0
     assert {round(w, 6) for ws in result["module_weights"].values() for w in ws.values()} == {0.7}
 
 
 def test_errors_name_what_is_wrong(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    recipe = {"name": "t", "base": str(tiny_base), "output_dir": str(tmp_path / "run"), "learn": {"enabled": True},
+              "sources": [{"name": s, "data": str(data)} for s in SOURCES]}
     with pytest.raises(Exception, match="assemble.weights: 'learned' needs learn.enabled: true"):
-        Recipe.model_validate({**recipe.model_dump(mode="json"), "learn": {"enabled": False}, "assemble": {"weights": "learned"}})
+        Recipe.model_validate({**recipe, "learn": {"enabled": False}, "assemble": {"weights": "learned"}})
     with pytest.raises(LorademError, match=r"learn/weights.json: no learned weights; run `loradem learn <recipe>`"):
-        learned_weights(recipe)
+        learned_weights(Recipe.model_validate(recipe))
+    job = make_job(tmp_path / "learn")
     with pytest.raises(LorademError, match=r"learn: no adapter for source\(s\) rev"):
-        learn_weights(recipe, tiny_base, {"add": adapters["add"]}, SPLITS, tmp_path / "learn", log=lambda s: None)
-    empty = {"add": SPLITS["add"], "rev": type("S", (), {"train": [], "validation": [], "test": []})()}
+        learn_weights(job, tiny_base, {"add": adapters["add"]}, TRAIN, VALIDATION, log=lambda s: None)
     with pytest.raises(LorademError, match="learn: source 'rev': no training rows"):
-        learn_weights(recipe, tiny_base, adapters, empty, tmp_path / "learn", log=lambda s: None)
+        learn_weights(job, tiny_base, adapters, {**TRAIN, "rev": []}, VALIDATION, log=lambda s: None)
+    with pytest.raises(LorademError, match="learn: source 'rev': no validation rows"):
+        learn_weights(job, tiny_base, adapters, TRAIN, {"add": VALIDATION["add"]}, log=lambda s: None)
     assert not (tmp_path / "learn").exists()
 
 
 @pytest.mark.slow
-def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base):  # noqa: F811
+def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base):
     from loradem.cli import main
 
     data = yaml.safe_load(tiny_recipe.read_text())
@@ -193,14 +208,33 @@ def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base)
 
 
 def test_a_source_of_importance_zero_is_not_fit_on(tiny_base, adapters, tmp_path):
-    data = make_recipe(tmp_path, tiny_base).model_dump(mode="json")
-    data["sources"][1]["importance"] = 0.0
-    recipe = Recipe.model_validate(data)
-    result = learn_weights(recipe, tiny_base, adapters, SPLITS, tmp_path / "learn", log=lambda s: None)
+    job = make_job(tmp_path / "learn", importance={"rev": 0.0})
+    result = learn_weights(job, tiny_base, adapters, TRAIN, VALIDATION, log=lambda s: None)
     from loradem.model.soup import load_tokenizer
 
-    fit = loradem.merge.learn.fit_rows(recipe, SPLITS)
+    fit = loradem.merge.learn.fit_rows(job, TRAIN)
     only_add = encode_for_loss(fit["add"], load_tokenizer(tiny_base), 64)
-    batches = loradem.merge.learn._batches(only_add, recipe.learn.batch_size, recipe.learn.steps, recipe.seed)
+    batches = loradem.merge.learn._batches(only_add, job.settings.batch_size, job.settings.steps, job.seed)
     assert result["learn_tokens"] == sum(len(ids) for batch in batches for ids, _ in batch)
     assert set(result["per_source"]) == {"add"} and set(result["module_weights"]) == {"add", "rev"}
+
+
+def test_identity_is_stable(tmp_path):
+    """A finished fit is reused when this hash matches: a change of its value refits every run made before it
+    (this is the hash the recipe-based learn_weights gave for the same inputs)."""
+    for name in ("base", "add", "rev"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode())
+    rows = {
+        "add": [{"prompt": f"What is {a} + {b}? Answer: ", "completion": str(a + b)} for a, b in [(123, 456), (42, 7), (19, 3)]],
+        "rev.words": [{"messages": [{"role": "user", "content": f"Reverse the word '{w}'."}, {"role": "assistant", "content": w[::-1]}]}
+                      for w in ["planet", "hello", "world"]],
+    }
+    settings = LearnSettings(enabled=True, steps=6, batch_size=4, rows_per_source=2, eval_every=3, learning_rate=0.2)
+    job = LearnJob(name="t", settings=settings, importance={"add": 3.0, "rev.words": 1.0}, out_dir=tmp_path / "learn", seed=3,
+                   max_length=64, validation_rows=2, eval_batch_size=2)
+    fit = loradem.merge.learn.fit_rows(job, rows)
+    assert fit == {"add": [rows["add"][0], rows["add"][2]], "rev.words": rows["rev.words"][:2]}
+    val = {s: r[:2] for s, r in rows.items()}
+    adapters = {"add": tmp_path / "add", "rev.words": tmp_path / "rev"}
+    assert loradem.merge.learn._identity(job, tmp_path / "base", adapters, fit, val) == "4dd21e9ab561"

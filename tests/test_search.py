@@ -17,8 +17,8 @@ from loradem.errors import LorademError
 from loradem.model.generate import mean_loss
 from loradem.model.render import encode_for_loss
 from loradem.model.soup import adapter_names, load_multi, set_weights
-from loradem.recipe import Recipe
-from loradem.merge.search import search_weights
+from loradem.recipe import SearchSettings
+from loradem.merge.search import SearchJob, search_weights
 from loradem.merge.study import Storage
 from test_multi import make_adapter
 
@@ -39,15 +39,11 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def make_recipe(tmp_path: Path, base: Path, *, sources=SOURCES, importance=None, top=None, **search) -> Recipe:
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n')
-    return Recipe.model_validate({
-        "name": "t", "base": str(base), "seed": 0, "train": {"max_length": 64},
-        "sources": [{"name": s, "data": str(data), "importance": (importance or {}).get(s, 1.0)} for s in sources],
-        "search": {"max_rows_per_source": 2, "batch_size": 2, **search},
-        **(top or {}),
-    })
+def make_job(out: Path, *, sources=SOURCES, importance=None, max_new_tokens=None, **search) -> SearchJob:
+    """A search of plain settings (no recipe): 2 rows per source, 64 tokens each."""
+    return SearchJob(name="t", settings=SearchSettings(**{"max_rows_per_source": 2, "batch_size": 2, **search}),
+                     importance={s: (importance or {}).get(s, 1.0) for s in sources}, out_dir=out, seed=0, max_length=64,
+                     max_new_tokens=max_new_tokens)
 
 
 def load_study(result: dict):
@@ -81,11 +77,44 @@ def quadratic_loss(target: dict[str, float]):
     return fake
 
 
-def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path):
+class RecordedBar:
+    """Stands in for loradem.progress.progress: records the bar's total and updates."""
+
+    def __init__(self):
+        self.bars: list[dict] = []
+
+    def __call__(self, total, desc, *, unit="it"):
+        import contextlib
+
+        bar = {"total": total, "desc": desc, "unit": unit, "n": 0}
+        self.bars.append(bar)
+
+        class Bar:
+            @property
+            def n(self):
+                return bar["n"]
+
+            def update(self, k=1):
+                bar["n"] += k
+
+        return contextlib.nullcontext(Bar())
+
+
+def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path, monkeypatch):
+    """The stage from Python with plain settings and paths: the recorded objective is the real validation loss."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     out = tmp_path / "run"
     lines: list[str] = []
-    result = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3, sampler="random"), tiny_base, adapters,
-                            VALIDATION, out, log=lines.append)
+    bars = RecordedBar()
+    monkeypatch.setattr(loradem.merge.search, "progress", bars)
+    style = dict(matplotlib.rcParams)
+    job = SearchJob(name="t", settings=SearchSettings(n_trials=3, sampler="random", max_rows_per_source=2, batch_size=2),
+                    importance={"add": 1.0, "rev.words": 1.0}, out_dir=out, seed=0, max_length=64)
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lines.append)
+    assert bars.bars == [{"total": 3, "desc": "search", "unit": "trial", "n": 3}]  # one bar, one step per trial
+    assert plt.get_fignums() == [] and dict(matplotlib.rcParams) == style  # Optuna's pyplot plot leaves nothing behind
     trials = complete(load_study(result))
     assert len(trials) == 3
     # warm start: uniform, then the plain sum
@@ -119,10 +148,10 @@ def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path):
 
 def test_resume_continues_the_study(tiny_base, adapters, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    first = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3), tiny_base, adapters, VALIDATION, out, log=lambda s: None)
+    first = search_weights(make_job(out, n_trials=3), tiny_base, adapters, VALIDATION, log=lambda s: None)
     before = [(t.number, t.params, t.value) for t in complete(load_study(first))]
     lines: list[str] = []
-    second = search_weights(make_recipe(tmp_path, tiny_base, n_trials=6), tiny_base, adapters, VALIDATION, out, log=lines.append)
+    second = search_weights(make_job(out, n_trials=6), tiny_base, adapters, VALIDATION, log=lines.append)
     assert second["study"] == first["study"]
     after = complete(load_study(second))
     assert len(after) == 6 and len(load_study(second).trials) == 6
@@ -133,7 +162,7 @@ def test_resume_continues_the_study(tiny_base, adapters, tmp_path, monkeypatch):
     assert second["n_trials"] == 6 and len(read_csv(out / "trials.csv")) == 6
     # finished: a re-run reloads nothing and rewrites the same result
     monkeypatch.setattr("loradem.model.soup.load_multi", lambda *a, **k: pytest.fail("reloaded the model"))
-    assert search_weights(make_recipe(tmp_path, tiny_base, n_trials=6), tiny_base, adapters, VALIDATION, out, log=lambda s: None) == second
+    assert search_weights(make_job(out, n_trials=6), tiny_base, adapters, VALIDATION, log=lambda s: None) == second
 
 
 def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
@@ -147,16 +176,16 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
         return mean_loss(model, encoded, batch_size=batch_size)
 
     monkeypatch.setattr(loradem.model.generate, "mean_loss", crashing)
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=5)
+    job = make_job(out, n_trials=5)
     with pytest.raises(RuntimeError, match="power cut"):
-        search_weights(recipe, tiny_base, adapters, VALIDATION, out, log=lambda s: None)
+        search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert not (out / "weights.json").exists() and not (out / "trials.csv").exists()
     monkeypatch.setattr(loradem.model.generate, "mean_loss", mean_loss)
     url = Storage.parse(None, out).target
     study = optuna.load_study(storage=url, study_name=optuna.get_all_study_names(url)[0])
     before = [(t.number, t.params, t.value) for t in complete(study)]
     assert len(before) == 3 and [t.state for t in study.trials].count(TrialState.FAIL) == 1
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, out, log=lambda s: None)
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     trials = complete(load_study(result))
     assert len(trials) == 5 and [(t.number, t.params, t.value) for t in trials[:3]] == before
 
@@ -164,8 +193,8 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
 def test_grid_finds_the_known_optimum_exactly(tiny_base, adapters, tmp_path, monkeypatch):
     target = {"add": 0.5, "rev.words": 1.0}
     monkeypatch.setattr(loradem.model.generate, "mean_loss", quadratic_loss(target))
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=100, sampler="grid", low=0.0, high=1.5, grid_points=4)
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=100, sampler="grid", low=0.0, high=1.5, grid_points=4)
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert result["weights"] == target and result["objective"] == pytest.approx(1.0)
     # 2 warm-start points + every one of the 4×4 grid points, then the study stops
     trials = complete(load_study(result))
@@ -177,37 +206,57 @@ def test_grid_finds_the_known_optimum_exactly(tiny_base, adapters, tmp_path, mon
 def test_tpe_finds_the_known_optimum(tiny_base, adapters, tmp_path, monkeypatch):
     target = {"add": 0.3, "rev.words": 1.2}
     monkeypatch.setattr(loradem.model.generate, "mean_loss", quadratic_loss(target))
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=25, sampler="tpe")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=25, sampler="tpe")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert result["weights"] == pytest.approx(target, abs=0.15)
     assert result["objective"] <= 1.0 + 0.5 ** 2 + 0.2 ** 2  # better than both warm-start points
 
 
 @pytest.mark.parametrize("sampler, module", [("gp", "scipy"), ("cmaes", "cmaes")])
 def test_sampler_dependency(tiny_base, adapters, tmp_path, sampler, module):
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=3, sampler=sampler)
+    job = make_job(tmp_path / "run", n_trials=3, sampler=sampler)
     if importlib.util.find_spec(module) is not None:
-        assert search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)["n_trials"] == 3
+        assert search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)["n_trials"] == 3
         return
     with pytest.raises(LorademError, match=rf"search.sampler: '{sampler}' needs the {module} package; run `pip install {module}`"):
-        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+        search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert not (tmp_path / "run" / "search.db").exists()
 
 
 def test_missing_validation_is_refused(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=3)
-    with pytest.raises(LorademError, match=r"search: validation: expected one entry per recipe source .*missing: \['rev.words'\]"):
-        search_weights(recipe, tiny_base, adapters, {"add": VALIDATION["add"]}, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=3)
+    with pytest.raises(LorademError, match=r"search: validation: expected one entry per source .*missing: \['rev.words'\]"):
+        search_weights(job, tiny_base, adapters, {"add": VALIDATION["add"]}, log=lambda s: None)
+    with pytest.raises(LorademError, match=r"search: adapters: expected one entry per source .*not a source: \['other'\]"):
+        search_weights(job, tiny_base, {**adapters, "other": adapters["add"]}, VALIDATION, log=lambda s: None)
     with pytest.raises(LorademError, match=r"source 'add': no validation rows"):
-        search_weights(recipe, tiny_base, adapters, {**VALIDATION, "add": []}, tmp_path / "run", log=lambda s: None)
+        search_weights(job, tiny_base, adapters, {**VALIDATION, "add": []}, log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_study_identity_is_stable(tmp_path):
+    """The study's name hashes what defines the objective: a change of this value renames every study, so runs made
+    before it no longer resume (these hashes are the ones the recipe-based search gave for the same inputs)."""
+    from loradem.files import stable_hash
+    from loradem.merge.search import study_identity
+
+    for name in ("base", "add", "rev"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode())
+    adapters = {"add": tmp_path / "add", "rev.words": tmp_path / "rev"}
+    used = {s: rows[:2] for s, rows in VALIDATION.items()}
+    for objective, expect in (("val_loss", "8c7b4712fe76"), ("exact_match", "4c4d6e95ad9e")):
+        settings = SearchSettings(max_rows_per_source=2, batch_size=2, n_trials=3, objective=objective)
+        job = SearchJob(name="t", settings=settings, importance={"add": 3.0, "rev.words": 1.0}, out_dir=tmp_path / "run",
+                        seed=3, max_length=64, max_new_tokens=4)
+        assert stable_hash(study_identity(job, tmp_path / "base", adapters, used)) == expect, objective
 
 
 def test_changed_validation_is_a_new_study(tiny_base, adapters, tmp_path):
     out = tmp_path / "run"
-    first = search_weights(make_recipe(tmp_path, tiny_base, n_trials=2), tiny_base, adapters, VALIDATION, out, log=lambda s: None)
+    first = search_weights(make_job(out, n_trials=2), tiny_base, adapters, VALIDATION, log=lambda s: None)
     changed = {**VALIDATION, "add": VALIDATION["add"][::-1]}
-    second = search_weights(make_recipe(tmp_path, tiny_base, n_trials=2), tiny_base, adapters, changed, out, log=lambda s: None)
+    second = search_weights(make_job(out, n_trials=2), tiny_base, adapters, changed, log=lambda s: None)
     assert first["study"]["name"] != second["study"]["name"]
     assert second["n_trials"] == 2 and len(complete(load_study(first))) == 2
 
@@ -215,19 +264,19 @@ def test_changed_validation_is_a_new_study(tiny_base, adapters, tmp_path):
 # ---- objectives ---------------------------------------------------------------------
 
 def test_importance_weights_the_mean(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 3.0, "rev.words": 1.0}, n_trials=2, sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", importance={"add": 3.0, "rev.words": 1.0}, n_trials=2, sampler="random")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     for t in complete(load_study(result)):
         v = t.user_attrs["per_source"]
         assert t.value == pytest.approx((3 * v["add"] + v["rev.words"]) / 4, rel=1e-12)
     assert result["importance"] == {"add": 3.0, "rev.words": 1.0} and result["objective_name"] == "val_loss"
     # importance 0: the source is not evaluated at all
-    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 0.0}, n_trials=2, sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run0", log=lambda s: None)
+    job = make_job(tmp_path / "run0", importance={"add": 0.0}, n_trials=2, sampler="random")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert all(set(t.user_attrs["per_source"]) == {"rev.words"} for t in complete(load_study(result)))
     with pytest.raises(LorademError, match=r"sources\[\]\.importance: expected at least one source with importance > 0"):
-        search_weights(make_recipe(tmp_path, tiny_base, importance={"add": 0.0, "rev.words": 0.0}), tiny_base, adapters,
-                       VALIDATION, tmp_path / "none", log=lambda s: None)
+        search_weights(make_job(tmp_path / "none", importance={"add": 0.0, "rev.words": 0.0}), tiny_base, adapters,
+                       VALIDATION, log=lambda s: None)
     assert not (tmp_path / "none").exists()
 
 
@@ -242,9 +291,8 @@ def test_exact_match_objective_is_maximized(tiny_base, adapters, tmp_path):
     own = {s: generate_answers(model, tok, p, max_new_tokens=4, log=None) for s, p in prompts.items()}
     rows = {"add": [{"prompt": p, "completion": a} for p, a in zip(prompts["add"], own["add"])],
             "rev.words": [{"messages": [*m, {"role": "assistant", "content": a}]} for m, a in zip(prompts["rev.words"], own["rev.words"])]}
-    recipe = make_recipe(tmp_path, tiny_base, importance={"add": 2.0}, top={"eval": {"max_new_tokens": 4}},
-                         objective="exact_match", n_trials=3, sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, rows, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", importance={"add": 2.0}, max_new_tokens=4, objective="exact_match", n_trials=3, sampler="random")
+    result = search_weights(job, tiny_base, adapters, rows, log=lambda s: None)
     trials = complete(load_study(result))
     assert load_study(result).direction == optuna.study.StudyDirection.MAXIMIZE
     for t in trials:  # every recorded value is the real greedy exact match, importance-weighted
@@ -261,18 +309,19 @@ def test_exact_match_objective_is_maximized(tiny_base, adapters, tmp_path):
 
 def test_exact_match_needs_prompts(tiny_base, adapters, tmp_path):
     rows = {**VALIDATION, "add": [{"text": "just text"}]}
-    recipe = make_recipe(tmp_path, tiny_base, objective="exact_match")
+    job = make_job(tmp_path / "run", objective="exact_match", max_new_tokens=4)
     with pytest.raises(LorademError, match=r"search.objective: exact_match: source 'add': exact match needs a prompt"):
-        search_weights(recipe, tiny_base, adapters, rows, tmp_path / "run", log=lambda s: None)
+        search_weights(job, tiny_base, adapters, rows, log=lambda s: None)
+    with pytest.raises(LorademError, match=r"the exact_match objective needs max_new_tokens"):
+        make_job(tmp_path / "run", objective="exact_match")
     assert not (tmp_path / "run").exists()
 
 
 # ---- search space: layer groups, global scale ---------------------------------------------
 
 def test_layer_groups_and_global_scale(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base, granularity="layer-groups", layer_groups=4, global_scale=True,
-                         n_trials=3, sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", granularity="layer-groups", layer_groups=4, global_scale=True, n_trials=3, sampler="random")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     trials = complete(load_study(result))
     # 4 groups asked, the tiny model has 2 blocks: 2 groups per source, plus the shared scale
     assert set(trials[-1].params) == {"add@g0", "add@g1", "rev.words@g0", "rev.words@g1", "@global_scale"}
@@ -295,12 +344,12 @@ def test_layer_groups_and_global_scale(tiny_base, adapters, tmp_path):
 def test_warm_start_after_adding_a_source(tiny_base, adapters, tmp_path):
     out = tmp_path / "run"
     lines: list[str] = []
-    first = search_weights(make_recipe(tmp_path, tiny_base, sources=["add"], n_trials=3), tiny_base, {"add": adapters["add"]},
-                           {"add": VALIDATION["add"]}, out, log=lines.append)
+    first = search_weights(make_job(out, sources=["add"], n_trials=3), tiny_base, {"add": adapters["add"]},
+                           {"add": VALIDATION["add"]}, log=lines.append)
     assert "search: parameter importances skipped (one parameter)" in lines
     prev = first["weights"]["add"]
     lines.clear()
-    second = search_weights(make_recipe(tmp_path, tiny_base, n_trials=7), tiny_base, adapters, VALIDATION, out, log=lines.append)
+    second = search_weights(make_job(out, n_trials=7), tiny_base, adapters, VALIDATION, log=lines.append)
     assert second["study"]["name"] != first["study"]["name"] and second["warm_start"] == str(out / "weights.json")
     assert any("sources changed" in line for line in lines)
     trials = complete(load_study(second))
@@ -316,13 +365,13 @@ def test_warm_start_from_a_file(tiny_base, adapters, tmp_path):
     prev = tmp_path / "elsewhere" / "weights.json"
     prev.parent.mkdir()
     prev.write_text(json.dumps({"weights": {"add": 0.9, "gone": 1.0}, "layer_weights": {"add": [0.8, 1.0]}}))
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=2, warm_start=str(prev), sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=2, warm_start=str(prev), sampler="random")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     trials = complete(load_study(result))
     assert trials[0].params == {"add": pytest.approx(0.9), "rev.words": 0.0}  # source granularity: the groups' mean
     assert result["warm_start"] == str(prev)
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=2, warm_start=str(prev), granularity="layer-groups", layer_groups=2)
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run2", log=lambda s: None)
+    job = make_job(tmp_path / "run2", n_trials=2, warm_start=str(prev), granularity="layer-groups", layer_groups=2)
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert complete(load_study(result))[0].params == {"add@g0": 0.8, "add@g1": 1.0, "rev.words@g0": 0.0, "rev.words@g1": 0.0}
 
 
@@ -340,8 +389,7 @@ def test_bad_warm_start_is_refused(tiny_base, adapters, tmp_path, content, messa
     if content is not None:
         path.write_text(content)
     with pytest.raises(LorademError, match=message):
-        search_weights(make_recipe(tmp_path, tiny_base, warm_start=str(path)), tiny_base, adapters, VALIDATION,
-                       tmp_path / "run", log=lambda s: None)
+        search_weights(make_job(tmp_path / "run", warm_start=str(path)), tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert not (tmp_path / "run").exists()
 
 
@@ -350,13 +398,13 @@ def test_bad_warm_start_is_refused(tiny_base, adapters, tmp_path, content, messa
 def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
     """Another machine (another run folder) on the same journal file tops the same study up to its n_trials."""
     journal = tmp_path / "shared" / "study.log"
-    a = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3, storage="sqlite:///ignored.db"), tiny_base, adapters,
-                       VALIDATION, tmp_path / "a", storage=str(journal), log=lambda s: None)
+    a = search_weights(make_job(tmp_path / "a", n_trials=3, storage="sqlite:///ignored.db"), tiny_base, adapters,
+                       VALIDATION, storage=str(journal), log=lambda s: None)
     assert journal.is_file() and not (tmp_path / "a" / "search.db").exists() and not Path("ignored.db").exists()
     assert a["study"]["storage"] == str(journal)
     lines: list[str] = []
-    b = search_weights(make_recipe(tmp_path, tiny_base, n_trials=5, storage=str(journal)), tiny_base, adapters,
-                       VALIDATION, tmp_path / "b", log=lines.append)
+    b = search_weights(make_job(tmp_path / "b", n_trials=5, storage=str(journal)), tiny_base, adapters,
+                       VALIDATION, log=lines.append)
     assert b["study"] == a["study"] and "3 trials done, 2 to run" in lines[0]
     study = optuna.load_study(study_name=a["study"]["name"],
                               storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
@@ -364,16 +412,15 @@ def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
 
 
 def test_bad_storage_is_refused(tiny_base, adapters, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_base)
+    job = make_job(tmp_path / "run")
     with pytest.raises(LorademError, match=r"--storage: expected an RDB URL .* or a journal file path ending in .log, got 'study.db'"):
-        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", storage="study.db", log=lambda s: None)
+        search_weights(job, tiny_base, adapters, VALIDATION, storage="study.db", log=lambda s: None)
     assert not (tmp_path / "run").exists()
     with pytest.raises(LorademError, match=r"search.storage: cannot open postgresql://user:\*\*\*@db.invalid/x: ") as err:
-        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", storage="postgresql://user:secret@db.invalid/x",
-                       log=lambda s: None)
+        search_weights(job, tiny_base, adapters, VALIDATION, storage="postgresql://user:secret@db.invalid/x", log=lambda s: None)
     assert "secret" not in str(err.value)
     with pytest.raises(LorademError, match=r"--workers: expected a whole number >= 1, got 0"):
-        search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", workers=0, log=lambda s: None)
+        search_weights(job, tiny_base, adapters, VALIDATION, workers=0, log=lambda s: None)
 
 
 def test_cli_search_flags():
@@ -415,12 +462,13 @@ def test_processes_popping_one_sqlite_queue_never_take_the_same_trial(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_share_one_sqlite_study(tiny_base, adapters, tmp_path):
+def test_two_worker_processes_share_one_sqlite_study(tiny_base, adapters, tmp_path, monkeypatch):
     import os
 
     lines: list[str] = []
-    result = search_weights(make_recipe(tmp_path, tiny_base, n_trials=6), tiny_base, adapters, VALIDATION, tmp_path / "run",
-                            workers=2, log=lines.append)
+    bars = RecordedBar()
+    monkeypatch.setattr(loradem.merge.search, "progress", bars)
+    result = search_weights(make_job(tmp_path / "run", n_trials=6), tiny_base, adapters, VALIDATION, workers=2, log=lines.append)
     study = load_study(result)
     trials = complete(study)
     numbers = [t.number for t in study.trials]
@@ -431,6 +479,7 @@ def test_two_worker_processes_share_one_sqlite_study(tiny_base, adapters, tmp_pa
     assert {"add": 0.5, "rev.words": 0.5} in [t.params for t in trials] and {"add": 1.0, "rev.words": 1.0} in [t.params for t in trials]
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the workers did not evaluate the same point twice
     assert result["n_trials"] == 6 and result["processes"] == 2
+    assert bars.bars == [{"total": 6, "desc": "search", "unit": "trial", "n": 6}]  # the parent's bar polled the study
     assert any(line.startswith("[worker 0] trial ") for line in lines) and any(line.startswith("[worker 1] trial ") for line in lines)
     # the values are real: the same losses a single process computes
     model, tok = load_multi(tiny_base, adapters)
@@ -459,8 +508,8 @@ def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatc
 
     fake, calls = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.1})
     monkeypatch.setattr(loradem.model.generate, "mean_loss", fake)
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=16, sampler="random", pruning=True)
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=16, sampler="random", pruning=True)
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     study = load_study(result)
     done, pruned = complete(study), sorted(study.get_trials(states=(TrialState.PRUNED,)), key=lambda t: t.number)
     assert pruned and len(done) + len(pruned) == len(study.trials) == 16
@@ -473,6 +522,7 @@ def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatc
     assert result["best_trial"] in {t.number for t in done} and result["n_pruned"] == len(pruned) and result["n_trials"] == len(done)
     rows = read_csv(tmp_path / "run" / "trials.csv")
     assert [r["state"] for r in rows].count("PRUNED") == len(pruned)
+    assert (tmp_path / "run" / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(r["val_loss:rev.words"] == "" for r in rows if r["state"] == "PRUNED")
 
 
@@ -481,8 +531,8 @@ def test_importances(tiny_base, adapters, tmp_path, monkeypatch):
 
     fake, _ = per_source_quadratic(load_tokenizer(tiny_base), {"add": 0.3, "rev.words": 1.0}, {"add": 5.0, "rev.words": 0.0})
     monkeypatch.setattr(loradem.model.generate, "mean_loss", fake)
-    recipe = make_recipe(tmp_path, tiny_base, n_trials=20, sampler="random")
-    result = search_weights(recipe, tiny_base, adapters, VALIDATION, tmp_path / "run", log=lambda s: None)
+    job = make_job(tmp_path / "run", n_trials=20, sampler="random")
+    result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     imp = result["importances"]
     expect = optuna.importance.get_param_importances(
         load_study(result), evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=SOURCES)
@@ -491,8 +541,8 @@ def test_importances(tiny_base, adapters, tmp_path, monkeypatch):
     assert imp["values"]["add"] > imp["values"]["rev.words"]  # only add's weight changes the objective
     assert (tmp_path / "run" / "importances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # too few trials: no importances, and no stale plot left behind
-    small = search_weights(make_recipe(tmp_path, tiny_base, n_trials=3, sampler="random", high=1.4), tiny_base, adapters,
-                           VALIDATION, tmp_path / "run", log=lambda s: None)
+    small = search_weights(make_job(tmp_path / "run", n_trials=3, sampler="random", high=1.4), tiny_base, adapters,
+                           VALIDATION, log=lambda s: None)
     assert small["importances"] is None and not (tmp_path / "run" / "importances.png").exists()
 
 

@@ -1,8 +1,8 @@
 """The search space: which Optuna parameters a study has, and what weights a trial's parameters mean.
 
-    space = SearchSpace.from_settings(recipe.search, ["add", "rev"], num_layers=30)
+    space = SearchSpace.from_settings(SearchSettings(granularity="layer-groups"), ["add", "rev"], num_layers=30)
     params = space.suggest(trial)       # {"add": 0.7, "rev": 1.1}, or {"add@g0": ..., "add@g1": ...}
-    space.weights(params)               # for multi.set_weights: {source: w} or {source: [w per group]}
+    space.weights(params)               # for soup.set_weights: {source: w} or {source: [w per group]}
 
 - granularity 'source': one parameter per source, named after it.
 - granularity 'layer-groups': one parameter per (source, layer group), named
@@ -13,7 +13,7 @@
   names never collide.
 
 A trial's weights are always *effective* weights (already multiplied by the
-global scale): what `multi.set_weights` applies and what the assembler folds.
+global scale): what `soup.set_weights` applies and what the assembler folds.
 
 Warm-start points (queued before the sampler runs): a previous best (new
 sources at 0, then each new source alone at 0.25, 0.5 and 1.0), then the
@@ -28,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import optuna
+
 from loradem.errors import LorademError
 from loradem.files import read_json
+from loradem.recipe import SearchSettings
 
 GLOBAL = "@global_scale"
 GLOBAL_RANGE = (0.0, 2.0)
@@ -47,7 +50,7 @@ class SearchSpace:
     global_scale: bool = False
 
     @classmethod
-    def from_settings(cls, settings, sources: list[str], num_layers: int) -> "SearchSpace":
+    def from_settings(cls, settings: SearchSettings, sources: list[str], num_layers: int) -> "SearchSpace":
         groups = min(settings.layer_groups, num_layers) if settings.granularity == "layer-groups" else None
         return cls(tuple(sources), settings.low, settings.high, groups, settings.global_scale)
 
@@ -150,14 +153,12 @@ def warm_start_points(space: SearchSpace, previous: Optional[dict[str, float | l
 
 # ---- samplers -------------------------------------------------------------------
 
-def build_sampler(settings, seed: int, space: SearchSpace):
+def build_sampler(settings: SearchSettings, seed: int, space: SearchSpace):
     """(Optuna sampler, grid size or None) for settings.sampler; a one-line error when a dependency is missing.
 
     TPE runs with constant_liar, so workers sharing a study do not all sample the same point while
     others' trials are running (no effect when there are none).
     """
-    import optuna
-
     name = settings.sampler
     if name in _SAMPLER_NEEDS:
         module, fix = _SAMPLER_NEEDS[name]
@@ -183,7 +184,7 @@ def build_sampler(settings, seed: int, space: SearchSpace):
     raise LorademError(f"search.sampler: expected tpe, random, cmaes, gp or grid, got {name!r}")
 
 
-def target_trials(settings, grid_size: Optional[int], n_warm: int) -> int:
+def target_trials(settings: SearchSettings, grid_size: Optional[int], n_warm: int) -> int:
     """Finished (complete or pruned) trials the study should end with."""
     if grid_size is None:
         return settings.n_trials

@@ -22,13 +22,22 @@ are retried.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue as queue_mod
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
 
 from loradem.errors import LorademError
 
@@ -64,19 +73,13 @@ class Storage:
         if self.kind == "journal":
             return self.target
         try:
-            from sqlalchemy.engine import make_url
-
             return make_url(self.target).render_as_string(hide_password=True)
         except Exception:  # noqa: BLE001 - an unparsable URL fails in open(); never print its password
             return self.target.split("://", 1)[0] + "://***"
 
     def open(self):
         """The Optuna storage object (a fresh one per process)."""
-        import optuna
-
         if self.kind == "journal":
-            from optuna.storages.journal import JournalFileBackend
-
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(self.target))
         if not self.target.startswith("sqlite"):
@@ -92,13 +95,10 @@ def _serialize_sqlite(engine) -> None:
 
     Optuna pops an enqueued trial with SELECT ... FOR UPDATE, then sets it RUNNING; SQLite ignores
     FOR UPDATE and pysqlite opens the transaction only at the UPDATE, so two processes could both
-    read WAITING and both run the same trial (measured: 4 processes popping 80 queued trials got
-    ~90-98 pops). With BEGIN IMMEDIATE the read and the write hold the file's write lock together;
-    the second process then reads RUNNING and takes the next trial. PostgreSQL and MySQL honour
+    read WAITING and both run the same trial. With BEGIN IMMEDIATE the read and the write hold the
+    file's write lock together; the second process then reads RUNNING and takes the next trial. PostgreSQL and MySQL honour
     FOR UPDATE, and the journal file storage pops under its own file lock.
     """
-    from sqlalchemy import event
-
     @event.listens_for(engine, "connect")
     def _no_implicit_transactions(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # pysqlite: let SQLAlchemy's "begin" below open transactions
@@ -117,8 +117,6 @@ def _open_error(storage: Storage, exc: BaseException) -> LorademError:
 
 def open_study(storage: Storage, name: str, sampler, *, direction: str, pruner=None, create: bool = True):
     """Create the study (or load it: an interrupted search resumes); retried when another process creates it at the same moment."""
-    import optuna
-
     for attempt in range(_CREATE_ATTEMPTS):
         try:
             backend = storage.open()
@@ -142,8 +140,6 @@ def open_study(storage: Storage, name: str, sampler, *, direction: str, pruner=N
 # ---- trials ------------------------------------------------------------------
 
 def trials_in(study, *states: str) -> list:
-    from optuna.trial import TrialState
-
     return sorted(study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in states)), key=lambda t: t.number)
 
 
@@ -170,9 +166,6 @@ def enqueue_points(study, points: list[dict[str, float]]) -> int:
 
 def stop_at(target: int) -> Callable:
     """A callback that stops a worker once the study has `target` finished trials (other workers included)."""
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
     return MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
@@ -201,16 +194,15 @@ def _child(job_fn: Callable, job: Any, queue) -> None:
         queue.put(("error", f"worker process {os.getpid()} failed: {last}"))
 
 
-def run_workers(job_fn: Callable[[Any, Callable[[str], None]], None], jobs: list, log: Callable[[str], None]) -> None:
+def run_workers(job_fn: Callable[[Any, Callable[[str], None]], None], jobs: list, log: Callable[[str], None], *,
+                on_wait: Optional[Callable[[], None]] = None, wait_seconds: float = 2.0) -> None:
     """Run job_fn(job, log) in one spawned process per job; relay their log lines; raise when one failed
     (its LorademError as is; anything else as a RuntimeError, after the worker printed its traceback).
+    `on_wait` is called about every `wait_seconds` while they run (the search's progress bar polls the study).
 
     `job_fn` must be a module-level function and each job picklable (spawn starts fresh interpreters:
     no forked torch state). Ctrl-C interrupts every worker (each marks its running trial failed).
     """
-    import multiprocessing as mp
-    import queue as queue_mod
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(job_fn, job, q), name=f"loradem-search-{i}") for i, job in enumerate(jobs)]
@@ -233,11 +225,15 @@ def run_workers(job_fn: Callable[[Any, Callable[[str], None]], None], jobs: list
     try:
         for p in procs:
             p.start()
+        waited = time.monotonic()
         while any(p.is_alive() for p in procs):
             try:
                 handle(q.get(timeout=0.2))
             except queue_mod.Empty:
                 pass
+            if on_wait is not None and time.monotonic() - waited >= wait_seconds:
+                on_wait()
+                waited = time.monotonic()
         for p in procs:
             p.join()
     except KeyboardInterrupt:
@@ -264,14 +260,15 @@ def run_workers(job_fn: Callable[[Any, Callable[[str], None]], None], jobs: list
 
 # ---- what the study learned ----------------------------------------------------------
 
+def importance_evaluator():
+    """PED-ANOVA (numpy only; fANOVA and mean-decrease-impurity need scikit-learn): it compares the parameter
+    distribution of the best 10% of trials with all of them."""
+    return optuna.importance.PedAnovaImportanceEvaluator()
+
+
 def param_importances(study, params: list[str], log: Callable[[str], None]) -> Optional[dict]:
-    """Optuna's parameter importances over the completed trials, or None (with a log line) when they mean nothing.
-
-    Optuna 5.0's default evaluator is PED-ANOVA (numpy only; fANOVA and mean-decrease-impurity need
-    scikit-learn): it compares the parameter distribution of the best 10% of trials with all of them.
-    """
-    import optuna
-
+    """Optuna's parameter importances over the completed trials (`importance_evaluator`), or None (with a log line)
+    when they mean nothing."""
     n = len(trials_in(study, "COMPLETE"))
     if len(params) < 2:
         log("search: parameter importances skipped (one parameter)")
@@ -279,7 +276,7 @@ def param_importances(study, params: list[str], log: Callable[[str], None]) -> O
     if n < MIN_IMPORTANCE_TRIALS:
         log(f"search: parameter importances skipped ({n} completed trials, need {MIN_IMPORTANCE_TRIALS})")
         return None
-    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    evaluator = importance_evaluator()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -5,10 +5,11 @@
     preds = generate_answers(model, tokenizer, prompts)           # greedy, left-padded
     score = exact_match(preds, references)                        # fraction in [0, 1]
 
-Rows become token ids by `loradem.model.render`, the one rendering that
-training, the search and evaluation share. Exact match compares greedy
-completions, stopped at eos, with the references after stripping and
-collapsing whitespace (case-sensitive).
+Rows become token ids by `loradem.model.render`, which reproduces TRL's
+training tokenization, so a loss here averages over exactly the tokens
+training scored. Exact match compares greedy completions, stopped at eos,
+with the references after stripping and collapsing whitespace
+(case-sensitive).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _collate_right(batch: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_right(batch: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -71,7 +72,7 @@ def mean_loss(
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         batch = [encoded[i] for i in order[start : start + batch_size]]
-        ids, mask, labels = _collate_right(batch, device)
+        ids, mask, labels = collate_right(batch, device)
         if not (labels[:, 1:] != IGNORE).any():
             continue
         logits, targets = _scored_logits(model, ids, mask, labels)

@@ -53,10 +53,12 @@ from loradem.model.lora_config import check_weighable
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAMES_ATTR = "loradem_adapters"
-_LAYERS_ATTR = "loradem_lora_layers"
-_MODULES_ATTR = "loradem_lora_modules"
+LAYERS_ATTR = "loradem_lora_layers"
+MODULES_ATTR = "loradem_lora_modules"
 _NUM_LAYERS_ATTR = "loradem_num_layers"
 _FOLD_ATTR = "loradem_folded"
+
+
 def peft_adapter_name(index: int, source: str) -> str:
     """A name PEFT accepts for source number `index` (no '.', never inside the 'lora_' prefix)."""
     return f"s{index}_" + re.sub(r"[^A-Za-z0-9_]", "_", source)
@@ -183,8 +185,8 @@ def load_multi(
     for source, folder in adapters.items():
         _check_all_loaded(source, names[source], Path(folder), layers)
     setattr(model, _NAMES_ATTR, names)
-    setattr(model, _LAYERS_ATTR, list(layers.values()))
-    setattr(model, _MODULES_ATTR, list(layers))
+    setattr(model, LAYERS_ATTR, list(layers.values()))
+    setattr(model, MODULES_ATTR, list(layers))
     setattr(model, _NUM_LAYERS_ATTR, num_hidden_layers(model.config))
     setattr(model, _FOLD_ATTR, _foldable(model, layers, names) if fold else {})
     if fold:
@@ -302,8 +304,8 @@ def set_weights(model, weights: dict[str, Weight]) -> None:
     for source, w in weights.items():
         _check_weight(source, w, num_layers)
     plain = {s: _plain(w) for s, w in weights.items()}
-    modules = [canonical_module(m) for m in getattr(model, _MODULES_ATTR)]
-    layers = getattr(model, _LAYERS_ATTR)
+    modules = [canonical_module(m) for m in getattr(model, MODULES_ATTR)]
+    layers = getattr(model, LAYERS_ATTR)
     for source, w in plain.items():
         if isinstance(w, dict):  # a typo'd or missing module must not pass silently
             carrying = [m for m, layer in zip(modules, layers) if names[source] in layer.scaling]
