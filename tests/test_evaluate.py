@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTTrainer
 
 from loradem.errors import LorademError
 from loradem.model.generate import evaluate_source, exact_match, generate_answers, mean_loss
-from loradem.model.render import encode_for_loss, render_prompt
-from loradem.recipe import EvalSettings
+from loradem.model.render import encode_for_loss, encode_row, render_prompt
+from loradem.recipe import EvalSettings, LoraSettings, TrainSettings
+from loradem.train.sft import trainer_configs, trl_rows
 
 ROWS = [
     {"messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -23,8 +30,6 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_base):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     tok = AutoTokenizer.from_pretrained(tiny_base)
     tok.padding_side = "left"
@@ -47,12 +52,13 @@ def hand_loss(model, encoded) -> float:
 def test_prompt_tokens_are_masked(model_and_tok):
     _, tok = model_and_tok
     enc = encode_for_loss(ROWS, tok, max_length=128)
-    # messages: the prompt is the chat template with the generation prompt; the completion is answer + eos
+    # messages: the prompt is the chat template with the generation prompt; the completion is the rest of the
+    # templated conversation: the answer and what the template closes the assistant turn with
     prompt = tok.apply_chat_template(ROWS[0]["messages"][:-1], add_generation_prompt=True, tokenize=False)
     ids, labels = enc[0]
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [-100] * n_prompt
-    assert tok.decode(labels[n_prompt:]) == "579<|im_end|>"
+    assert tok.decode(labels[n_prompt:]) == "579<|im_end|>\n"
     assert ids[n_prompt:] == labels[n_prompt:]
     # prompt/completion: plain text; the prompt's trailing space merges with the completion's first
     # token, so (as in TRL) the completion starts where the two tokenizations diverge
@@ -187,3 +193,115 @@ def test_evaluate_source(model_and_tok):
     assert loss == {"metric": "loss", "value": pytest.approx(mean_loss(model, encode_for_loss(rows, tok, 128)), rel=1e-6), "n": 3}
     with pytest.raises(LorademError, match="exact match needs a prompt and an answer.*use metric: loss"):
         evaluate_source(model, tok, [{"text": "abc"}], "exact_match", settings, 128, log=None)
+
+
+# ---- evaluation scores the tokens training scores ------------------------------------
+
+LONG = ", ".join(str(n) for n in range(40, 0, -1))  # runs past max_length: truncated mid-completion
+TRL_ROWS = {
+    "messages": [
+        ROWS[0],
+        ROWS[3],
+        {"messages": [{"role": "user", "content": "What is 123 + 456?"}, {"role": "assistant", "content": "579"},
+                      {"role": "user", "content": "Sort these numbers: 42, 7, 19, 3."},
+                      {"role": "assistant", "content": "3, 7, 19, 42"}]},
+        {"messages": [{"role": "user", "content": "Sort these numbers:"}, {"role": "assistant", "content": LONG}]},
+    ],
+    "prompt_completion": [
+        ROWS[1],  # the prompt's trailing space merges with the completion's first token
+        {"prompt": "What is 123 + 456? Answer:", "completion": " 579"},
+        {"prompt": "Uppercase: hello world.", "completion": " HELLO WORLD<|im_end|>"},  # eos already there
+        {"prompt": "Sort these numbers:", "completion": " " + LONG},
+    ],
+    "text": [ROWS[2], {"text": "Uppercase: hello world. HELLO WORLD<|im_end|>"}, {"text": "Sort: " + LONG}],
+}
+
+
+def trl_training_tokens(base: Path, rows: list[dict], fmt: str, max_length: int, scratch: Path) -> list[tuple[list, list]]:
+    """(input_ids, labels) of each row as TRL's SFT trainer prepares it for training, built as loradem.train.sft
+    builds its trainer (same configs, same row conversion); -100 where training computes no loss."""
+    train = TrainSettings(max_length=max_length, max_steps=1, batch_size=1, eval_steps=1)
+    sft, lora = trainer_configs(train, LoraSettings(r=2), seed=0, output_dir=scratch / fmt, fmt=fmt)
+    data = Dataset.from_list(trl_rows(rows, fmt))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=sft, train_dataset=data, eval_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(base), peft_config=lora)
+    out = []
+    for example in trainer.train_dataset:
+        ids = example["input_ids"]
+        if "labels" in example:  # TRL >= 1.x folds its completion mask into labels
+            labels = example["labels"]
+        elif "completion_mask" in example:
+            labels = [t if m else -100 for t, m in zip(ids, example["completion_mask"])]
+        else:
+            labels = list(ids)
+        out.append((list(ids), list(labels)))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "text"])
+def test_evaluation_scores_the_tokens_training_scores(tiny_base, tmp_path, fmt):
+    """The loss the search and the report compute averages over exactly the tokens TRL trains on."""
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    rows = TRL_ROWS[fmt]
+    trained = trl_training_tokens(tiny_base, rows, fmt, 96, tmp_path)
+    assert len(trained) == len(rows)  # TRL kept every row (none lost its completion to truncation)
+    for row, (ids, labels) in zip(rows, trained):
+        assert encode_row(row, tok, 96) == (ids, labels), row
+    assert any(len(ids) == 96 and labels[-1] != -100 for ids, labels in trained)  # one row is cut mid-completion
+    if fmt == "messages":  # what the chat template closes the assistant turn with is scored, as in training
+        ids, labels = trained[0]
+        assert tok.decode([t for t in labels if t != -100]) == "579<|im_end|>\n"
+
+
+# ---- the evaluation stage from plain inputs ------------------------------------------
+
+def test_compare_models_from_plain_settings_and_paths(tiny_base, tmp_path, capsys, monkeypatch):
+    """No recipe and no YAML: settings, rows and folders in, real scores (checked against the models) out."""
+    monkeypatch.delenv("LORADEM_NO_PROGRESS", raising=False)
+    from loradem.evaluate.compare import EvalPlan, EvalSource, compare_models
+    from loradem.model.soup import load_multi, load_tokenizer, set_weights
+    from test_multi import make_adapter
+
+    tok = load_tokenizer(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    prompts = [p for p in PROMPTS if isinstance(p, list)]
+    own = generate_answers(base, tok, prompts, max_new_tokens=6, log=None)  # the base's own answers: it scores 100%
+    answered = [{"messages": [*p, {"role": "assistant", "content": a}]} for p, a in zip(prompts, own)]
+    text = [ROWS[2], {"text": "Uppercase: hello world. HELLO WORLD"}]
+    adapters = {name: make_adapter(tiny_base, tmp_path / name, seed=i, r=4, targets=["q_proj", "v_proj", "down_proj"])
+                for i, name in enumerate(("answers", "text"))}
+    plan = EvalPlan(
+        run_name="plain", sources=(EvalSource("answers", "exact_match", answered), EvalSource("text", "loss", text)),
+        settings=EvalSettings(max_new_tokens=6, batch_size=4), max_length=64, base_dir=tiny_base, adapters=adapters,
+        search={"weights": {"answers": 0.0, "text": 0.0}, "search_seconds": 1.5},
+        model_dir=tiny_base,  # the "assembled" model folds weight 0: the dem row must score as the base row
+        out_dir=tmp_path / "run", reproduce="loradem run plain.yaml",
+    )
+    lines: list[str] = []
+    rows = compare_models(plan, log=lines.append)
+
+    by_name = {r["name"]: r for r in rows}
+    assert list(by_name) == ["base", "adapter:answers", "adapter:text", "uniform", "sum", "dem"]
+    base_loss = mean_loss(base, encode_for_loss(text, tok, 64))
+    assert by_name["base"]["per_source"] == {"answers": 1.0, "text": pytest.approx(base_loss, rel=1e-5)}
+    assert by_name["dem"]["per_source"] == by_name["base"]["per_source"]
+    assert by_name["base"]["average"] is None  # exact match and loss do not average
+    model, tok2 = load_multi(tiny_base, adapters)
+    set_weights(model, {"answers": 1.0, "text": 1.0})
+    summed = evaluate_source(model, tok2, answered, "exact_match", plan.settings, 64, log=None)
+    assert by_name["sum"]["per_source"]["answers"] == summed["value"]
+    assert by_name["sum"]["per_source"]["text"] == pytest.approx(mean_loss(model, encode_for_loss(text, tok2, 64)), rel=1e-5)
+    assert by_name["sum"]["per_source"]["text"] != pytest.approx(base_loss, rel=1e-4)  # the adapters do change the model
+    assert by_name["dem"]["cost"]["search_seconds"] == 1.5
+
+    # one log line per model, and one bar over the models
+    assert [line.split()[0] for line in lines] == list(by_name)
+    err = capsys.readouterr().err
+    assert "eval" in err and "6/6" in err and "model" in err
+
+    doc = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert doc["recipe"] == "plain" and doc["metric"] == {"answers": "exact_match", "text": "loss"}
+    assert doc["rows"] == rows and doc["test_rows"] == {"answers": 2, "text": 2} and "recipe_path" not in doc
+    assert doc["predictions"]["base"]["answers"] == own
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert md.startswith("# plain: results") and "```\nloradem run plain.yaml\n```" in md

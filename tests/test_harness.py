@@ -156,29 +156,24 @@ def test_shipped_data_is_its_generators_output():
 
 
 @pytest.mark.slow
-def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path, monkeypatch):
-    from loradem.evaluate.compare import compare_models
-    from loradem.data.rows import load_splits
-    from loradem.recipe import load_recipe
+def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path):
+    from loradem.evaluate.compare import EvalPlan, EvalSource, compare_models
+    from loradem.recipe import EvalSettings
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    for task in ("addition", "sort"):
-        lines = (REPO / "recipes" / "data" / "demo" / f"{task}.jsonl").read_text().splitlines()[:16]
-        (tmp_path / "data" / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
-        "name": "bench", "base": str(tiny_base),
-        "sources": [{"name": n, "data": f"data/{n}.jsonl", "validation": 4, "test": 3} for n in ("addition", "sort")],
-        "eval": {"max_new_tokens": 4, "batch_size": 6, "lm_eval_tasks": ["loradem_demo_arith", "loradem_demo_arith_gen"],
-                 "lm_eval_include_path": str(REPO / "eval" / "tasks"), "lm_eval_limit": 3},
-    }))
-    recipe = load_recipe(tmp_path / "bench.yaml")
+    def test_rows(task: str) -> list[dict]:
+        lines = (REPO / "recipes" / "data" / "demo" / f"{task}.jsonl").read_text().splitlines()[:3]
+        return [json.loads(line) for line in lines]
+
     adapters = {n: make_adapter(tiny_base, tmp_path / "adapters" / n, seed=5 + i, r=4, targets=TARGETS)
                 for i, n in enumerate(("addition", "sort"))}
-    splits = {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
+    settings = EvalSettings(max_new_tokens=4, batch_size=6, lm_eval_tasks=["loradem_demo_arith", "loradem_demo_arith_gen"],
+                            lm_eval_include_path=str(TASKS), lm_eval_limit=3)
+    out = tmp_path / "runs" / "bench"
     # the "assembled" model is the base folder itself, so the dem row must score as the base row does
-    rows = compare_models(recipe, tiny_base, adapters, splits, {"weights": {"addition": 0.0, "sort": 0.0}}, tiny_base,
-                          log=lambda m: None)
+    plan = EvalPlan(run_name="bench", sources=tuple(EvalSource(n, "exact_match", test_rows(n)) for n in ("addition", "sort")),
+                    settings=settings, max_length=256, base_dir=tiny_base, adapters=adapters,
+                    search={"weights": {"addition": 0.0, "sort": 0.0}}, model_dir=tiny_base, out_dir=out)
+    rows = compare_models(plan, log=lambda m: None)
 
     by_name = {r["name"]: r["benchmarks"] for r in rows}
     assert list(by_name) == ["base", "adapter:addition", "adapter:sort", "uniform", "sum", "dem"]
@@ -192,10 +187,10 @@ def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path, monkeypatch):
     assert by_name["sum"]["loradem_demo_arith"]["brier_score"] == pytest.approx(expected["brier_score"], abs=1e-5)
     assert abs(by_name["sum"]["loradem_demo_arith"]["brier_score"] - by_name["base"]["loradem_demo_arith"]["brier_score"]) > 1e-3
 
-    report = json.loads((tmp_path / "runs" / "bench" / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert [r["benchmarks"] for r in report["rows"]] == list(by_name.values())
     assert report["lm_eval"]["limit"] == 3 and report["lm_eval"]["include_path"] == str(TASKS)
-    md = (tmp_path / "runs" / "bench" / "report.md").read_text()
+    md = (out / "report.md").read_text()
     assert "| model | loradem_demo_arith acc | loradem_demo_arith acc_norm | loradem_demo_arith brier_score | loradem_demo_arith_gen exact_match |" in md
     assert f"| `sum` | {by_name['sum']['loradem_demo_arith']['acc']:.4f} |" in md
     assert "At most 3 examples per task" in md
@@ -203,10 +198,10 @@ def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path, monkeypatch):
 
 def test_report_refuses_malformed_benchmarks(tmp_path):
     from loradem.evaluate.report import write_report
-    from test_report import make_recipe, make_rows
+    from test_report import METRICS, make_rows
 
     rows = make_rows(["579", "49", "22", "1000"])
     rows[0]["benchmarks"] = {"loradem_demo_arith": {"acc": "N/A"}}
     with pytest.raises(LorademError, match=r"row 0 \('base'\): benchmarks: expected \{task: \{metric: finite number\}\}"):
-        write_report(tmp_path / "out", make_recipe(tmp_path), rows)
+        write_report(tmp_path / "out", "demo", METRICS, rows)
     assert not (tmp_path / "out").exists()

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from loradem.errors import LorademError
 from loradem.model.generate import exact_match
-from loradem.recipe import Recipe
 from loradem.evaluate.report import write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REFS = ["579", "49", "22", "1000"]
-
-
-def make_recipe(tmp_path: Path) -> Recipe:
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n')
-    return Recipe.model_validate({
-        "name": "demo", "base": "smollm2-135m",
-        "sources": [{"name": "add", "data": str(data)}, {"name": "rev.words", "data": str(data), "metric": "loss"}],
-    })
+METRICS = {"add": "exact_match", "rev.words": "loss"}
 
 
 def cost(train_tokens=0, train=0.0, search=0.0) -> dict:
@@ -47,10 +37,11 @@ def table_row(md: str, name: str) -> list[str]:
 
 
 def test_report_has_every_row_and_column(tmp_path):
-    recipe = make_recipe(tmp_path)
     rows = make_rows(["579", "49", "x", "1000"])
-    write_report(tmp_path / "out", recipe, rows, extra={"weights_file": "weights.json"}, recipe_path="recipes/demo.yaml")
+    write_report(tmp_path / "out", "demo", METRICS, rows, extra={"recipe_path": "recipes/demo.yaml", "weights_file": "weights.json"},
+                 reproduce="loradem run recipes/demo.yaml")
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(doc) == ["recipe", "metric", "rows", "recipe_path", "weights_file"]
     assert doc["recipe"] == "demo" and doc["metric"] == {"add": "exact_match", "rev.words": "loss"}
     assert doc["rows"] == rows and doc["weights_file"] == "weights.json"
     md = (tmp_path / "out" / "report.md").read_text()
@@ -60,22 +51,22 @@ def test_report_has_every_row_and_column(tmp_path):
     assert table_row(md, "base") == ["`base`", "0.0%", "3.210", "1.605", "0", "0.0", "0.0", "0.0"]
     assert table_row(md, "dem") == ["`dem`", "75.0%", "1.877", "1.313", "24,000", "100", "12.0", "112"]
     assert "| `dem` | 0.800 | 1.250 |" in md and "| `uniform` | 0.500 | 0.500 |" in md  # the weights table
-    assert "loradem run recipes/demo.yaml" in md
+    assert md.endswith("## How to reproduce\n\n```\nloradem run recipes/demo.yaml\n```\n")
     for png in ("per_source.png", "cost_vs_score.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == PNG
 
 
 def test_a_changed_prediction_moves_the_report(tmp_path):
-    recipe = make_recipe(tmp_path)
     out = tmp_path / "out"
-    write_report(out, recipe, make_rows(["579", "49", "x", "1000"]))
+    write_report(out, "demo", METRICS, make_rows(["579", "49", "x", "1000"]))
     before_md, before_png = (out / "report.md").read_text(), (out / "per_source.png").read_bytes()
-    write_report(out, recipe, make_rows(["579", "49", "22", "1000"]))  # one more right answer
+    write_report(out, "demo", METRICS, make_rows(["579", "49", "22", "1000"]))  # one more right answer
     md = (out / "report.md").read_text()
     assert table_row(before_md, "dem")[1] == "75.0%" and table_row(md, "dem")[1] == "100.0%"
     assert json.loads((out / "report.json").read_text())["rows"][3]["per_source"]["add"] == 1.0
     assert (out / "per_source.png").read_bytes() != before_png
     assert table_row(md, "base") == table_row(before_md, "base")
+    assert "How to reproduce" not in md  # no command given, none printed
 
 
 @pytest.mark.parametrize(
@@ -88,25 +79,20 @@ def test_a_changed_prediction_moves_the_report(tmp_path):
     ],
 )
 def test_bad_rows_leave_the_earlier_report_intact(tmp_path, mutate, message):
-    recipe = make_recipe(tmp_path)
     out = tmp_path / "out"
-    write_report(out, recipe, make_rows(REFS))
+    write_report(out, "demo", METRICS, make_rows(REFS))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     rows = make_rows(REFS)
     mutate(rows)
     with pytest.raises(LorademError, match=message):
-        write_report(out, recipe, rows)
+        write_report(out, "demo", METRICS, rows)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_all_loss_sources_print_loss_averages(tmp_path):
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"text": "a"}\n')
-    recipe = Recipe.model_validate({"name": "lm", "base": "smollm2-135m",
-                                    "sources": [{"name": "a", "data": str(data), "metric": "loss"}]})
     rows = [{"name": "base", "per_source": {"a": 2.34567}, "average": 2.34567, "cost": cost()},
             {"name": "dem", "per_source": {"a": None}, "average": None, "cost": cost(10, 1.0, 2.0), "weights": {"a": 1.0}}]
-    write_report(tmp_path / "out", recipe, rows)
+    write_report(tmp_path / "out", "lm", {"a": "loss"}, rows)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| `base` | 2.346 | 2.346 | 0 |" in md and "| `dem` | – | – | 10 |" in md
 

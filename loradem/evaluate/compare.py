@@ -1,37 +1,101 @@
 """The comparison behind the report: every model a run produced or can cheaply make.
 
-    rows = compare_models(recipe, base_dir, adapters, splits, search_record, model_dir)
+    plan = EvalPlan(run_name="demo", sources=(EvalSource("addition", "exact_match", test_rows), ...),
+                    settings=EvalSettings(), max_length=256, base_dir=base, adapters={"addition": folder, ...},
+                    search=read_json("runs/demo/search/weights.json"), model_dir=Path("runs/demo/model"),
+                    out_dir=Path("runs/demo"))
+    rows = compare_models(plan)          # and report.json, report.md, figures in plan.out_dir
+
+Everything it needs arrives in the plan, already resolved (`loradem.pipeline`
+builds it from a recipe): the sources with their metric and held-out test
+rows, the evaluation settings, the adapters, the searched and learned weight
+records, the assembled model folder, the finished mix adapter if any, and each
+variant's own adapters and weights.
 
 Rows (names fixed by report.json's contract):
 - ``base``              all weights 0
 - ``adapter:<source>``  that source's adapter alone (weight 1, the others 0)
-- ``mix``               the data-mixing adapter alone (`loradem.train.mix`), when a finished one exists
+- ``mix``               the data-mixing adapter alone (`loradem.train.mix`), when the plan has a finished one
                         for the current adapters; report.json's ``mix`` gives its cost over DEM's
 - ``uniform``           every weight 1/n
 - ``sum``               every weight 1 (the plain sum of the vectors)
-- ``dem``               the searched weights, evaluated on the *assembled* model
-                        folder read back from disk (the artifact users ship)
-- ``dem-learned``       the learned per-module weights (learn.enabled)
-- ``<variant>:<row>``   for each recipe variant (`variants:`), its own adapters alone, uniform, sum,
+- ``dem``               the searched weights
+- ``dem-learned``       the learned per-module weights (when the plan has them)
+- ``<variant>:<row>``   for each variant, its own adapters alone, uniform, sum,
                         dem and dem-learned, scored on an in-memory exact fold of its adapters;
                         report.json's ``variants`` gives what each overrides, its search and learning
 
-The first four are the same resident base with all adapters loaded; a row
-only changes their scales. Each is scored on every source's held-out test rows
-(never seen by training or the search) with the source's metric. When the
-recipe lists `eval.lm_eval_tasks`, every row also runs them on the same
-in-memory model (`loradem.evaluate.harness`) and carries ``benchmarks``:
-{task: {metric: value}}; the task names and their data are checked before any
-model runs.
+Of ``dem`` and ``dem-learned``, the row whose weights the assembled model
+folds (`EvalPlan.assembled_weights`) is scored on that folder read back from
+disk (the artifact users ship); the other on an in-memory exact fold. The
+other rows are one resident base with all adapters folded; a row only changes
+their scales. Each is scored on every source's held-out test rows (never seen
+by training or the search) with the source's metric. When the settings list
+`lm_eval_tasks`, every row also runs them on the same in-memory model
+(`loradem.evaluate.harness`) and carries ``benchmarks``: {task: {metric:
+value}}; the task names and their data are checked before any model runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Optional, Sequence
 
+from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
+from loradem.evaluate.report import write_report
 from loradem.files import read_json
-from loradem.recipe import Recipe
+from loradem.merge.search import fold_weights
+from loradem.model.generate import evaluate_source
+from loradem.model.soup import load_base, load_multi, load_tokenizer, set_weights
+from loradem.progress import progress
+from loradem.recipe import EvalSettings
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """One source as evaluation sees it: its name, its metric and its held-out test rows."""
+
+    name: str
+    metric: Literal["exact_match", "loss"]
+    test: Sequence[dict]
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """A variant's own adapter set and weight records, and what the report says about it."""
+
+    name: str
+    adapters: dict[str, Path]
+    search: dict  # its search/weights.json
+    out_dir: Path  # where its vectors.json is read from, and what the report points to
+    learned: Optional[dict] = None  # its learn/weights.json, when it learns per-module weights
+    description: str = ""
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything the evaluation stage reads, resolved: no recipe, no YAML."""
+
+    run_name: str  # report.json's "recipe" and report.md's title
+    sources: tuple[EvalSource, ...]
+    settings: EvalSettings
+    max_length: int  # tokens per row for the loss metric, as in training
+    base_dir: Path
+    adapters: dict[str, Path]  # source -> finished adapter folder
+    search: dict  # search/weights.json
+    model_dir: Path  # the assembled model
+    out_dir: Path  # where the report is written (and vectors.json is read from)
+    assembled_weights: Literal["search", "learned"] = "search"  # which weights model_dir folds
+    learned: Optional[dict] = None  # learn/weights.json, when the run learns per-module weights
+    mix_dir: Optional[Path] = None  # the finished data-mixing adapter for these adapters
+    variants: tuple[VariantPlan, ...] = ()
+    recipe_path: Optional[str] = None  # kept in report.json
+    reproduce: Optional[str] = None  # the command report.md gives to reproduce the run
 
 
 def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0) -> dict:
@@ -99,21 +163,18 @@ def _learn_summary(learned: dict | None) -> dict | None:
                                         "learn_tokens", "learn_seconds", "fit_rows")}
 
 
-def _variant_rows(v: dict, base_dir: Path, names: list[str], metrics: dict[str, str], score) -> list[dict]:
+def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
     learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly."""
-    from loradem.merge.search import fold_weights
-
-    adapters, search_record, learned = v["adapters"], v["search"], v["learned"]
-    records = _records(adapters, names)
-    search_seconds = float(search_record.get("search_seconds") or 0.0)
+    records = _records(v.adapters, names)
+    search_seconds = float(v.search.get("search_seconds") or 0.0)
     plan = _fixed_plan(names, records)
-    plan.append(("dem", fold_weights(search_record), {k: float(search_record["weights"][k]) for k in names},
+    plan.append(("dem", fold_weights(v.search), {k: float(v.search["weights"][k]) for k in names},
                  _cost(records, names, search_seconds)))
-    if learned is not None:
-        plan.append(("dem-learned", learned["module_weights"], {k: float(w) for k, w in learned["weights"].items()},
-                     _add_learning(_cost(records, names, search_seconds), learned)))
-    return _score_plan(plan, v["variant"].name + ":", base_dir, adapters, names, metrics, score)
+    if v.learned is not None:
+        plan.append(("dem-learned", v.learned["module_weights"], {k: float(w) for k, w in v.learned["weights"].items()},
+                     _add_learning(_cost(records, names, search_seconds), v.learned)))
+    return _score_plan(plan, v.name + ":", base_dir, v.adapters, names, metrics, score)
 
 
 def _fixed_plan(names: list[str], records: dict[str, dict]) -> list[tuple]:
@@ -125,10 +186,8 @@ def _fixed_plan(names: list[str], records: dict[str, dict]) -> list[tuple]:
 
 
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
-                metrics: dict[str, str], score) -> list[dict]:
+                metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Score each planned row on one resident base with `adapters` folded exactly (a row only changes weights)."""
-    from loradem.model.soup import load_multi, set_weights
-
     model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
     rows = []
     for name, weights, shown, cost in plan:
@@ -146,55 +205,70 @@ def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | N
     return sum(per_source.values()) / len(per_source)
 
 
-def compare_models(
-    recipe: Recipe,
-    base_dir: Path,
-    adapters: dict[str, Path],
-    splits: dict,
-    search_record: dict,
-    model_dir: Path,
-    *,
-    recipe_path: str | None = None,
-    learned_record: dict | None = None,
-    variants: list[dict] = (),
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """Evaluate base, each adapter, uniform, sum, the assembled DEM model and (learn.enabled) the learned per-module
-    weights; write the report; return its rows."""
-    from loradem.model.generate import evaluate_source
-    from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
-    from loradem.train.mix import find_mix
-    from loradem.model.soup import load_base, load_multi, load_tokenizer, set_weights
-    from loradem.evaluate.report import write_report
+def model_count(plan: EvalPlan) -> int:
+    """How many models `compare_models` scores: the length of its progress bar."""
+    n = len(plan.sources)
+    count = 1 + n + 2 + (plan.mix_dir is not None) + 1 + (plan.learned is not None)
+    return count + sum(n + 3 + (v.learned is not None) for v in plan.variants)
 
-    names = [s.name for s in recipe.sources]
-    metrics = {s.name: s.metric for s in recipe.sources}
-    max_length = recipe.train.max_length
-    records = _records(adapters, names)
-    predictions: dict[str, dict[str, list[str]]] = {}
-    lm_tasks = list(recipe.eval.lm_eval_tasks)
-    lm_include = resolve_include_path(recipe.eval.lm_eval_include_path)
-    benchmarks: dict[str, dict[str, dict[str, float]]] = {}
-    if lm_tasks:  # an unknown task or unreachable data fails here, before any model runs
-        load_lm_eval_tasks(lm_tasks, include_path=lm_include, log=log)
 
-    def score(model, tokenizer, row_name: str) -> dict[str, float]:
-        out = {}
-        for s in recipe.sources:
-            res = evaluate_source(model, tokenizer, splits[s.name].test, s.metric, recipe.eval, max_length, log=lambda m: None)
+class _Scorer:
+    """Scores one model on every source's test rows (and the lm-eval tasks), one log line and one bar step per model;
+    keeps each row's predictions and benchmarks for the report."""
+
+    def __init__(self, plan: EvalPlan, lm_include: Optional[Path], bar, log: Log):
+        self.plan, self.lm_include, self.bar, self.log = plan, lm_include, bar, log
+        self.predictions: dict[str, dict[str, list[str]]] = {}
+        self.benchmarks: dict[str, dict[str, dict[str, float]]] = {}
+
+    def __call__(self, model, tokenizer, row_name: str) -> dict[str, float]:
+        settings, out = self.plan.settings, {}
+        for s in self.plan.sources:
+            res = evaluate_source(model, tokenizer, s.test, s.metric, settings, self.plan.max_length, log=lambda m: None)
             out[s.name] = res["value"]
             if "predictions" in res:
-                predictions.setdefault(row_name, {})[s.name] = res["predictions"]
-        log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items()))
-        if lm_tasks:
-            benchmarks[row_name] = run_lm_eval(model, tokenizer, lm_tasks, include_path=lm_include, limit=recipe.eval.lm_eval_limit,
-                                               batch_size=recipe.eval.batch_size, log=lambda m: log(f"{row_name:<20} {m}"))
+                self.predictions.setdefault(row_name, {})[s.name] = res["predictions"]
+        self.log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items()))
+        if settings.lm_eval_tasks:
+            self.benchmarks[row_name] = run_lm_eval(
+                model, tokenizer, list(settings.lm_eval_tasks), include_path=self.lm_include, limit=settings.lm_eval_limit,
+                batch_size=settings.batch_size, log=lambda m: self.log(f"{row_name:<20} {m}"))
+        self.bar.update(1)
         return out
 
-    plan = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records)]
-    rows = _score_plan(plan, "", base_dir, adapters, names, metrics, score)  # a row = one exact fold, plain-speed forward
 
-    mix_dir = find_mix(recipe, base_dir, adapters, splits)
+def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
+    """Evaluate base, each adapter, uniform, sum, the mix adapter (when given), the assembled DEM model and the
+    learned per-module weights (when given), then each variant's rows; write the report; return its rows."""
+    lm_tasks = list(plan.settings.lm_eval_tasks)
+    lm_include = resolve_include_path(plan.settings.lm_eval_include_path)
+    if lm_tasks:  # an unknown task or unreachable data fails here, before any model runs
+        load_lm_eval_tasks(lm_tasks, include_path=lm_include, log=log)
+    with progress(model_count(plan), "eval", unit="model") as bar:
+        score = _Scorer(plan, lm_include, bar, log)
+        rows, extra = _score_all(plan, score)
+    if lm_tasks:
+        extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": plan.settings.lm_eval_limit,
+                            "include_path": str(lm_include) if lm_include else None}
+        for row in rows:
+            if row["name"] in score.benchmarks:
+                row["benchmarks"] = score.benchmarks[row["name"]]
+    write_report(plan.out_dir, plan.run_name, {s.name: s.metric for s in plan.sources}, rows, extra=extra,
+                 reproduce=plan.reproduce)
+    return rows
+
+
+def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
+    """Every row in report order, and report.json's extra data (lm-eval's aside)."""
+    names = [s.name for s in plan.sources]
+    metrics = {s.name: s.metric for s in plan.sources}
+    base_dir, adapters, search_record, learned = plan.base_dir, plan.adapters, plan.search, plan.learned
+    records = _records(adapters, names)
+
+    fixed = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records)]
+    rows = _score_plan(fixed, "", base_dir, adapters, names, metrics, score)  # a row = one exact fold, plain-speed forward
+
+    mix_dir = plan.mix_dir
     if mix_dir is not None:  # the data-mixing adapter alone (weight 1), after the per-source rows
         mix_model, mix_tokenizer = load_multi(base_dir, {"mix": mix_dir})
         set_weights(mix_model, {"mix": 1.0})
@@ -205,14 +279,11 @@ def compare_models(
                    "cost": _cost({"mix": mix_record}, ["mix"])}
         rows.insert(1 + len(names), mix_row)
 
-    from loradem.merge.search import fold_weights
-
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     search_seconds = float(search_record.get("search_seconds") or 0.0)
-    learned = learned_record
-    assembled = "dem-learned" if learned is not None and recipe.assemble.weights == "learned" else "dem"
-    merged = load_base(model_dir)  # the assembled folder scores the row whose weights it folds
-    scores = {assembled: score(merged, load_tokenizer(model_dir), assembled)}
+    assembled = "dem-learned" if learned is not None and plan.assembled_weights == "learned" else "dem"
+    merged = load_base(plan.model_dir)  # the assembled folder scores the row whose weights it folds
+    scores = {assembled: score(merged, load_tokenizer(plan.model_dir), assembled)}
     del merged
     if learned is not None:  # the other of the two rows is scored on the exact in-memory fold
         other = "dem" if assembled == "dem-learned" else "dem-learned"
@@ -229,28 +300,29 @@ def compare_models(
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
 
     variant_extra = {}
-    for v in variants:  # each variant's own adapter set, scored on in-memory exact folds, after the recipe's rows
+    for v in plan.variants:  # each variant's own adapter set, scored on in-memory exact folds, after the run's rows
         rows += _variant_rows(v, base_dir, names, metrics, score)
-        variant_extra[v["variant"].name] = {
-            "description": v["variant"].description, "overrides": v["variant"].overrides(), "out_dir": str(v["recipe"].out_dir),
-            "search": _search_summary(v["search"]), "learn": _learn_summary(v["learned"]),
-            "vectors": read_json(v["recipe"].out_dir / "vectors.json") if (v["recipe"].out_dir / "vectors.json").is_file() else None,
-            "increment": _increment(v["search"], names, _records(v["adapters"], names), rows, v["learned"]),
+        variant_extra[v.name] = {
+            "description": v.description, "overrides": v.overrides, "out_dir": str(v.out_dir),
+            "search": _search_summary(v.search), "learn": _learn_summary(v.learned),
+            "vectors": _read_if_file(v.out_dir / "vectors.json"),
+            "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.learned),
         }
 
     extra = {
+        **({"recipe_path": plan.recipe_path} if plan.recipe_path else {}),
         "search": _search_summary(search_record),
         "learn": _learn_summary(learned),
-        "test_rows": {k: len(splits[k].test) for k in names},
-        "model": str(model_dir),
-        "predictions": predictions,
+        "test_rows": {s.name: len(s.test) for s in plan.sources},
+        "model": str(plan.model_dir),
+        "predictions": score.predictions,
     }
     extra["increment"] = _increment(search_record, names, records, rows, learned if assembled == "dem-learned" else None)
     if variant_extra:
         extra["variants"] = variant_extra
-    vectors_json = recipe.out_dir / "vectors.json"
-    if vectors_json.is_file():
-        extra["vectors"] = read_json(vectors_json)
+    vectors = _read_if_file(plan.out_dir / "vectors.json")
+    if vectors is not None:
+        extra["vectors"] = vectors
     if mix_dir is not None:
         mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == assembled)["cost"]
         extra["mix"] = {
@@ -265,13 +337,8 @@ def compare_models(
                 "seconds": _ratio(mix_cost["total_seconds"], dem_cost["total_seconds"]),
             },
         }
-    if lm_tasks:
-        from importlib.metadata import version
+    return rows, extra
 
-        extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": recipe.eval.lm_eval_limit,
-                            "include_path": str(lm_include) if lm_include else None}
-        for row in rows:
-            if row["name"] in benchmarks:
-                row["benchmarks"] = benchmarks[row["name"]]
-    write_report(recipe.out_dir, recipe, rows, extra=extra, recipe_path=recipe_path)
-    return rows
+
+def _read_if_file(path: Path) -> Optional[dict]:
+    return read_json(path) if path.is_file() else None

@@ -35,6 +35,7 @@ import atexit
 import contextlib
 import difflib
 import glob
+import importlib
 import logging
 import math
 import random
@@ -222,7 +223,7 @@ def load_lm_eval_tasks(tasks: list[str], *, include_path: Optional[Path], log: C
             raise LorademError(f"eval.lm_eval_tasks: {name!r} appears twice")
         seen.add(name)
     try:
-        import lm_eval  # noqa: F401
+        importlib.import_module("lm_eval")  # installed, and importable: the optional dependency this needs
     except ImportError:
         raise LorademError("eval.lm_eval_tasks: needs lm-evaluation-harness (pip install lm_eval==0.4.13)") from None
     folder = str(prepare_task_folder(include_path)) if include_path is not None else None

@@ -1,6 +1,7 @@
-"""`loradem report`: one table of every model on every source, with its cost.
+"""The report `loradem eval` writes: one table of every model on every source, with its cost.
 
-    write_report(out_dir, recipe, rows, recipe_path="recipes/demo.yaml")
+    write_report(out_dir, "demo", {"addition": "exact_match", "reverse": "loss"}, rows,
+                 extra={...}, reproduce="loradem run recipes/demo.yaml")
 
 A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
 "cost": {"train_tokens", "train_seconds", "search_seconds", "total_seconds"},
@@ -10,12 +11,15 @@ Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
 ``mix``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
 
 Writes, each atomically, after every row has been checked and every figure
-drawn (a bad row leaves earlier reports untouched): report.json (the recipe
-name, each source's metric, the rows, and `extra`), report.md (the table,
-the searched weights, the lm-eval benchmarks when any row has them, how to
-reproduce), per_source.png (grouped bars of each source's metric per model)
-and cost_vs_score.png (average score against total cost, one labelled point
-per model). Exact match prints as a percentage, loss with 3 decimals.
+drawn (a bad row leaves earlier reports untouched): report.json (the run
+name under "recipe", each source's metric, the rows, and `extra`), report.md
+(the table, the searched weights, the facts in `extra`, the lm-eval
+benchmarks when any row has them, the command that reproduces the run),
+per_source.png (grouped bars of each source's metric per model) and
+cost_vs_score.png (average score against total cost, one labelled point per
+model). report.md is a view of report.json: everything it prints is in the
+document (lm-eval's example cap is ``extra["lm_eval"]["limit"]``). Exact match
+prints as a percentage, loss with 3 decimals.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Optional
 
 from loradem.errors import LorademError
 from loradem.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from loradem.plots import png_bytes
+from loradem.plots import figure, png_bytes
 from loradem.recipe import format_overrides
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
@@ -184,14 +188,15 @@ def _num(x) -> str:
     return f"{x:.3g}" if isinstance(x, (int, float)) else "–"
 
 
-def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe_path: Optional[str],
-             lm_eval_limit: Optional[int] = None, extra: Optional[dict] = None) -> str:
+def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra: Optional[dict] = None,
+             reproduce: Optional[str] = None) -> str:
     sources = list(metrics)
+    extra = extra or {}
     avg_kind = average_metric(metrics)
     head = ["model", *[f"{s} ({METRIC_LABEL[m]})" for s, m in metrics.items()], "average",
             "train tokens", "train s", "search s", "total s"]
     lines = [
-        f"# {recipe_name}: results",
+        f"# {run_name}: results",
         "",
         "Each source is scored on its held-out test rows: exact match (higher is better) or loss (lower is better). "
         "Costs are wall-clock seconds on the machine that ran them.",
@@ -213,21 +218,19 @@ def markdown(recipe_name: str, metrics: dict[str, str], rows: list[dict], recipe
             lines.append(f"| `{row['name']}` | " + " | ".join(ws) + " |")
         if any(r["name"].endswith("dem-learned") for r in weighted):
             lines += ["", "`dem-learned` shows each source's mean over its per-module weights (every one is in `learn/weights.json`)."]
-    lines += summary_lines(rows, extra or {})
-    lines += benchmark_lines(rows, lm_eval_limit)
-    baseline = " --baseline mix" if any(r["name"] == "mix" for r in rows) else ""
-    lines += ["", "## How to reproduce", "", "```", f"loradem run {recipe_path or '<recipe.yaml>'}{baseline}", "```", ""]
-    return "\n".join(lines)
+    lines += summary_lines(rows, extra)
+    lines += benchmark_lines(rows, (extra.get("lm_eval") or {}).get("limit"))
+    if reproduce:
+        lines += ["", "## How to reproduce", "", "```", reproduce, "```"]
+    return "\n".join(lines + [""])
 
 
 # ---- figures --------------------------------------------------------------------
 
 def per_source_figure(metrics: dict[str, str], rows: list[dict]):
     """Grouped bars, one panel per metric kind present: x = source, one bar per model."""
-    from matplotlib.figure import Figure
-
     kinds = [k for k in ("exact_match", "loss") if k in metrics.values()]
-    fig = Figure(figsize=(max(6.4, 2.0 + 0.35 * len(metrics) * len(rows)) + 1.8, 3.4 * len(kinds)))
+    fig = figure(max(6.4, 2.0 + 0.35 * len(metrics) * len(rows)) + 1.8, 3.4 * len(kinds))
     for panel, kind in enumerate(kinds, start=1):
         ax = fig.add_subplot(len(kinds), 1, panel)
         sources = [s for s, m in metrics.items() if m == kind]
@@ -243,7 +246,6 @@ def per_source_figure(metrics: dict[str, str], rows: list[dict]):
         if kind == "exact_match":
             ax.set_ylim(0, 100)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
     return fig
 
 
@@ -252,11 +254,9 @@ def _is_single_adapter(name: str) -> bool:
 
 
 def cost_vs_score_figure(metrics: dict[str, str], rows: list[dict]):
-    from matplotlib.figure import Figure
-
     avg_kind = average_metric(metrics)
     scale = 100.0 if avg_kind == "exact_match" else 1.0
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = figure(6.4, 4.2)
     ax = fig.add_subplot()
     singles = [r for r in rows if _is_single_adapter(r["name"]) and r.get("average") is not None]
     if singles:  # one source's adapter alone scores ~1/n of the average by construction: grey, unlabelled
@@ -271,24 +271,26 @@ def cost_vs_score_figure(metrics: dict[str, str], rows: list[dict]):
         ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
     ax.set_xlabel("total cost (seconds: training + search)")
     ax.set_ylabel({"exact_match": "average exact match (%)", "loss": "average loss (lower is better)"}.get(avg_kind, "average"))
-    fig.tight_layout()
     return fig
 
 
 # ---- the command ----------------------------------------------------------------
 
 def write_report(
-    out_dir: Path, recipe, rows: list[dict], *, extra: Optional[dict] = None, recipe_path: Optional[str] = None
+    out_dir: Path, run_name: str, metrics: dict[str, str], rows: list[dict], *, extra: Optional[dict] = None,
+    reproduce: Optional[str] = None,
 ) -> None:
-    """Check the rows, then write report.json, report.md, per_source.png and cost_vs_score.png into out_dir."""
-    metrics = {s.name: s.metric for s in recipe.sources}
+    """Check the rows, then write report.json, report.md, per_source.png and cost_vs_score.png into out_dir.
+
+    `metrics` is {source: "exact_match" | "loss"} in column order; `extra` joins report.json after the rows
+    (e.g. recipe_path, search, learn, predictions); `reproduce` is the command report.md ends with (none: no
+    such section)."""
     check_rows(rows, list(metrics))
     clash = sorted(set(extra or {}) & {"recipe", "metric", "rows"})
     if clash:
         raise LorademError(f"report: extra: keys {clash} would overwrite the report's own")
-    doc = {"recipe": recipe.name, "metric": metrics, "rows": rows, **({"recipe_path": recipe_path} if recipe_path else {}),
-           **(extra or {})}
-    md = markdown(recipe.name, metrics, rows, recipe_path, lm_eval_limit=recipe.eval.lm_eval_limit, extra=extra)
+    doc = {"recipe": run_name, "metric": dict(metrics), "rows": rows, **(extra or {})}
+    md = markdown(run_name, metrics, rows, extra=extra, reproduce=reproduce)
     bars = png_bytes(per_source_figure(metrics, rows))
     scatter = png_bytes(cost_vs_score_figure(metrics, rows))
     out_dir = Path(out_dir)

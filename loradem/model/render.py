@@ -1,14 +1,25 @@
-"""How a row becomes model input: the one rendering that training, the search and evaluation share.
+"""How a row becomes model input: the tokens training scores are the tokens the search and evaluation score.
 
     ids, labels = encode_row({"prompt": "2+3=", "completion": "5"}, tokenizer, max_length=256)
     prompt, answer = eval_pair(row)          # what generation is given, and what it must produce
 
-A ``messages`` row is a conversational prompt/completion: the prompt is
-``messages[:-1]`` through the chat template with the generation prompt, the
-completion the last assistant message followed by the eos token. A
-``prompt_completion`` row is plain text, prompt then completion + eos. A
-``text`` row has no prompt and every token is scored. Prompt tokens are
-masked (-100), as TRL masks them in training.
+Training is TRL's SFT trainer (`loradem.train.sft`), and `encode_row`
+reproduces its tokenization of the rows loradem gives it, so a validation or
+test loss averages over exactly the tokens the adapters were trained on:
+
+- ``messages``: trained as a conversational prompt/completion. The prompt is
+  ``messages[:-1]`` through the chat template with the generation prompt; the
+  sequence is the whole conversation through the chat template, so the scored
+  completion is the last assistant message *and whatever the template closes
+  its turn with* (SmolLM2: ``<|im_end|>`` then a newline).
+- ``prompt_completion``: plain text, prompt then completion + eos (eos not
+  doubled when the completion already ends with it).
+- ``text``: the text + eos (not doubled), every token scored.
+
+The completion starts where the tokenized prompt and the tokenized whole
+diverge (a prompt's trailing space can merge with the completion's first
+token), prompt positions are masked (-100), and both are cut on the right at
+max_length, all as TRL does.
 """
 
 from __future__ import annotations
@@ -55,21 +66,29 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _chat_ids(messages: list[dict], tokenizer, *, add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def _with_eos(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
 def encode_row(row: dict, tokenizer, max_length: int, index: int = 0) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one row; prompt positions are -100, truncated on the right to max_length."""
+    """(input_ids, labels) of one row as TRL's SFT trainer builds them for training: prompt positions are -100,
+    both truncated on the right to max_length."""
     fmt = _row_format(row, index)
     eos = tokenizer.eos_token
     if fmt == "text":
-        ids = tokenizer(row["text"] + eos)["input_ids"][:max_length]
+        ids = tokenizer(_with_eos(row["text"], eos))["input_ids"][:max_length]
         return ids, list(ids)
     if fmt == "messages":
-        prompt_text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
-        full_text = prompt_text + row["messages"][-1]["content"] + eos
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        prompt_ids = _chat_ids(row["messages"][:-1], tokenizer, add_generation_prompt=True)
+        ids = _chat_ids(row["messages"], tokenizer)
     else:
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        ids = tokenizer(row["prompt"] + row["completion"] + eos)["input_ids"]
+        ids = tokenizer(row["prompt"] + _with_eos(row["completion"], eos))["input_ids"]
     # like TRL: the completion starts where the two tokenizations diverge
     start = _common_prefix(prompt_ids, ids)
     labels = [IGNORE] * start + ids[start:]

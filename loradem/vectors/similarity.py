@@ -17,7 +17,6 @@ peft's unchanged base copies contribute nothing.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from loradem.errors import LorademError
-from loradem.files import atomic_write_bytes
+from loradem.plots import figure, save_png
 from loradem.vectors.lora import LoadedAdapter, load_adapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -192,13 +191,12 @@ def format_similarity(names: Sequence[str], cosine: np.ndarray, distance: np.nda
 
 
 def save_heatmap(names: Sequence[str], matrix: np.ndarray, path: str | Path, title: str) -> Path:
-    """Write an annotated heatmap PNG (matplotlib Agg, no display); the file appears only when complete."""
-    from matplotlib.figure import Figure
-
+    """Write an annotated heatmap PNG in loradem's plot style; the file appears only when complete."""
     values = np.asarray(matrix, dtype=float)
     size = 1.2 + 0.9 * len(names)
-    fig = Figure(figsize=(size + 1.5, size))
+    fig = figure(size + 1.5, size)
     ax = fig.add_subplot()
+    ax.grid(False)  # grid lines would cut through the cells
     image = ax.imshow(values, cmap="viridis")
     fig.colorbar(image, ax=ax)
     ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
@@ -208,9 +206,6 @@ def save_heatmap(names: Sequence[str], matrix: np.ndarray, path: str | Path, tit
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="black" if v > middle else "white", fontsize=9)
     ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
     return path
