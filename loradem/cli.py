@@ -93,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "or else the loradem checkout; outputs go to ./runs/ and ./adapters/)")
 
     p = sub.add_parser("check", help="validate a recipe and its data without running anything",
-                       description="Validate the recipe schema, every data file and every row; print the "
-                       "effective per-source settings and split sizes.")
+                       description="Validate the recipe schema, every data file and every row, and refuse "
+                       "what `loradem train` would refuse on them (for each variant too); print the effective "
+                       "per-source settings and split sizes. Loads no model: takes about a second.")
     _recipe_arg(p)
+    p.add_argument("--baseline", choices=["mix"], help="also check the data-mixing baseline's inputs (a refusal "
+                   "is otherwise printed as a note)")
 
     p = sub.add_parser("train", help="train one LoRA adapter per source (only what is missing)",
                        description="Train one LoRA adapter per source with TRL's SFT trainer (and per source of each "
@@ -212,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         pipeline.run(_demo_recipe(args.recipe))
     elif args.command == "check":
-        pipeline.check(args.recipe)
+        pipeline.check(args.recipe, baseline=args.baseline)
     elif args.command == "train":
         pipeline.train(args.recipe, only=args.source, force=args.force, baseline=args.baseline)
     elif args.command == "search":

@@ -29,6 +29,9 @@ from loradem.recipe import Recipe, format_overrides, load_recipe
 
 _log = stage_log
 
+# Stage modules are imported inside the functions that use them: `loradem check` and a bad recipe must
+# answer in under a second, and the stages pull in torch, TRL and Optuna (about 10 s on 2 CPU cores).
+
 
 def _prepare(recipe_path: str | Path) -> tuple[Recipe, Path]:
     from loradem.model.base import resolve_base
@@ -46,10 +49,21 @@ def _splits(recipe: Recipe) -> dict:
 
 # ---- check ---------------------------------------------------------------
 
-def check(recipe_path: str | Path) -> Recipe:
-    """Validate the recipe, every data row and the splits; print what a run would use."""
+def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
+    """Validate the recipe, every data row and the splits, and refuse what `loradem train` would refuse on them
+    (the train stage's own checks, for the recipe and each variant; with baseline="mix", the mix's too);
+    print what a run would use. The base is not loaded: what its tokenizer refuses shows at `loradem train`,
+    before the first adapter trains."""
+    from loradem.train.mix import check_mix
+
     recipe = load_recipe(recipe_path)
     splits = _splits(recipe)
+    _check_training(recipe, splits, baseline=baseline)
+    if baseline != "mix":
+        try:
+            check_mix(mix_job(recipe, splits))
+        except LorademError as exc:
+            print(f"note: `--baseline mix` would be refused: {exc}")
     print(f"recipe {recipe.name!r}: base {recipe.base}, outputs in {recipe.out_dir}/, adapters in {recipe.adapters_dir}/")
     print(f"{'source':<16}{'format':<19}{'train':>7}{'val':>6}{'test':>6}  {'metric':<12}{'lr':>9}{'steps':>7}{'r':>4}")
     for s in recipe.sources:
@@ -67,19 +81,77 @@ def check(recipe_path: str | Path) -> Recipe:
 def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list[str] = (),
           baseline: str | None = None) -> dict[str, Path]:
     """Train the missing per-source adapters (returned); with baseline="mix", then the data-mixing adapter."""
-    from loradem.train.sft import train_all
-
     recipe, base_dir = _prepare(recipe_path)
     for name in [*(only or []), *force]:
         recipe.source(name)  # unknown names fail before any work
-    adapters = train_all(recipe, base_dir, only=only, force=list(force), log=_log("train"))
-    _write_adapters_json(recipe, base_dir)
-    for variant in variant_recipes(recipe).values():
-        train_all(variant, base_dir, only=only, force=list(force), log=_log("train"))
-        _write_adapters_json(variant, base_dir)
+    return _train_stage(recipe, base_dir, _splits(recipe), only=only, force=force, baseline=baseline)
+
+
+def _train_stage(recipe: Recipe, base_dir: Path, splits: dict, *, only: list[str] | None = None,
+                 force: list[str] = (), baseline: str | None = None) -> dict[str, Path]:
+    """The recipe's adapters (returned), each variant's, then with baseline="mix" the data-mixing one; every
+    job is checked first, so a bad source or variant fails before the first adapter trains."""
+    from loradem.train.sft import train_all
+
+    _check_training(recipe, splits, only=only, baseline=baseline, base_dir=base_dir)
+    force = [n for n in force if only is None or n in only]  # --force outside --only trains nothing
+    adapters: dict[str, Path] = {}
+    for label, r in (("", recipe), *variant_recipes(recipe).items()):
+        trained = train_all(train_jobs(r, splits, only=only), base_dir, force=force, log=_log("train"))
+        adapters = adapters if label else trained
+        _write_adapters_json(r, base_dir, splits)
     if baseline == "mix":
-        _train_mix(recipe, base_dir)
+        _train_mix(recipe, base_dir, splits)
     return adapters
+
+
+def _check_training(recipe: Recipe, splits: dict, *, only: list[str] | None = None, baseline: str | None = None,
+                    base_dir: Path | None = None) -> None:
+    """What the train stage would refuse on the data and settings, for the recipe and each variant (the error
+    names the variant), with baseline="mix" the mix too; given `base_dir`, also what the base's tokenizer
+    and TRL's config refuse (imports the ML libraries, so `check` leaves it out)."""
+    from loradem.train.mix import check_mix
+    from loradem.train.sft import check_jobs, check_trainable
+
+    for label, r in (("", recipe), *variant_recipes(recipe).items()):
+        jobs = train_jobs(r, splits, only=only)
+        try:
+            check_jobs(jobs)
+            if base_dir is not None:
+                check_trainable(jobs, base_dir)
+        except LorademError as exc:
+            raise (LorademError(f"variant {label!r}: {exc}") if label else exc) from None
+    if baseline == "mix":
+        check_mix(mix_job(recipe, splits))
+
+
+def train_jobs(recipe: Recipe, splits: dict, *, only: list[str] | None = None):
+    """Each source's `TrainJob` (those in `only`, when given): its splits and the recipe's settings as they
+    apply to it."""
+    from loradem.train.sft import TrainJob
+
+    anchor = recipe.anchor if recipe.anchor.enabled else None
+    return [TrainJob(source=s.name, splits=splits[s.name], train=recipe.train_for(s), lora=recipe.lora_for(s),
+                     seed=recipe.seed, adapters_dir=Path(recipe.adapters_dir), base_name=recipe.base,
+                     anchor=anchor, vector=s.vector)
+            for s in recipe.sources if only is None or s.name in only]
+
+
+def mix_job(recipe: Recipe, splits: dict):
+    """The data-mixing baseline's `MixJob`: every source's splits and mix_proportion, the recipe-wide settings."""
+    from loradem.train.mix import MixJob
+
+    return MixJob(splits={s.name: splits[s.name] for s in recipe.sources},
+                  proportions={s.name: s.mix_proportion for s in recipe.sources},
+                  train=recipe.train, lora=recipe.lora, mix=recipe.mix, seed=recipe.seed,
+                  adapters_dir=Path(recipe.adapters_dir), base_name=recipe.base)
+
+
+def find_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict) -> Path | None:
+    """The recipe's finished data-mixing adapter for these per-source adapters, or None."""
+    from loradem.train import mix
+
+    return mix.find_mix(mix_job(recipe, splits), base_dir, adapters)
 
 
 def variant_recipes(recipe: Recipe) -> dict[str, Recipe]:
@@ -91,7 +163,7 @@ def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Pa
     from loradem.train.mix import train_mix
 
     splits = splits or _splits(recipe)
-    return train_mix(recipe, base_dir, finished_adapters(recipe, base_dir, splits), splits, log=_log("mix"))
+    return train_mix(mix_job(recipe, splits), base_dir, finished_adapters(recipe, base_dir, splits), log=_log("mix"))
 
 
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True) -> dict[str, Path]:
@@ -107,15 +179,16 @@ def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None
     base_fp = fingerprint_weights(base_dir)
     found: dict[str, Path] = {}
     missing = []
-    for s in recipe.sources:
-        if s.vector is not None:
-            found[s.name] = import_vector(s.vector, recipe.adapters_dir, base_dir=base_dir, source=s.name, log=_log("vectors"))
+    for job in train_jobs(recipe, splits):
+        if job.vector is not None:
+            found[job.source] = import_vector(job.vector, recipe.adapters_dir, base_dir=base_dir, source=job.source,
+                                              log=_log("vectors"))
             continue
-        folder = adapter_dir(recipe, s, adapter_key(recipe, s, base_fp, splits[s.name].fingerprint))
+        folder = adapter_dir(job, adapter_key(job, base_fp))
         if is_finished(folder):
-            found[s.name] = folder
+            found[job.source] = folder
         else:
-            missing.append(s.name)
+            missing.append(job.source)
     if missing and require:
         raise LorademError(
             f"recipe {recipe.name!r}: no finished adapter for source(s) {', '.join(missing)}; run `loradem train <recipe>` first"
@@ -128,8 +201,8 @@ def _train_record(folder: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def _write_adapters_json(recipe: Recipe, base_dir: Path) -> None:
-    adapters = finished_adapters(recipe, base_dir, require=False)
+def _write_adapters_json(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> None:
+    adapters = finished_adapters(recipe, base_dir, splits, require=False)
     record = {}
     for name, folder in adapters.items():
         t = _train_record(folder)
@@ -206,12 +279,14 @@ def search(recipe_path: str | Path, *, storage: str | None = None, workers: int 
 
 def _search(recipe: Recipe, base_dir: Path, splits: dict, *, storage: str | None = None, workers: int = 1,
             label: str = "search") -> dict:
-    from loradem.merge.search import search_weights
+    from loradem.merge.search import SearchJob, search_weights
 
     adapters = finished_adapters(recipe, base_dir, splits)
     validation = {n: splits[n].validation for n in adapters}
-    return search_weights(recipe, base_dir, adapters, validation, recipe.out_dir / "search",
-                          storage=storage, workers=workers, log=_log(label))
+    job = SearchJob(name=recipe.name, settings=recipe.search, importance={s.name: s.importance for s in recipe.sources},
+                    out_dir=recipe.out_dir / "search", seed=recipe.seed, max_length=recipe.train.max_length,
+                    max_new_tokens=recipe.eval.max_new_tokens)
+    return search_weights(job, base_dir, adapters, validation, storage=storage, workers=workers, log=_log(label))
 
 
 def learn(recipe_path: str | Path) -> dict:
@@ -226,11 +301,16 @@ def learn(recipe_path: str | Path) -> dict:
 
 
 def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
-    from loradem.merge.learn import learn_weights
+    from loradem.merge.learn import LearnJob, learn_weights
 
     splits = splits or _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
-    return learn_weights(recipe, base_dir, adapters, splits, recipe.out_dir / "learn", log=_log("learn"))
+    names = [s.name for s in recipe.sources]
+    job = LearnJob(name=recipe.name, settings=recipe.learn, importance={s.name: s.importance for s in recipe.sources},
+                   out_dir=recipe.out_dir / "learn", seed=recipe.seed, max_length=recipe.train.max_length,
+                   validation_rows=recipe.search.max_rows_per_source, eval_batch_size=recipe.search.batch_size)
+    return learn_weights(job, base_dir, adapters, {n: splits[n].train for n in names}, {n: splits[n].validation for n in names},
+                         log=_log("learn"))
 
 
 def _weights_record(recipe: Recipe, stage: str, key: str, how: str) -> dict:
@@ -300,7 +380,8 @@ def evaluate(recipe_path: str | Path) -> list[dict]:
 
 
 def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None) -> list[dict]:
-    from loradem.evaluate.compare import compare_models
+    """Resolve everything the evaluation reads from the recipe and its earlier stages, then score and report."""
+    from loradem.evaluate.compare import EvalPlan, EvalSource, VariantPlan, compare_models
 
     splits = _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
@@ -308,19 +389,27 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
     model_dir = recipe.out_dir / "model"
     if not (model_dir / "loradem.json").is_file():
         raise LorademError(f"{model_dir}: no assembled model; run `loradem assemble <recipe>` first")
-    learned = None
-    if recipe.learn.enabled:
-        learned = learned_weights(recipe)
+    learned = learned_weights(recipe) if recipe.learn.enabled else None
     variants = []
     for v in recipe.variants:  # each variant's adapters and weights must exist: `loradem run` makes them
         vr = recipe.variant(v.name)
         try:
-            variants.append({"variant": v, "recipe": vr, "adapters": finished_adapters(vr, base_dir, splits),
-                             "search": searched_weights(vr), "learned": learned_weights(vr) if vr.learn.enabled else None})
+            variants.append(VariantPlan(
+                name=v.name, adapters=finished_adapters(vr, base_dir, splits), search=searched_weights(vr),
+                out_dir=vr.out_dir, learned=learned_weights(vr) if vr.learn.enabled else None,
+                description=v.description, overrides=v.overrides()))
         except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
             raise LorademError(f"variant {v.name!r}: {exc}") from None
-    return compare_models(recipe, base_dir, adapters, splits, search_record, model_dir,
-                          recipe_path=recipe_path, learned_record=learned, variants=variants, log=_log("eval"))
+    mix_dir = find_mix(recipe, base_dir, adapters, splits)
+    plan = EvalPlan(
+        run_name=recipe.name,
+        sources=tuple(EvalSource(s.name, s.metric, splits[s.name].test) for s in recipe.sources),
+        settings=recipe.eval, max_length=recipe.train.max_length, base_dir=base_dir, adapters=adapters,
+        search=search_record, model_dir=model_dir, out_dir=recipe.out_dir, assembled_weights=recipe.assemble.weights,
+        learned=learned, mix_dir=mix_dir, variants=tuple(variants), recipe_path=recipe_path,
+        reproduce=f"loradem run {recipe_path or '<recipe.yaml>'}" + (" --baseline mix" if mix_dir is not None else ""),
+    )
+    return compare_models(plan, log=_log("eval"))
 
 
 # ---- run ---------------------------------------------------------------------------
@@ -328,22 +417,18 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
 def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
     """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
     row in the report); returns the run folder (report.md is inside)."""
-    from loradem.train.sft import train_all
-
     t0 = time.time()
     recipe, base_dir = _prepare(recipe_path)
     for name in force:
         recipe.source(name)
+    splits = _splits(recipe)
+    # the folder's recipe.json describes its model and report: replaced only once the new inputs check out
+    _check_training(recipe, splits, baseline=baseline, base_dir=base_dir)
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(recipe.out_dir / "recipe.json", recipe.model_dump(mode="json"))
-    splits = _splits(recipe)
 
     variants = variant_recipes(recipe)
-    for r in (recipe, *variants.values()):  # every adapter first, so a failure costs no search time
-        train_all(r, base_dir, force=list(force), log=_log("train"))
-        _write_adapters_json(r, base_dir)
-    if baseline == "mix":
-        _train_mix(recipe, base_dir, splits)
+    _train_stage(recipe, base_dir, splits, force=force, baseline=baseline)  # every adapter first: a failure costs no search time
 
     for label, r in (("", recipe), *variants.items()):
         r.out_dir.mkdir(parents=True, exist_ok=True)

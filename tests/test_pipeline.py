@@ -1,7 +1,6 @@
 """`loradem run` end to end on the tiny model, through the CLI, plus the CLI's contracts."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -159,3 +158,19 @@ def test_verbose_flag_is_accepted_before_or_after_the_command(tmp_path, monkeypa
 
     assert verbose()  # the flag reached the process-wide switch the libraries' noise filter reads
     set_verbose(False)
+
+
+def test_a_failed_run_keeps_the_folders_recipe(tiny_recipe, tmp_path, capsys):
+    """runs/<name>/recipe.json describes the model and report beside it: a run that fails on its inputs leaves it."""
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.json").write_text('{"as": "run before"}')
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    (tmp_path / "data" / "pc.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(30)))
+    recipe["sources"][1]["data"] = "data/pc.jsonl"
+    recipe["anchor"] = {"enabled": True}  # refused before any work: anchoring needs messages rows
+    tiny_recipe.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tiny_recipe)]) == 2
+    assert "anchor" in capsys.readouterr().err
+    assert (run_dir / "recipe.json").read_text() == '{"as": "run before"}'
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
