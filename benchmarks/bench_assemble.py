@@ -106,10 +106,10 @@ def standin_base(log=print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loradem.merge.fold import plan_shards, shard_names
-    from loradem.model.base import cache_root
     from loradem.files import atomic_dir
+    from loradem.merge.fold import plan_shards, shard_names
     from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
+    from loradem.model.base import cache_root
 
     final = cache_root() / "bench" / "llama-1b-standin-bf16"
     if (final / "config.json").is_file() and (final / "model.safetensors.index.json").is_file():
@@ -259,8 +259,8 @@ def round_once(x, dtype):
 
 
 def bench(base_spec: str, root: Path, log=print) -> dict:
-    from loradem.vectors.checkpoint import read_base
     from loradem.model.base import resolve_base
+    from loradem.vectors.checkpoint import read_base
 
     base = standin_base(log) if base_spec == "standin" else resolve_base(base_spec)
     size_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6

@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_overhead.py b
 
 import torch  # noqa: E402 - after the paths above: loradem from this checkout, search_overhead beside this script
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from search_overhead import format_overhead, measure_overhead  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from loradem.data.rows import load_splits  # noqa: E402
 from loradem.model.base import resolve_base  # noqa: E402
 from loradem.pipeline import finished_adapters  # noqa: E402
 from loradem.recipe import load_recipe  # noqa: E402
-from search_overhead import format_overhead, measure_overhead  # noqa: E402
 
 
 def random_adapters(base: Path, root: Path, n: int = 3) -> dict[str, Path]:

@@ -172,8 +172,8 @@ def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None
     A source with a ready `vector:` gets its imported copy (`loradem.vectors.card.import_vector`: checked
     against its card and this base, copied once into adapters_dir) instead of a trained adapter.
     """
-    from loradem.vectors.card import import_vector
     from loradem.train.sft import adapter_dir, adapter_key, is_finished
+    from loradem.vectors.card import import_vector
 
     splits = splits or _splits(recipe)
     base_fp = fingerprint_weights(base_dir)
@@ -237,9 +237,9 @@ def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], l
 
 def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None,
                 source: str | None = None, adapters_dir: str = "adapters", allow_no_card: bool = False) -> None:
+    from loradem.model.base import resolve_base
     from loradem.vectors import card
     from loradem.vectors import similarity as vectors
-    from loradem.model.base import resolve_base
 
     base_dir = resolve_base(base) if base else None
 

@@ -14,13 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_lora import (
-    assert_f32_close, build_tiny_gpt2, copy_adapter, edit_config, edit_tensors, lora_layers, make_adapter,
+    assert_f32_close,
+    build_tiny_gpt2,
+    copy_adapter,
+    edit_config,
+    edit_tensors,
+    lora_layers,
+    make_adapter,
 )
 
-from loradem.merge.fold import assemble, model_card, plan_fold, plan_shards
-from loradem.vectors.checkpoint import read_base
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, sha256_file
+from loradem.merge.fold import assemble, model_card, plan_fold, plan_shards
+from loradem.vectors.checkpoint import read_base
 from loradem.vectors.lora import load_adapter
 
 

@@ -14,9 +14,9 @@ import torch
 import yaml
 from test_lora import copy_adapter, edit_tensors, make_adapter
 
-from loradem.vectors.card import check_card, format_card, import_vector, read_card
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, sha256_file
+from loradem.vectors.card import check_card, format_card, import_vector, read_card
 
 
 def quiet(*_args) -> None:

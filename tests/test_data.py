@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from loradem.data.rows import load_splits, read_rows
-from loradem.model.render import eval_pair, normalize_answer
 from loradem.errors import LorademError
+from loradem.model.render import eval_pair, normalize_answer
 from loradem.recipe import Source
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loradem.data.rows import read_rows
 from loradem.data.demo import TASKS, WORDS, main, task_rows
+from loradem.data.rows import read_rows
 
 COMMITTED = Path(__file__).resolve().parent.parent / "recipes" / "data" / "demo"
 

@@ -258,9 +258,10 @@ def test_evaluation_scores_the_tokens_training_scores(tiny_base, tmp_path, fmt):
 def test_compare_models_from_plain_settings_and_paths(tiny_base, tmp_path, capsys, monkeypatch):
     """No recipe and no YAML: settings, rows and folders in, real scores (checked against the models) out."""
     monkeypatch.delenv("LORADEM_NO_PROGRESS", raising=False)
+    from test_multi import make_adapter
+
     from loradem.evaluate.compare import EvalPlan, EvalSource, compare_models
     from loradem.model.soup import load_multi, load_tokenizer, set_weights
-    from test_multi import make_adapter
 
     tok = load_tokenizer(tiny_base)
     base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_multi import make_adapter
 
 from loradem.errors import LorademError
 from loradem.evaluate.harness import prepare_task_folder, resolve_include_path, run_lm_eval
 from loradem.model.soup import load_base, load_multi, set_weights
-from test_multi import make_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
@@ -197,8 +197,9 @@ def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path):
 
 
 def test_report_refuses_malformed_benchmarks(tmp_path):
-    from loradem.evaluate.report import write_report
     from test_report import METRICS, make_rows
+
+    from loradem.evaluate.report import write_report
 
     rows = make_rows(["579", "49", "22", "1000"])
     rows[0]["benchmarks"] = {"loradem_demo_arith": {"acc": "N/A"}}

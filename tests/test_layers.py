@@ -1,7 +1,14 @@
 import pytest
 
 from loradem.errors import LorademError
-from loradem.model.layers import canonical_module, check_module_weights, group_of_layer, layer_group, layer_index, weight_for
+from loradem.model.layers import (
+    canonical_module,
+    check_module_weights,
+    group_of_layer,
+    layer_group,
+    layer_index,
+    weight_for,
+)
 
 
 def test_groups_are_consecutive_and_balanced_like_array_split():

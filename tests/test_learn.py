@@ -6,20 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+import test_pipeline
 import torch
 import yaml
+from test_multi import make_adapter
+from test_pipeline import _read_all
 
 import loradem.merge.learn
 from loradem.errors import LorademError
+from loradem.merge.learn import LearnJob, attach_weights, learn_weights, module_weights
 from loradem.model.generate import mean_loss
 from loradem.model.render import encode_for_loss
-from loradem.merge.learn import LearnJob, attach_weights, learn_weights, module_weights
-from loradem.pipeline import learned_weights
 from loradem.model.soup import load_multi, set_weights
+from loradem.pipeline import learned_weights
 from loradem.recipe import LearnSettings, Recipe
-from test_multi import make_adapter
-import test_pipeline
-from test_pipeline import _read_all
 
 SOURCES = ["add", "rev"]
 tiny_recipe = test_pipeline.tiny_recipe  # a fixture, found by its name here

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from loradem.errors import LorademError
-from loradem.model.generate import exact_match
 from loradem.evaluate.report import write_report
+from loradem.model.generate import exact_match
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REFS = ["579", "49", "22", "1000"]

@@ -10,17 +10,17 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_multi import make_adapter
 
-import loradem.model.generate
 import loradem.merge.search
+import loradem.model.generate
 from loradem.errors import LorademError
+from loradem.merge.search import SearchJob, search_weights
+from loradem.merge.study import Storage
 from loradem.model.generate import mean_loss
 from loradem.model.render import encode_for_loss
 from loradem.model.soup import adapter_names, load_multi, set_weights
 from loradem.recipe import SearchSettings
-from loradem.merge.search import SearchJob, search_weights
-from loradem.merge.study import Storage
-from test_multi import make_adapter
 
 SOURCES = ["add", "rev.words"]
 VALIDATION = {

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_pipeline import _read_all, _rows
 
 from loradem.cli import main
 from loradem.errors import LorademError
 from loradem.recipe import load_recipe
-from test_pipeline import _read_all, _rows
 
 
 def _write(tmp_path: Path, variants, **extra) -> Path:

@@ -15,7 +15,15 @@ from test_assemble import peft_delta64
 from test_lora import lora_layers, make_adapter, peft_model
 
 from loradem.errors import LorademError
-from loradem.vectors.similarity import format_info, format_similarity, format_table, layer_of, save_heatmap, similarity, vector_info
+from loradem.vectors.similarity import (
+    format_info,
+    format_similarity,
+    format_table,
+    layer_of,
+    save_heatmap,
+    similarity,
+    vector_info,
+)
 
 
 def dense_vector(base: Path, adapter: Path) -> dict[str, torch.Tensor]:

@@ -44,8 +44,8 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import concurrent.futures
+import contextlib
 import json
 import math
 import numbers
@@ -59,17 +59,18 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from loradem.model.base import resolve_base
-from loradem.vectors.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights
-from loradem.progress import progress
-from loradem.model.layers import Weight, check_module_values, check_module_weights, weight_for
-from loradem.vectors.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
 from loradem.merge.model_card import model_card, provenance
+from loradem.merge.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors, round_trip, settings
 from loradem.merge.rounding import finite_limit, round_into
-from loradem.vectors.same_base import check_same_base, train_record, trained_on_nf4
 from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
+from loradem.model.base import resolve_base
+from loradem.model.layers import Weight, check_module_values, check_module_weights, weight_for
+from loradem.progress import progress
+from loradem.vectors.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
+from loradem.vectors.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
+from loradem.vectors.same_base import check_same_base, train_record, trained_on_nf4
 
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -259,7 +260,6 @@ def fold_tensor(
     for t in job.checks:
         _check_base_copy(adapters[t.adapter], t.entry, base)
     if job.dequantize:
-        from loradem.merge.nf4 import round_trip
 
         base = round_trip(base, quant_dtype or base.dtype)
     if not job.terms:
@@ -563,7 +563,6 @@ def _fold_base(
         if q is False:
             log(f"warning: adapter {adapter.path} was trained on a full-precision base; fold_base: dequantized "
                 "folds it onto the NF4 round trip of the base")
-    from loradem.merge.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors
 
     if quant_dtype is not None:
         if quant_dtype not in LOAD_DTYPES:
@@ -586,7 +585,6 @@ def _fold_base(
 
 
 def _nf4_settings() -> dict:
-    from loradem.merge.nf4 import settings
 
     return settings()
 

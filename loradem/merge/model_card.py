@@ -16,7 +16,6 @@ from loradem import __version__
 from loradem.model.base import HUB_IDS
 
 
-
 def provenance(
     spec: str, base, adapters: Sequence, weights: Sequence,
     dtype: str | None, plan, shard_hashes: Mapping[str, str], base_sha256: str,

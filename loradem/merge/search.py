@@ -54,8 +54,18 @@ from transformers import AutoConfig
 from loradem.errors import LorademError
 from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, stable_hash
 from loradem.merge.space import SearchSpace, build_sampler, read_previous, target_trials, warm_start_points
-from loradem.merge.study import (Storage, enqueue_points, finished_count, importance_evaluator, open_study, param_importances,
-                                 run_workers, split_trials, stop_at, trials_in)
+from loradem.merge.study import (
+    Storage,
+    enqueue_points,
+    finished_count,
+    importance_evaluator,
+    open_study,
+    param_importances,
+    run_workers,
+    split_trials,
+    stop_at,
+    trials_in,
+)
 from loradem.model import generate, render, soup
 from loradem.plots import save_png
 from loradem.progress import Log, progress, quiet_libraries, quiet_optuna, set_verbose, verbose

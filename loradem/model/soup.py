@@ -47,7 +47,8 @@ import torch
 
 from loradem.errors import LorademError
 from loradem.files import read_json
-from loradem.model.layers import Weight, check_module_values
+from loradem.model.base import check_base_folder
+from loradem.model.layers import Weight, canonical_module, check_module_values, check_module_weights, weight_for
 from loradem.model.lora_config import check_weighable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,7 +129,6 @@ def load_base(base_dir: Path, *, device: Optional[str] = None, dtype: torch.dtyp
     """The base as a transformers causal LM (safetensors only), refusing a checkpoint with missing weights."""
     from transformers import AutoModelForCausalLM
 
-    from loradem.model.base import check_base_folder
 
     base_dir = Path(base_dir)
     check_base_folder(base_dir)
@@ -290,7 +290,6 @@ def set_weights(model, weights: dict[str, Weight]) -> None:
     LoRA layer by `loradem.model.layers.weight_for` (modules outside the decoder blocks get a list's mean).
     Everything is checked before any scale changes.
     """
-    from loradem.model.layers import canonical_module, check_module_weights, weight_for
 
     names = adapter_names(model)
     unknown = sorted(set(weights) - set(names))

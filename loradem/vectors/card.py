@@ -40,6 +40,7 @@ from loradem import __version__
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights, read_json, sha256_file
 from loradem.model.lora_config import check_weighable
+from loradem.vectors.lora import load_adapter
 
 CARD_FILE = "vector.json"
 IMPORT_RECORD = "loradem-import.json"
@@ -173,7 +174,6 @@ def import_vector(
 
 def _import_folder(folder: Path, origin: str, adapters_dir: Path, base_dir: Path, source: str | None,
                    allow_no_card: bool, log: Log) -> Path:
-    from loradem.vectors.lora import load_adapter
 
     if not (folder / WEIGHTS_FILE).is_file():
         hint = " (adapter_model.bin is a pickle; shared vectors must be safetensors)" if (folder / "adapter_model.bin").exists() else ""

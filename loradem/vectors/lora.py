@@ -38,8 +38,8 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from loradem.errors import LorademError, first_line
-from loradem.model.lora_config import check_config
 from loradem.files import read_json, sha256_file
+from loradem.model.lora_config import check_config
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

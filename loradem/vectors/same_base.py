@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from loradem.vectors.checkpoint import BaseCheckpoint
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json
-from loradem.vectors.lora import LoadedAdapter
 from loradem.model.base import HUB_IDS
+from loradem.vectors.card import read_card
+from loradem.vectors.checkpoint import BaseCheckpoint
+from loradem.vectors.lora import LoadedAdapter
 
 
 def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
@@ -28,7 +29,6 @@ def recorded_base_fingerprint(adapter: LoadedAdapter) -> str | None:
         if recorded:
             return recorded
     if (adapter.path / "vector.json").is_file():
-        from loradem.vectors.card import read_card
 
         return read_card(adapter.path)["base"].get("fingerprint")
     return None
@@ -81,7 +81,6 @@ def train_record(adapter: LoadedAdapter) -> dict | None:
         record = read_json(path)
         return record if isinstance(record, dict) else None
     if (adapter.path / "vector.json").is_file():
-        from loradem.vectors.card import read_card
 
         train = read_card(adapter.path).get("train")
         return {"train": train} if train else None

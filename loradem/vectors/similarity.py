@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from loradem.errors import LorademError
+from loradem.model.base import resolve_base
 from loradem.plots import figure, save_png
+from loradem.vectors.checkpoint import read_base, tied_pairs
 from loradem.vectors.lora import LoadedAdapter, load_adapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -72,8 +74,6 @@ class _Base:
             )
         from safetensors import safe_open
 
-        from loradem.vectors.checkpoint import read_base, tied_pairs
-        from loradem.model.base import resolve_base
 
         if self._checkpoint is None:
             self._checkpoint = read_base(resolve_base(str(self.spec)))
