@@ -113,3 +113,14 @@ def test_heatmap_and_tables(tmp_path):
     assert text.splitlines() == ["x: ||delta|| = 2 over 1 modules", "  layer     0: 2"]
     both = format_similarity(names, matrix, 1 - matrix).splitlines()
     assert both[0] == "cosine similarity" and both[5] == "distance ||di - dj||" and both[7] == "    a  0.000  0.750"
+
+
+def test_vectors_of_different_bases_are_refused_in_one_line(tiny_base, tmp_path):
+    from tiny import build_tiny_llama
+
+    wider = build_tiny_llama(tmp_path / "wider", hidden_size=48)
+    ours = make_adapter(tiny_base, tmp_path / "ours", seed=1, r=2, target_modules=["q_proj"])
+    theirs = make_adapter(wider, tmp_path / "theirs", seed=2, r=2, target_modules=["q_proj"])
+    with pytest.raises(LorademError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: .*ours changes a \[32, 32\] tensor, "
+                                           r".*theirs a \[48, 48\] one; these vectors are for different bases"):
+        similarity([ours, theirs])

@@ -54,16 +54,16 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
-    """Save a tiny Llama (2 layers, hidden 32) and its tokenizer to `folder`."""
+def build_tiny_llama(folder: Path, seed: int = 0, tie_word_embeddings: bool = False, hidden_size: int = 32) -> Path:
+    """Save a tiny Llama (2 layers, hidden 32 unless told) and its tokenizer to `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

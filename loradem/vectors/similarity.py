@@ -142,6 +142,7 @@ def similarity(
     if not paths:
         raise LorademError("similarity: expected at least one adapter")
     adapters = [load_adapter(p, trust_pickle=trust_pickle) for p in paths]
+    _check_same_shapes(adapters)
     reader = _Base(base)
     n = len(adapters)
     gram = np.zeros((n, n))
@@ -160,6 +161,18 @@ def similarity(
     distance = np.sqrt(np.clip(np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2 * gram, 0.0, None))
     np.fill_diagonal(distance, 0.0)
     return display_names(paths), cosine, distance
+
+
+def _check_same_shapes(adapters: Sequence[LoadedAdapter]) -> None:
+    """Vectors can only be compared on one base: a tensor two adapters change must have one shape in both."""
+    seen: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for a in adapters:
+        shapes = {m.target: m.shape for m in a.lora.values()} | {t: f.shape for t, f in a.full.items()}
+        for target, shape in shapes.items():
+            first = seen.setdefault(target, (tuple(shape), a.path))
+            if first[0] != tuple(shape):
+                raise LorademError(f"{target}: {first[1]} changes a {list(first[0])} tensor, {a.path} a {list(shape)} one; "
+                                   "these vectors are for different bases and cannot be compared")
 
 
 def display_names(paths: Sequence[str | Path]) -> list[str]:
