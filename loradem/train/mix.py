@@ -113,7 +113,7 @@ def check_mix(job: MixJob) -> None:
     if len(set(formats.values())) > 1:
         raise LorademError(
             "mix: the sources' rows have different formats (" + ", ".join(f"{n}: {f}" for n, f in formats.items())
-            + "); the mixing baseline trains on one stream and needs one format"
+            + "); the mixing baseline trains on one stream and needs one format (a source's chat_template: true turns prompt/completion rows into messages rows)"
         )
     _check_proportions(job.proportions)
     if not any(job.splits[n].validation for n in job.names):
