@@ -54,8 +54,10 @@ def progress(total: int | None, desc: str, *, unit: str = "it", bytes: bool = Fa
     """One bar with count, rate and ETA (`bytes`: sizes in kB/MB/GB). Off a terminal it redraws at most every
     30 s, so a CI log stays short; LORADEM_NO_PROGRESS=1 turns bars off."""
     interactive = sys.stderr.isatty()
+    # a terminal that reports no size (a bare pty, some CI consoles): tqdm would draw an empty bar, or hide it
+    sized = interactive and min(os.get_terminal_size(sys.stderr.fileno())) > 0
     bar = tqdm(total=total, desc=desc, unit="B" if bytes else unit, unit_scale=bytes, unit_divisor=1024 if bytes else 1000,
-               dynamic_ncols=True, leave=True, file=sys.stderr,
+               dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 40, leave=True, file=sys.stderr,
                mininterval=0.5 if interactive else 30.0, disable=os.environ.get("LORADEM_NO_PROGRESS") == "1")
     try:
         yield bar
