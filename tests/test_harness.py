@@ -82,6 +82,21 @@ def test_local_task_scores_the_in_memory_model(tiny_base, multi, tmp_path, monke
     assert plain["loradem_demo_arith"] == pytest.approx(scores[0.0], abs=1e-6)
 
 
+def test_lm_eval_draws_no_bars_unless_verbose(multi, capfd):
+    """lm-eval draws its request bars with disable=False, past tqdm's defaults: loradem keeps them off the terminal."""
+    from loradem.progress import set_verbose
+
+    model, tok = multi
+    run_lm_eval(model, tok, ["loradem_demo_arith"], include_path=TASKS, limit=2, batch_size=2, log=lambda m: None)
+    assert "requests" not in capfd.readouterr().err
+    set_verbose(True)
+    try:
+        run_lm_eval(model, tok, ["loradem_demo_arith"], include_path=TASKS, limit=2, batch_size=2, log=lambda m: None)
+    finally:
+        set_verbose(False)
+    assert "Running loglikelihood requests" in capfd.readouterr().err
+
+
 def test_unknown_task_is_one_line_error(multi):
     model, tok = multi
     with pytest.raises(LorademError, match=r"lm-eval task 'loradem_demo_arit': unknown: not in .* nor among lm-eval's tasks; did you mean loradem_demo_arith") as err:

@@ -36,6 +36,7 @@ import contextlib
 import difflib
 import glob
 import importlib
+import io
 import logging
 import math
 import random
@@ -48,6 +49,7 @@ import yaml
 
 from loradem.errors import LorademError, first_line
 from loradem.files import yaml_problem
+from loradem.progress import verbose
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HUB_HINT = "public tasks need their datasets reachable (a dataset hub, or a local datasets cache)"
@@ -187,11 +189,14 @@ def prepare_task_folder(include: Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's info logs, and (unless --verbose) the progress bars it draws with an explicit disable=False,
+    which no tqdm default can turn off, kept off the terminal. Its errors still raise."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()) if not verbose() else contextlib.nullcontext():
+            yield
     finally:
         logger.setLevel(level)
 
