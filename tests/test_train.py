@@ -220,6 +220,19 @@ def test_train_checks_every_source_and_variant_before_training_the_first(tmp_pat
     assert not (tmp_path / "adapters").exists()
 
 
+def test_outputs_name_their_base_portably(tmp_path):
+    from loradem.model.base import portable_name
+
+    assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("org/model") == "org/model"
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/models/x"}))
+    assert portable_name(str(folder)) == "my-base"  # a recorded path is not a hub id either
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    assert portable_name(str(folder)) == "meta-llama/Llama-3.2-1B"
+
+
 def test_the_curve_is_a_png_drawn_without_pyplot(tmp_path):
     import matplotlib.pyplot as plt
 
@@ -288,12 +301,17 @@ def test_trained_adapter_loads_and_only_lora_weights_moved(tmp_path, tiny_base, 
     with torch.no_grad():
         assert not torch.allclose(peft_model(ids).logits, before)
 
+    # no path of this machine travels with the adapter: PEFT's config names the base portably
+    config_text = (folder / "adapter_config.json").read_text()
+    assert json.loads(config_text)["base_model_name_or_path"] == "base" and str(tmp_path) not in config_text
+    assert str(tiny_base.parent) not in (folder / "vector.json").read_text()
+
     # the vector card: the contract card.py reads
     card = json.loads((folder / "vector.json").read_text())
     assert card == {
         "loradem_vector": 1,
         "source": "addition",
-        "base": {"name": str(tiny_base), "fingerprint": fingerprint_weights(tiny_base)},
+        "base": {"name": "base", "fingerprint": fingerprint_weights(tiny_base)},  # the folder's name, not its path
         "data": {"fingerprint": splits.fingerprint, "rows": {"train": 8, "validation": 2, "test": 2}, "format": "messages"},
         "train": train.model_dump(),
         "lora": LoraSettings().model_dump(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 from loradem.errors import LorademError
@@ -28,8 +29,25 @@ from loradem.files import atomic_dir
 EMBEDDED = "smollm2-135m"
 BASE_ALIASES = (EMBEDDED,)
 HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+def portable_name(spec: str) -> str:
+    """How an output names its base so it means the same on another machine: the embedded base's hub id, a
+    hub id as given, or for a local folder the hub id its config records, else the folder's name. Never a
+    path of this machine."""
+    if spec in HUB_IDS:
+        return HUB_IDS[spec]
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec  # a hub id
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        recorded = ""
+    return recorded if _HUB_ID.fullmatch(recorded) else path.resolve().name
 
 
 def cache_root() -> Path:

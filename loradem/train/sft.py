@@ -93,6 +93,7 @@ from loradem.data import anchors as anchor
 from loradem.data.rows import Splits
 from loradem.errors import LorademError, first_line
 from loradem.files import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
+from loradem.model.base import portable_name
 from loradem.plots import figure, save_png
 from loradem.recipe import AnchorSettings, LoraSettings, TrainSettings
 
@@ -562,7 +563,15 @@ def finish_folder(folder: Path, record: dict, *, base_name: str, rows: dict[str,
     `record` must hold source, key, base_fingerprint and data_fingerprint besides what `fit` returns.
     """
     (folder / TRAIN_RECORD).write_text(json.dumps(_ordered(record), indent=2) + "\n", encoding="utf-8")
-    card = make_card(record, base_name=base_name, rows=rows, fmt=fmt, adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
+    # PEFT records the folder the base was loaded from, a path of this machine; a shared adapter names its base
+    # by hub id where it has one, so AutoPeftModelForCausalLM can find it elsewhere (loradem itself checks the
+    # base's fingerprint, not this name)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = portable_name(base_name)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = make_card(record, base_name=portable_name(base_name), rows=rows, fmt=fmt,
+                     adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     plot_curve(record["history"], folder / "curve.png", title=f"{record['source']} ({record['key']})",
                best_step=record["best_step"])
@@ -592,7 +601,7 @@ def missing_card(folder: Path, base_name: str, splits: Splits) -> dict | None:
     record = json.loads((folder / TRAIN_RECORD).read_text(encoding="utf-8"))
     if record.get("key") != folder.name.rpartition("-")[2] or record.get("data_fingerprint") != splits.fingerprint:
         return None  # not this key's record: the folder stays unfinished and is retrained
-    return make_card(record, base_name=base_name, rows=split_rows(splits), fmt=splits.format,
+    return make_card(record, base_name=portable_name(base_name), rows=split_rows(splits), fmt=splits.format,
                      adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
 
 
