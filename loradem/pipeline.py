@@ -88,12 +88,14 @@ def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list
 
 
 def _train_stage(recipe: Recipe, base_dir: Path, splits: dict, *, only: list[str] | None = None,
-                 force: list[str] = (), baseline: str | None = None) -> dict[str, Path]:
+                 force: list[str] = (), baseline: str | None = None, checked: bool = False) -> dict[str, Path]:
     """The recipe's adapters (returned), each variant's, then with baseline="mix" the data-mixing one; every
-    job is checked first, so a bad source or variant fails before the first adapter trains."""
+    job is checked first (unless the caller already ran `_check_training`), so a bad source or variant fails
+    before the first adapter trains."""
     from loradem.train.sft import train_all
 
-    _check_training(recipe, splits, only=only, baseline=baseline, base_dir=base_dir)
+    if not checked:
+        _check_training(recipe, splits, only=only, baseline=baseline, base_dir=base_dir)
     force = [n for n in force if only is None or n in only]  # --force outside --only trains nothing
     adapters: dict[str, Path] = {}
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
@@ -428,7 +430,7 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
     atomic_write_json(recipe.out_dir / "recipe.json", recipe.model_dump(mode="json"))
 
     variants = variant_recipes(recipe)
-    _train_stage(recipe, base_dir, splits, force=force, baseline=baseline)  # every adapter first: a failure costs no search time
+    _train_stage(recipe, base_dir, splits, force=force, baseline=baseline, checked=True)  # every adapter first
 
     for label, r in (("", recipe), *variants.items()):
         r.out_dir.mkdir(parents=True, exist_ok=True)

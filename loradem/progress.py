@@ -51,8 +51,8 @@ def stage_log(stage: str) -> Log:
 
 @contextmanager
 def progress(total: int | None, desc: str, *, unit: str = "it", bytes: bool = False) -> Iterator[tqdm]:
-    """One bar with count, rate and ETA (`bytes`: sizes in kB/MB/GB). Off a terminal it redraws at most every
-    30 s, so a CI log stays short; LORADEM_NO_PROGRESS=1 turns bars off."""
+    """One bar with count, rate and ETA (`bytes`: sizes in kB/MB/GB). Off a terminal it redraws only with a log
+    line or every 30 s, so a CI log stays short; LORADEM_NO_PROGRESS=1 turns bars off."""
     interactive = sys.stderr.isatty()
     # a terminal that reports no size (a bare pty, some CI consoles): tqdm would draw an empty bar, or hide it
     sized = interactive and min(os.get_terminal_size(sys.stderr.fileno())) > 0

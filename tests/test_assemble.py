@@ -470,7 +470,7 @@ def test_overwrite_never_deletes_the_inputs_it_holds(tiny_base, one, tmp_path):
 
 def test_more_layer_groups_than_layers_is_refused(tiny_base, one, tmp_path):
     """On a 2-layer base a third group weight would fold nothing while the record claimed it: refused."""
-    with pytest.raises(LorademError, match=r"3 layer-group weights for a base with 2 decoder layers; give 1 to 2"):
+    with pytest.raises(LorademError, match=r"weight for adapter .*: expected one weight per layer group, 1 to 2 groups for this 2-layer model, got a list of 3"):
         fold(tiny_base, [(one, [1.0, 1.0, 5.0])], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -66,7 +66,7 @@ from loradem.merge.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors, rou
 from loradem.merge.rounding import finite_limit, round_into
 from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
 from loradem.model.base import resolve_base
-from loradem.model.layers import Weight, check_module_values, check_module_weights, weight_for
+from loradem.model.layers import Weight, check_group_count, check_module_values, check_module_weights, weight_for
 from loradem.progress import progress
 from loradem.vectors.checkpoint import BaseCheckpoint, Shape, may_touch_ties, read_base, tied_pairs
 from loradem.vectors.lora import FullTensor, LoadedAdapter, LoraModule, load_adapter
@@ -475,9 +475,8 @@ def assemble(
     checkpoint = read_base(folder)
     num_layers = num_hidden_layers(checkpoint.config)
     for (path, _), weight in zip(adapters, weights):
-        if isinstance(weight, list) and num_layers is not None and len(weight) > num_layers:  # a group with no layer would drop its weight
-            raise LorademError(f"weight for adapter {path}: {len(weight)} layer-group weights for a base with "
-                               f"{num_layers} decoder layers; give 1 to {num_layers} (one per group of consecutive layers)")
+        if isinstance(weight, list) and num_layers is not None:
+            check_group_count(len(weight), num_layers, f"weight for adapter {path}")
     if not allow_name_mismatch:
         for adapter in loaded:
             check_same_base(adapter, spec, checkpoint)

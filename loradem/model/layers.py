@@ -51,6 +51,14 @@ def group_of_layer(layer: int, num_layers: int, groups: int) -> int:
     return layer // (size + 1) if layer < boundary else extra + (layer - boundary) // size
 
 
+def check_group_count(groups: int, num_layers: int, owner: str) -> None:
+    """A per-layer-group weight list has 1 to num_layers entries: with more, a group gets no layer and its
+    weight would be dropped while the record kept it."""
+    if not 1 <= groups <= num_layers:
+        raise LorademError(f"{owner}: expected one weight per layer group, 1 to {num_layers} groups for this "
+                           f"{num_layers}-layer model, got a list of {groups}")
+
+
 def layer_group(module: str, num_layers: int, groups: int) -> int | None:
     layer = layer_index(module)
     return None if layer is None else group_of_layer(layer, num_layers, groups)

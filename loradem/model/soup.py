@@ -48,7 +48,14 @@ import torch
 from loradem.errors import LorademError
 from loradem.files import read_json
 from loradem.model.base import check_base_folder
-from loradem.model.layers import Weight, canonical_module, check_module_values, check_module_weights, weight_for
+from loradem.model.layers import (
+    Weight,
+    canonical_module,
+    check_group_count,
+    check_module_values,
+    check_module_weights,
+    weight_for,
+)
 from loradem.model.lora_config import check_weighable
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -267,11 +274,7 @@ def _check_weight(source: str, w, num_layers: int) -> None:
     if isinstance(w, Mapping):
         check_module_values(w, f"weights: {source}", lambda key: f"weights: {source}[{key!r}]")
     elif isinstance(w, (list, tuple)):
-        if not 1 <= len(w) <= num_layers:
-            raise LorademError(
-                f"weights: {source}: expected one weight per layer group, 1 to {num_layers} groups for this "
-                f"{num_layers}-layer model, got a list of {len(w)}"
-            )
+        check_group_count(len(w), num_layers, f"weights: {source}")
         for i, x in enumerate(w):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
                 raise LorademError(f"weights: {source}[{i}]: expected a finite number, got {x!r}")

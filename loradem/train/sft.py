@@ -568,10 +568,9 @@ def finish_folder(folder: Path, record: dict, *, base_name: str, rows: dict[str,
     # base's fingerprint, not this name)
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = portable_name(base_name)
+    base_name = config["base_model_name_or_path"] = portable_name(base_name)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    card = make_card(record, base_name=portable_name(base_name), rows=rows, fmt=fmt,
-                     adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
+    card = make_card(record, base_name=base_name, rows=rows, fmt=fmt, adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     plot_curve(record["history"], folder / "curve.png", title=f"{record['source']} ({record['key']})",
                best_step=record["best_step"])
