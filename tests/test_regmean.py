@@ -1,0 +1,324 @@
+"""RegMean on LoRA deltas: the low-rank result is the dense least-squares merge, written as an adapter that folds exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import test_pipeline
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_multi import logits, make_adapter
+from test_pipeline import _read_all
+
+import loradem.merge.regmean
+from loradem.errors import LorademError
+from loradem.merge.fold import assemble
+from loradem.merge.regmean import RegMeanJob, collect_statistics, read_factors, regmean_merge, sample_rows
+from loradem.model.render import encode_for_loss
+from loradem.model.soup import load_multi, load_tokenizer, set_weights
+from loradem.recipe import RegMeanSettings
+
+SOURCES = ["add", "rev", "sort"]
+RANKS = {"add": 4, "rev": 2, "sort": 3}
+tiny_recipe = test_pipeline.tiny_recipe  # a fixture, found by its name here
+MAX_LENGTH = 64
+
+
+def _rows(kind: str, n: int) -> list[dict]:
+    if kind == "add":
+        return [{"prompt": f"What is {a} + {7 * a + 3}? Answer: ", "completion": str(8 * a + 3)} for a in range(n)]
+    if kind == "sort":
+        return [{"prompt": f"Sort these numbers: {a}, {9 - a % 9}, {a * 3 % 11}.", "completion": "sorted"} for a in range(n)]
+    words = ["planet", "hello", "world", "lora", "merge", "vector", "tiny", "model", "search", "learn"]
+    return [{"messages": [{"role": "user", "content": f"Reverse the word '{w}'."}, {"role": "assistant", "content": w[::-1]}]}
+            for w in (words * 3)[:n]]
+
+
+TRAIN = {s: _rows(s, 12) for s in SOURCES}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
+    """Three adapters with different ranks, scales and targets: v_proj carries all three, down_proj only 'add'."""
+    root = tmp_path_factory.mktemp("regmean-adapters")
+    return {
+        "add": make_adapter(tiny_base, root / "add", seed=31, r=4, targets=["q_proj", "v_proj", "down_proj"]),
+        "rev": make_adapter(tiny_base, root / "rev", seed=32, r=2, targets=["o_proj", "up_proj", "v_proj"], use_rslora=True),
+        "sort": make_adapter(tiny_base, root / "sort", seed=33, r=3, alpha=6, targets=["v_proj", "gate_proj", "q_proj"]),
+    }
+
+
+def make_job(out: Path, *, batch_size: int = 1, **settings) -> RegMeanJob:
+    return RegMeanJob(name="t", settings=RegMeanSettings(**{"enabled": True, "rows_per_source": 8, **settings}), out_dir=out,
+                      seed=0, max_length=MAX_LENGTH, batch_size=batch_size)
+
+
+# ---- independent references ---------------------------------------------------------
+
+def dense_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """module -> s·B@A in float64, read from the files (scale from lora_alpha / r, or / sqrt(r) with rsLoRA)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            r = a.shape[0]
+            s = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            out[module] = s * (tensors[key.replace("lora_A", "lora_B")].double() @ a.double())
+    return out
+
+
+def reference_grams(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], modules: list[str],
+                    own: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """source -> module -> XᵀX / n, each row alone (no padding), from plain transformers (+ PEFT's unmerged
+    adapter for 'own')."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def accumulate(gram: torch.Tensor):
+        def hook(module, args):
+            x = args[0][0].double()  # one row: (tokens, in)
+            gram.add_(x.T @ x)
+        return hook
+
+    tok = load_tokenizer(base_dir)
+    out = {}
+    for s, folder in adapters.items():
+        model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        if own:
+            model = PeftModel.from_pretrained(model, str(folder)).eval()
+            inner = model.base_model.model
+        else:
+            inner = model
+        width = {m: inner.get_submodule(m).in_features for m in modules}
+        grams = {m: torch.zeros(width[m], width[m], dtype=torch.float64) for m in modules}
+        hooks = [inner.get_submodule(m).register_forward_pre_hook(accumulate(grams[m])) for m in modules]
+        tokens = 0
+        with torch.no_grad():
+            for ids, _ in encode_for_loss(rows[s], tok, MAX_LENGTH):
+                model(input_ids=torch.tensor([ids]))
+                tokens += len(ids)
+        for h in hooks:
+            h.remove()
+        out[s] = {m: g / tokens for m, g in grams.items()}
+    return out
+
+
+def reference_merge(deltas: dict[str, dict[str, torch.Tensor]], grams: dict[str, dict[str, torch.Tensor]], alpha: float,
+                    module: str) -> torch.Tensor:
+    """ΔW* = ((Σᵢ Gᵢ)⁻¹ Σᵢ Gᵢ ΔWᵢᵀ)ᵀ with every Gᵢ's off-diagonals scaled by alpha, dense and direct (ΔWᵢ = 0 where
+    source i has no LoRA)."""
+    def scaled(g):
+        return g * alpha + torch.diag(g.diagonal()) * (1 - alpha)
+
+    lhs = sum(scaled(grams[s][module]) for s in grams)
+    rhs = sum(scaled(grams[s][module]) @ deltas[s][module].T for s in grams if module in deltas[s])
+    return torch.linalg.solve(lhs, rhs).T
+
+
+def merged_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """The written adapter's dense deltas, as loradem's reader (and so its assembler) scales them."""
+    from loradem.vectors.lora import load_adapter
+
+    adapter = load_adapter(folder)
+    return {m.module: adapter.delta(m) for m in adapter.lora.values()}
+
+
+# ---- (a), (b), (c): the result is the dense merge ------------------------------------------
+
+@pytest.mark.parametrize("activations", ["base", "own"])
+def test_low_rank_result_equals_dense_least_squares(tiny_base, adapters, tmp_path, activations):
+    job = make_job(tmp_path / "rm", alpha=0.9, activations=activations)
+    record = regmean_merge(job, tiny_base, adapters, TRAIN, log=lambda m: None)
+    got = merged_deltas(tmp_path / "rm")
+    deltas = {s: dense_deltas(adapters[s]) for s in SOURCES}
+    modules = sorted({m for d in deltas.values() for m in d})
+    assert sorted(got) == modules and record["modules"] == len(modules)
+    rows = sample_rows(job, SOURCES, TRAIN)
+    grams = reference_grams(tiny_base, adapters, rows, modules, own=activations == "own")
+    assert record["tokens"] == {s: sum(len(ids) for ids, _ in encode_for_loss(rows[s], load_tokenizer(tiny_base), MAX_LENGTH))
+                                for s in SOURCES}
+    # 'base': the same float32 forward, so float64 tolerance; 'own': PEFT's unmerged forward rounds differently
+    tol = 1e-9 if activations == "base" else 1e-4
+    for m in modules:
+        want = reference_merge(deltas, grams, 0.9, m)
+        torch.testing.assert_close(got[m], want, rtol=tol, atol=tol * want.abs().max().item(), msg=m)
+    # one low-rank block per source with a LoRA on the module: rank Σrᵢ, stored in float64
+    stored = load_file(tmp_path / "rm" / "adapter_model.safetensors")
+    for m in modules:
+        a = stored[f"base_model.model.{m}.lora_A.weight"]
+        assert a.dtype == torch.float64 and a.shape[0] == sum(RANKS[s] for s in SOURCES if m in deltas[s]), m
+    cfg = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and not cfg.get("use_rslora")
+
+
+def test_base_and_own_activations_give_different_merges(tiny_base, adapters, tmp_path):
+    """The 'own' tolerance above is far below the difference the choice of activations makes."""
+    base = merged_deltas(_merged(tiny_base, adapters, tmp_path / "b", activations="base"))
+    own = merged_deltas(_merged(tiny_base, adapters, tmp_path / "o", activations="own"))
+    m = "model.layers.1.self_attn.v_proj"
+    assert (base[m] - own[m]).abs().max() > 1e-2 * base[m].abs().max()
+
+
+def _merged(base_dir, adapters, out, **settings) -> Path:
+    regmean_merge(make_job(out, **settings), base_dir, adapters, TRAIN, log=lambda m: None)
+    return out
+
+
+def test_alpha_zero_is_the_diagonal_weighted_average(tiny_base, adapters, tmp_path):
+    got = merged_deltas(_merged(tiny_base, adapters, tmp_path / "rm", alpha=0.0))
+    deltas = {s: dense_deltas(adapters[s]) for s in SOURCES}
+    job = make_job(tmp_path / "unused")
+    rows = sample_rows(job, SOURCES, TRAIN)
+    grams = reference_grams(tiny_base, adapters, rows, sorted(got), own=False)
+    for m, merged in got.items():
+        # column k of ΔW* is Σᵢ E_i[x_k²]·ΔWᵢ[:, k] / Σᵢ E_i[x_k²]: no solve, no cross terms
+        d = {s: grams[s][m].diagonal() for s in SOURCES}
+        want = sum(d[s] * deltas[s][m] for s in SOURCES if m in deltas[s]) / sum(d.values())
+        torch.testing.assert_close(merged, want, rtol=1e-10, atol=1e-12, msg=m)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_one_source_gives_its_own_delta(tiny_base, adapters, tmp_path, alpha):
+    got = merged_deltas(_merged(tiny_base, {"rev": adapters["rev"]}, tmp_path / "rm", alpha=alpha))
+    want = dense_deltas(adapters["rev"])
+    assert sorted(got) == sorted(want)
+    for m in want:
+        # float64 error times the Gram's condition number (about 2e7 on the tiny model's o_proj inputs)
+        torch.testing.assert_close(got[m], want[m], rtol=1e-8, atol=1e-8 * want[m].abs().max().item(), msg=m)
+
+
+# ---- (d): an ordinary adapter, folded exactly -------------------------------------------
+
+def test_assembled_model_equals_base_plus_regmean_adapter_in_peft(tiny_base, adapters, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    folder = _merged(tiny_base, adapters, tmp_path / "rm", alpha=0.9)
+    tok = load_tokenizer(tiny_base)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(folder)).eval()
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(layers) == sorted(merged_deltas(folder))
+    assert all(layer.scaling["default"] == 1.0 for layer in layers.values())  # lora_alpha = r, per layer
+    assert layers["model.layers.0.self_attn.v_proj"].r["default"] == 9 and layers["model.layers.0.mlp.up_proj"].r["default"] == 2
+
+    assemble(tiny_base, [(folder, 1.0)], tmp_path / "model", log=lambda m: None)
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    want = logits(peft_model, tok)
+    torch.testing.assert_close(logits(folded, tok), want, rtol=1e-5, atol=1e-5)
+    assert (logits(folded, tok) - logits(AutoModelForCausalLM.from_pretrained(tiny_base).eval(), tok)).abs().max() > 1e-3
+
+    # and the in-memory model the evaluation scores it on
+    soup, _ = load_multi(tiny_base, {"regmean": folder}, fold=True)
+    set_weights(soup, {"regmean": 1.0})
+    torch.testing.assert_close(logits(soup, tok), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- (e): padding is excluded ---------------------------------------------------------------
+
+def test_padded_batches_give_the_same_statistics_as_single_rows(tiny_base, adapters):
+    rows = {s: TRAIN[s][:6] for s in SOURCES}
+    tok = load_tokenizer(tiny_base)
+    lengths = {len(ids) for s in SOURCES for ids, _ in encode_for_loss(rows[s], tok, MAX_LENGTH)}
+    assert len(lengths) > 3  # rows of several lengths: batches of 6 are padded
+    factors = read_factors(adapters)
+    for activations in ("base", "own"):
+        one = collect_statistics(tiny_base, adapters, rows, activations=activations, max_length=MAX_LENGTH, batch_size=1,
+                                 factors=factors, log=lambda m: None)
+        padded = collect_statistics(tiny_base, adapters, rows, activations=activations, max_length=MAX_LENGTH, batch_size=6,
+                                    factors=factors, log=lambda m: None)
+        assert one.tokens == padded.tokens
+        for m in factors:
+            torch.testing.assert_close(padded.gram[m], one.gram[m], rtol=1e-5, atol=1e-7, msg=m)
+            for s in factors[m]:
+                torch.testing.assert_close(padded.gram_a[m][s], one.gram_a[m][s], rtol=1e-5, atol=1e-7, msg=m)
+                torch.testing.assert_close(padded.diag[m][s], one.diag[m][s], rtol=1e-5, atol=1e-7, msg=m)
+
+
+# ---- files, reuse and refusals ----------------------------------------------------------------
+
+def test_result_is_reused_and_replaced_when_settings_change(tiny_base, adapters, tmp_path, monkeypatch):
+    job = make_job(tmp_path / "rm", alpha=0.9)
+    first = regmean_merge(job, tiny_base, adapters, TRAIN, log=lambda m: None)
+    assert json.loads((tmp_path / "rm" / "regmean.json").read_text()) == first
+    assert first["ranks"] == [2, 3, 4, 7, 9] and first["ridged_modules"] == []
+    assert first["regmean_seconds"] == pytest.approx(first["gram_seconds"] + first["solve_seconds"], abs=2e-3)
+
+    def refuse(*a, **k):
+        raise AssertionError("recollected")
+
+    lines: list[str] = []
+    with monkeypatch.context() as mp:
+        mp.setattr(loradem.merge.regmean, "collect_statistics", refuse)
+        assert regmean_merge(job, tiny_base, adapters, TRAIN, log=lines.append) == first
+    assert lines[0].startswith("regmean: reusing")
+    second = regmean_merge(make_job(tmp_path / "rm", alpha=0.5), tiny_base, adapters, TRAIN, log=lambda m: None)
+    assert second["identity"] != first["identity"] and second["settings"]["alpha"] == 0.5
+    assert not list(tmp_path.glob(".rm*"))  # written aside, renamed into place: nothing left beside it
+
+
+def test_refusals_name_the_adapter_and_leave_nothing(tiny_base, adapters, tmp_path):
+    emb = make_adapter(tiny_base, tmp_path / "emb", seed=41, r=2, targets=["embed_tokens", "q_proj"])
+    with pytest.raises(LorademError, match=r"regmean: adapter .*emb: model.embed_tokens is an embedding LoRA; RegMean merges "
+                                           r"Linear layers only"):
+        regmean_merge(make_job(tmp_path / "rm"), tiny_base, {"add": adapters["add"], "emb": emb}, {**TRAIN, "emb": TRAIN["add"]})
+    full = make_adapter(tiny_base, tmp_path / "full", seed=42, r=2, targets=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(LorademError, match=r"regmean: adapter .*full: .*lm_head.* is a full module copy \(modules_to_save\)"):
+        regmean_merge(make_job(tmp_path / "rm"), tiny_base, {"full": full}, {"full": TRAIN["add"]})
+    with pytest.raises(LorademError, match="regmean: source 'rev': no training rows"):
+        regmean_merge(make_job(tmp_path / "rm"), tiny_base, adapters, {**TRAIN, "rev": []})
+    with pytest.raises(Exception, match="assemble.weights: 'regmean' needs regmean.enabled: true"):
+        from loradem.recipe import Recipe
+
+        data = tmp_path / "rows.jsonl"
+        data.write_text('{"prompt": "a", "completion": "b"}\n')
+        Recipe.model_validate({"name": "t", "base": str(tiny_base), "sources": [{"name": "a", "data": str(data)}],
+                               "assemble": {"weights": "regmean"}})
+    assert not (tmp_path / "rm").exists() and not list(tmp_path.glob(".rm*"))
+
+
+def test_a_singular_gram_is_solved_with_a_ridge_and_said(tiny_base, adapters, tmp_path):
+    """Plain least squares (alpha 1) on fewer tokens than input features: every Gram is singular."""
+    lines: list[str] = []
+    rows = {"add": [{"prompt": "What is 1 + 2? ", "completion": "3"}]}
+    record = regmean_merge(make_job(tmp_path / "rm", alpha=1.0), tiny_base, {"add": adapters["add"]}, rows, log=lines.append)
+    assert sum(record["tokens"].values()) < 32 and len(record["ridged_modules"]) == record["modules"]
+    assert any("singular Gram matrix" in line and "ridge" in line for line in lines)
+    for m, delta in merged_deltas(tmp_path / "rm").items():
+        assert torch.isfinite(delta).all(), m
+
+
+# ---- the pipeline: assembled and reported -----------------------------------------------------
+
+@pytest.mark.slow
+def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base):
+    from loradem.cli import main
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["regmean"] = {"enabled": True, "rows_per_source": 8, "alpha": 0.9}
+    data["assemble"] = {"weights": "regmean"}
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_recipe)]) == 0
+    run = Path("runs/tiny")
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows)[-2:] == ["dem", "dem-regmean"]
+    record = json.loads((run / "regmean" / "regmean.json").read_text())
+    assert rows["dem-regmean"]["cost"]["regmean_seconds"] == round(record["regmean_seconds"], 1)
+    assert rows["dem-regmean"]["cost"]["train_tokens"] == rows["dem"]["cost"]["train_tokens"]
+    assert report["regmean"]["settings"]["alpha"] == 0.9 and "identity" not in report["regmean"]
+
+    # the model folder holds base + the RegMean adapter's delta, in float64
+    base, merged = _read_all(tiny_base), _read_all(run / "model")
+    expected = {k: v.double() for k, v in base.items()}
+    for m, delta in merged_deltas(run / "regmean").items():
+        expected[m + ".weight"] += delta
+    for k, v in merged.items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert "`dem-regmean`" in (run / "report.md").read_text()
