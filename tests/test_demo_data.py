@@ -18,7 +18,7 @@ def test_committed_files_equal_a_fresh_generation(tmp_path):
     assert main(["--out", str(tmp_path)]) == 0
     for task in TASKS:
         assert (tmp_path / f"{task}.jsonl").read_bytes() == (COMMITTED / f"{task}.jsonl").read_bytes(), task
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{t}.jsonl" for t in TASKS)  # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(f"{t}.jsonl" for t in TASKS), "heldout"])  # no leftovers
 
 
 def check_answer(task: str, question: str, answer: str) -> None:

@@ -1,9 +1,10 @@
-"""The demo suite's data: four exact-match instruction tasks, generated from a seed.
+"""The demo suite's data: four exact-match instruction tasks and three held-out ones, generated from a seed.
 
-    python -m loradem.data.demo [--out recipes/data/demo] [--seed 0] [--rows 1000]
+    python -m loradem.data.demo [--out recipes/data/demo] [--seed 0] [--rows 1000] [--held-out-rows 60]
 
-Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, each a
-`messages` JSONL file (one user turn, one assistant turn, no system message):
+Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, and
+heldout/subtract.jsonl, heldout/sort-words.jsonl and heldout/sort-descending.jsonl,
+each a `messages` JSONL file (one user turn, one assistant turn, no system message):
 
 - addition:  "What is 347 + 589?" -> "936" (3-digit operands)
 - reverse:   "Reverse the order of these words: frog bank floor" -> "floor bank frog" (3-5 words)
@@ -11,7 +12,18 @@ Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, each a
 - uppercase: "Write this in capital letters: green apple" -> "GREEN APPLE"
   (the fourth source, for "adding a source later")
 
-Each task draws from its own `random.Random(f"{seed}:{task}")`, so the files
+The held-out tasks are what no source trains on but what the sources' skills
+compose into, answered in a source's own format, so a score tests skill
+transfer rather than format guessing (`eval.held_out` in recipes/demo.yaml):
+
+- subtract:        "What is 812 - 347?" -> "465" (3-digit operands, a >= b; addition's format)
+- sort-words:      "Sort these words alphabetically: frog bank floor" -> "bank floor frog"
+                   (3-5 words; sort's ordering in reverse's word-list format)
+- sort-descending: "Sort these numbers from largest to smallest: 42, 7, 19, 3" -> "42, 19, 7, 3"
+                   (sort's format, reverse's order)
+
+Each task draws from its own `random.Random(f"{seed}:{task}")` (a held-out
+task from `random.Random(f"{seed}:heldout:{task}")`), so the files
 are byte-for-byte reproducible and independent of each other. The committed
 files under recipes/data/demo/ are this generator's output with the defaults
 (a test regenerates them and compares bytes).
@@ -100,26 +112,34 @@ def addition(rng: random.Random) -> Pairs:
         yield template.format(a=a, b=b), str(a + b)
 
 
-def reverse(rng: random.Random) -> Pairs:
+def _word_lists(rng: random.Random, templates: tuple[str, ...], answer: Callable[[list[str]], list[str]]) -> Pairs:
     while True:
         words = rng.sample(WORDS, rng.randint(3, 5))
-        template = rng.choice((
-            "Reverse the order of these words: {p}",
-            "Write these words in reverse order: {p}",
-            "List these words from last to first: {p}",
-        ))
-        yield template.format(p=" ".join(words)), " ".join(reversed(words))
+        template = rng.choice(templates)
+        yield template.format(p=" ".join(words)), " ".join(answer(words))
+
+
+def reverse(rng: random.Random) -> Pairs:
+    return _word_lists(rng, (
+        "Reverse the order of these words: {p}",
+        "Write these words in reverse order: {p}",
+        "List these words from last to first: {p}",
+    ), lambda words: words[::-1])
+
+
+def _sorted_numbers(rng: random.Random, templates: tuple[str, ...], descending: bool = False) -> Pairs:
+    while True:
+        numbers = rng.sample(range(1, 100), 4)
+        template = rng.choice(templates)
+        yield template.format(n=", ".join(map(str, numbers))), ", ".join(map(str, sorted(numbers, reverse=descending)))
 
 
 def sort(rng: random.Random) -> Pairs:
-    while True:
-        numbers = rng.sample(range(1, 100), 4)
-        template = rng.choice((
-            "Sort these numbers from smallest to largest: {n}",
-            "Put these numbers in ascending order: {n}",
-            "Arrange from lowest to highest: {n}",
-        ))
-        yield template.format(n=", ".join(map(str, numbers))), ", ".join(map(str, sorted(numbers)))
+    return _sorted_numbers(rng, (
+        "Sort these numbers from smallest to largest: {n}",
+        "Put these numbers in ascending order: {n}",
+        "Arrange from lowest to highest: {n}",
+    ))
 
 
 def uppercase(rng: random.Random) -> Pairs:
@@ -133,30 +153,61 @@ def uppercase(rng: random.Random) -> Pairs:
         yield template.format(p=phrase), phrase.upper()
 
 
+def subtract(rng: random.Random) -> Pairs:
+    while True:
+        a, b = sorted((rng.randint(100, 999), rng.randint(100, 999)), reverse=True)
+        template = rng.choice(("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."))
+        yield template.format(a=a, b=b), str(a - b)
+
+
+def sort_words(rng: random.Random) -> Pairs:
+    return _word_lists(rng, (
+        "Sort these words alphabetically: {p}",
+        "Put these words in alphabetical order: {p}",
+        "Arrange these words from A to Z: {p}",
+    ), sorted)
+
+
+def sort_descending(rng: random.Random) -> Pairs:
+    return _sorted_numbers(rng, (
+        "Sort these numbers from largest to smallest: {n}",
+        "Put these numbers in descending order: {n}",
+        "Arrange from highest to lowest: {n}",
+    ), descending=True)
+
+
 TASKS: dict[str, Callable[[random.Random], Pairs]] = {
     "addition": addition,
     "reverse": reverse,
     "sort": sort,
     "uppercase": uppercase,
 }
+HELD_OUT: dict[str, Callable[[random.Random], Pairs]] = {
+    "subtract": subtract,
+    "sort-words": sort_words,
+    "sort-descending": sort_descending,
+}
+HELD_OUT_DIR = "heldout"  # beside the sources' files
 
 
 def task_rows(task: str, seed: int = 0, rows: int = 1000) -> list[dict]:
-    """`rows` messages rows of one task, the same for the same (task, seed); a longer run extends a shorter one."""
-    pairs = TASKS[task](random.Random(f"{seed}:{task}"))
+    """`rows` messages rows of one task (a source's or, by its name, a held-out one), the same for the same
+    (task, seed); a longer run extends a shorter one."""
+    pairs = TASKS[task](random.Random(f"{seed}:{task}")) if task in TASKS else HELD_OUT[task](random.Random(f"{seed}:heldout:{task}"))
     return [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         for q, a in itertools.islice(pairs, rows)
     ]
 
 
-def write_demo_data(out: str | Path, seed: int = 0, rows: int = 1000, log=print) -> list[Path]:
-    """Write one <task>.jsonl per task into `out` (each written aside, then renamed)."""
+def write_demo_data(out: str | Path, seed: int = 0, rows: int = 1000, held_out_rows: int = 60, log=print) -> list[Path]:
+    """Write one <task>.jsonl per source task into `out`, and one per held-out task into `out`/heldout/ (each
+    written aside, then renamed)."""
     paths = []
-    for task in TASKS:
-        path = Path(out) / f"{task}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows(task, seed, rows)))
-        log(f"wrote {path} ({rows} rows)")
+    for task, n, folder in [*((t, rows, Path(out)) for t in TASKS), *((t, held_out_rows, Path(out) / HELD_OUT_DIR) for t in HELD_OUT)]:
+        path = folder / f"{task}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows(task, seed, n)))
+        log(f"wrote {path} ({n} rows)")
         paths.append(path)
     return paths
 
@@ -165,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loradem.data.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="recipes/data/demo", help="output folder (default: recipes/data/demo)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
-    parser.add_argument("--rows", type=int, default=1000, help="rows per task (default: 1000)")
+    parser.add_argument("--rows", type=int, default=1000, help="rows per source task (default: 1000)")
+    parser.add_argument("--held-out-rows", type=int, default=60, help="rows per held-out task (default: 60)")
     args = parser.parse_args(argv)
-    if args.rows < 1:
-        parser.error("--rows must be at least 1")
-    write_demo_data(args.out, args.seed, args.rows)
+    if args.rows < 1 or args.held_out_rows < 1:
+        parser.error("--rows and --held-out-rows must be at least 1")
+    write_demo_data(args.out, args.seed, args.rows, args.held_out_rows)
     return 0
 
 

@@ -5,15 +5,18 @@
 
 A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
 "cost": {"train_tokens", "train_seconds", "search_seconds", "total_seconds"},
-"weights": {source: w}, "benchmarks": {task: {metric: value}}}`` (weights and
-benchmarks optional; a per-source value may be None when not evaluated).
+"weights": {source: w}, "benchmarks": {task: {metric: value}}, "held_out": {task:
+exact match}, "retention": {"agreement", "kl"}}`` (weights, benchmarks and the
+held-out measures optional; a per-source or held-out value may be None when
+not evaluated).
 Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
 ``mix``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
 
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the run
 name under "recipe", each source's metric, the rows, and `extra`), report.md
-(the table, the searched weights, the facts in `extra`, the lm-eval
+(the table, the held-out table when rows carry the held-out measures, the
+searched weights, the facts in `extra`, the lm-eval
 benchmarks when any row has them, the command that reproduces the run),
 per_source.png (grouped bars of each source's metric per model) and
 cost_vs_score.png (average score against total cost, one labelled point per
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from loradem.files import atomic_write_files, json_text
 from loradem.plots import figure, png_bytes
 from loradem.recipe import format_overrides
 
@@ -71,6 +74,13 @@ def check_rows(rows: list[dict], sources: list[str]) -> None:
         weights = row.get("weights")
         if weights is not None and (not isinstance(weights, dict) or any(not _is_number(w) for w in weights.values())):
             raise LorademError(f"{where}: weights: expected {{source: number}}, got {weights!r}")
+        held = row.get("held_out")  # optional: exact match on tasks no source trains on
+        if held is not None and (not isinstance(held, dict) or any(v is not None and not _is_number(v) for v in held.values())):
+            raise LorademError(f"{where}: held_out: expected {{task: finite number or null}}, got {held!r}")
+        kept = row.get("retention")  # optional: agreement with the base and KL(base || model)
+        if kept is not None and (not isinstance(kept, dict) or sorted(kept) != ["agreement", "kl"]
+                                 or not all(_is_number(v) for v in kept.values())):
+            raise LorademError(f"{where}: retention: expected {{agreement: number, kl: number}}, got {kept!r}")
         bench = row.get("benchmarks")  # optional: lm-eval tasks run on this row's model
         if bench is not None and (not isinstance(bench, dict) or any(
                 not isinstance(m, dict) or any(not isinstance(k, str) or not _is_number(v) for k, v in m.items())
@@ -95,6 +105,39 @@ def _seconds(s: float) -> str:
 
 
 # ---- report.md ------------------------------------------------------------------
+
+def held_out_lines(rows: list[dict], extra: dict) -> list[str]:
+    """The held-out table of report.md: one column per held-out task, their average, then retention's agreement and
+    KL; '–' where a row has none; [] when no row has any."""
+    tasks: list[str] = []
+    for row in rows:
+        tasks += [t for t in (row.get("held_out") or {}) if t not in tasks]
+    kept = any(row.get("retention") for row in rows)
+    if not tasks and not kept:
+        return []
+    notes = []
+    if tasks:
+        notes.append("Held-out tasks are exact-match tasks none of the sources trains on (the test of skill transfer); "
+                     "the average is over them.")
+    if kept:
+        r = extra.get("retention") or {}
+        notes.append(f"Retention compares each model with the base on {r.get('n', '?')} generic prompts no source "
+                     f"trains on ({r.get('prompts', '?')}): agreement is the share of prompts whose greedy reply "
+                     f"(first {r.get('max_new_tokens', '?')} tokens) is the base's own, KL the mean KL(base ‖ model) "
+                     "per token of the base's replies (0: the base's distribution; lower is closer).")
+    head = [*tasks, *(["held-out average"] if tasks else []), *(["agreement", "KL"] if kept else [])]
+    lines = ["", "## Held-out", "", " ".join(notes), "", "| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for row in rows:
+        held, r = row.get("held_out") or {}, row.get("retention")
+        cells = [format_value(held.get(t), "exact_match") for t in tasks]
+        if tasks:
+            values = [v for v in held.values() if v is not None]
+            cells.append(format_value(sum(values) / len(values) if values else None, "exact_match"))
+        if kept:
+            cells += [format_value(r["agreement"], "exact_match"), f"{r['kl']:.4f}"] if r else ["–", "–"]
+        lines.append(f"| `{row['name']}` | " + " | ".join(cells) + " |")
+    return lines
+
 
 def benchmark_lines(rows: list[dict], lm_eval_limit: Optional[int] = None) -> list[str]:
     """The lm-eval table of report.md: one column per task and metric, '–' where a row has none; [] when no row has any."""
@@ -210,6 +253,7 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
                  format_value(row.get("average"), avg_kind), f"{int(c['train_tokens']):,}",
                  _seconds(c["train_seconds"]), _seconds(c["search_seconds"]), _seconds(c["total_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += held_out_lines(rows, extra)
     weighted = [r for r in rows if r.get("weights")]
     if weighted:
         lines += ["", "## Weights", "", "| model | " + " | ".join(sources) + " |", "|---|" + "---:|" * len(sources)]
@@ -294,7 +338,6 @@ def write_report(
     bars = png_bytes(per_source_figure(metrics, rows))
     scatter = png_bytes(cost_vs_score_figure(metrics, rows))
     out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "report.json", doc)
-    atomic_write_bytes(out_dir / "per_source.png", bars)
-    atomic_write_bytes(out_dir / "cost_vs_score.png", scatter)
-    atomic_write_text(out_dir / "report.md", md)
+    # all four or none: a full or read-only disk leaves the earlier report whole, and is one line
+    atomic_write_files({out_dir / "report.json": json_text(doc).encode("utf-8"), out_dir / "per_source.png": bars,
+                        out_dir / "cost_vs_score.png": scatter, out_dir / "report.md": md.encode("utf-8")})

@@ -44,7 +44,7 @@ def scored_tokens(encoded: Sequence[tuple[list[int], list[int]]]) -> int:
     return sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in encoded)
 
 
-def _scored_logits(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_logits(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) at the scored positions only: the vocabulary projection is skipped for prompt tokens.
 
     transformers' `logits_to_keep` with a boolean (batch, seq) mask returns the kept positions flattened;
@@ -75,7 +75,7 @@ def mean_loss(
         ids, mask, labels = collate_right(batch, device)
         if not (labels[:, 1:] != IGNORE).any():
             continue
-        logits, targets = _scored_logits(model, ids, mask, labels)
+        logits, targets = scored_logits(model, ids, mask, labels)
         total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().cpu()
         if log:
             log(f"loss: {min(start + batch_size, len(order))}/{len(order)} rows")
@@ -101,7 +101,7 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_replies(
+def generate_ids(
     model,
     tokenizer,
     prompts: Sequence[Prompt],
@@ -109,16 +109,17 @@ def generate_replies(
     max_new_tokens: int = 24,
     batch_size: int = 32,
     log: Optional[Callable[[str], None]] = print,
-) -> list[tuple[str, bool]]:
-    """Greedy completions of `prompts` (strings, or message lists rendered with the chat template), decoded up
-    to eos, each with whether it ended (eos within `max_new_tokens`) or was cut off."""
+) -> list[list[int]]:
+    """Greedy new-token ids of `prompts` (strings, or message lists rendered with the chat template), in
+    left-padded batches: each up to and including eos, at most `max_new_tokens`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise LorademError("generate: the tokenizer has neither a pad nor an eos token")
     config = _greedy_config(tokenizer, max_new_tokens)
     device = _device(model)
+    eos_id = tokenizer.eos_token_id
     encoded = [render_prompt(p, tokenizer) for p in prompts]
-    out: list[tuple[str, bool]] = []
+    out: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         width = max(len(x) for x in batch)
@@ -128,12 +129,18 @@ def generate_replies(
             ids[i, width - len(x) :] = torch.tensor(x)
             mask[i, width - len(x) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for row in gen[:, width:].tolist():
-            text = tokenizer.decode(_cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
-            out.append((text, tokenizer.eos_token_id in row))
+        out += [row[: row.index(eos_id) + 1] if eos_id in row else row for row in gen[:, width:].tolist()]
         if log:
             log(f"generate: {min(start + batch_size, len(encoded))}/{len(encoded)} prompts")
     return out
+
+
+def generate_replies(model, tokenizer, prompts: Sequence[Prompt], **kwargs) -> list[tuple[str, bool]]:
+    """Greedy completions of `prompts` (`generate_ids`' keyword arguments), decoded up to eos, each with whether
+    it ended (eos within `max_new_tokens`) or was cut off."""
+    eos_id = tokenizer.eos_token_id
+    return [(tokenizer.decode(_cut_at_eos(row, eos_id), skip_special_tokens=True), eos_id in row)
+            for row in generate_ids(model, tokenizer, prompts, **kwargs)]
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[Prompt], **kwargs) -> list[str]:
