@@ -1,7 +1,7 @@
 """Benchmark the fold: loradem `assemble` against peft `add_weighted_adapter(cat)` + `merge_and_unload` + `save_pretrained`.
 
-    .venv/bin/python benchmarks/bench_assemble.py                      # both bases, ~2 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_assemble.py --bases standin      # only the ~1B stand-in
+    flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_assemble.py                  # both bases, ~3 min on 2 CPU cores
+    flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_assemble.py --bases standin  # only the ~1B stand-in
 
 Bases:
 - ``smollm2-135m``: the embedded SmolLM2-135M-Instruct (float32, 540 MB).
@@ -22,6 +22,15 @@ transformers + peft gives the baseline RSS; "extra" is peak RSS minus that
 baseline. The parent then compares the outputs tensor by tensor (one tensor
 in memory at a time) and checks every target of the first and last layer
 against a float64 reference rounded once, bit for bit.
+
+loradem runs three times: ``--rehash`` (the base's sha256 for loradem.json read
+and hashed in full, as on a base folded for the first time), then with that
+hash cached (``$LORADEM_CACHE/fingerprints.json``, as on every later fold of the
+same base), then with 100 MB shards. ``cp`` is ``cp --reflink=never`` of the
+base's safetensors files into a fresh folder (a real copy through the page
+cache, like every method's output; never a reflink).
+Each child also reports its CPU time after imports (user + sys, all threads);
+on a 2-core machine the wall time cannot be below half of it.
 Targets: loradem >= 4x faster than peft's path, at most 2x a plain copy of the
 base's files, and its extra peak memory <= 1/3 of the model's size.
 """
@@ -77,9 +86,12 @@ def run_peft(base: str, adapters: list[str], out: str) -> None:
     model.merge_and_unload().save_pretrained(out)
 
 
-def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float) -> None:
+def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float, rehash: bool = False) -> None:
+    from loradem.files import rehash_weights
     from loradem.merge.fold import assemble
 
+    if rehash:
+        rehash_weights()
     assemble(base, list(zip(adapters, WEIGHTS)), out, max_shard_size_mb=shard_mb, log=lambda *_: None)
 
 
@@ -91,12 +103,16 @@ def child(args: argparse.Namespace) -> None:
     if args.method != "imports":
         import loradem.merge.fold  # noqa: F401
     after_imports = rss_mb()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     if args.method == "peft":
         run_peft(args.base, args.adapters, args.out)
     elif args.method.startswith("loradem"):
-        run_loradem(args.base, args.adapters, args.out, args.shard_mb)
-    print(json.dumps({"wall_s": time.perf_counter() - start, "peak_mb": peak_mb(), "import_mb": after_imports}))
+        run_loradem(args.base, args.adapters, args.out, args.shard_mb, rehash=args.method == "loradem-rehash")
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, imports excluded
+    print(json.dumps({"wall_s": wall, "peak_mb": peak_mb(), "import_mb": after_imports,
+                      "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime}))
 
 
 # ---- inputs -------------------------------------------------------------------
@@ -181,6 +197,35 @@ def measure(method: str, base: Path, adapters: list[str], out: Path, shard_mb: f
     result["process_s"] = time.perf_counter() - start
     result["load"] = load
     return result
+
+
+def measure_cp(base: Path, out: Path) -> dict:
+    """Wall time of `cp --reflink=never` of the base's safetensors files, under the same conditions as `measure`."""
+    out.mkdir()
+    os.sync()
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(["cp", "--reflink=never", *map(str, sorted(base.glob("*.safetensors"))), str(out)], check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": wall, "process_s": wall, "load": load,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime}
+
+
+def measure_sha256(base: Path) -> dict:
+    """Wall time of hashing the base's safetensors files as loradem does (`sha256_file`, one thread), for scale."""
+    from loradem.files import sha256_file
+
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    for p in sorted(base.glob("*.safetensors")):
+        sha256_file(p)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": wall, "process_s": wall, "load": load,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime}
 
 
 def _tensors(folder: Path) -> dict[str, Path]:
@@ -269,8 +314,11 @@ def bench(base_spec: str, root: Path, log=print) -> dict:
     log(f"{base_spec}: {params / 1e9:.2f} B parameters, {size_mb:.0f} MB; measuring ...")
     rows = {"imports only": measure("imports", base, adapters, root / "none")}
     rows["peft cat+merge+save"] = measure("peft", base, adapters, root / "peft")
+    rows["loradem assemble --rehash"] = measure("loradem-rehash", base, adapters, root / "loradem-rehash")
     rows["loradem assemble"] = measure("loradem", base, adapters, root / "loradem")
     rows["loradem, 100 MB shards"] = measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100)
+    rows["cp"] = measure_cp(base, root / "cp")
+    rows["sha256 of the base, one thread"] = measure_sha256(base)
     diff_peft, frac_peft, n = compare(root / "loradem", root / "peft")
     diff_shards, _, _ = compare(root / "loradem", root / "loradem-small")
     exact = exact_check(base, adapters, root / "loradem")
@@ -287,15 +335,23 @@ def report(result: dict) -> str:
         f"{result['base']}: {result['params'] / 1e9:.3f} B parameters, {size:.0f} MB of safetensors; "
         f"3 adapters r={'/'.join(map(str, RANKS))} on all linear layers, weights {WEIGHTS}; "
         f"RSS after importing torch+transformers+peft alone: {baseline:.0f} MB",
-        f"| method | wall s | process s | peak RSS MB | extra MB (peak - imports) | extra / model size | peft wall / wall | load avg before |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | wall s | CPU user + sys s | process s | peak RSS MB | extra MB (peak - imports) | extra / model size | peft wall / wall | wall / cp | load avg before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cp = rows["cp"]["wall_s"]
     for name, r in rows.items():
         if name == "imports only":
             continue
-        extra = r["peak_mb"] - baseline
-        lines.append(f"| {name} | {r['wall_s']:.2f} | {r['process_s']:.2f} | {r['peak_mb']:.0f} | {extra:.0f} | "
-                     f"{extra / size:.2f} | {peft['wall_s'] / r['wall_s']:.2f}x | {r['load']:.1f} |")
+        extra = r["peak_mb"] - baseline if "peak_mb" in r else None
+        memory = f"{r['peak_mb']:.0f} | {extra:.0f} | {extra / size:.2f}" if extra is not None else "- | - | -"
+        cpu = f"{r['user_s']:.2f} + {r['sys_s']:.2f}" if "user_s" in r else "-"
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {cpu} | {r['process_s']:.2f} | {memory} | "
+                     f"{peft['wall_s'] / r['wall_s']:.2f}x | {r['wall_s'] / cp:.2f}x | {r['load']:.1f} |")
+    for name in ("loradem assemble", "loradem assemble --rehash"):
+        r = rows[name]
+        lines.append(f"{name}: {peft['wall_s'] / r['wall_s']:.2f}x faster than peft (target >= 4x), "
+                     f"{r['wall_s'] / cp:.2f}x cp (target <= 2x), extra memory {(r['peak_mb'] - baseline) / size:.2f}x "
+                     "the model (target <= 0.33x)")
     lines.append(f"max |loradem - peft| over {result['tensors']} tensors: {result['diff_peft']:.3g} "
                  f"({result['frac_peft']:.2%} of elements differ; peft rounds the delta to the base dtype before adding); "
                  f"loradem 2000 MB vs 100 MB shards: {result['diff_shards']:.3g}; "

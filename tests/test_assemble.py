@@ -349,6 +349,34 @@ def test_provenance_and_model_card(tiny_base, mix, tmp_path):
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in alias
 
 
+def test_base_hash_is_cached_and_rehash_reads_it_again(tiny_base, one, tmp_path, monkeypatch):
+    """Each fold's provenance holds the base's full sha256 fingerprint; the second fold takes it from the cache
+    file without reading the base for it, and `--rehash` reads and hashes it again."""
+    import hashlib
+
+    from loradem import files
+    from loradem.cli import main
+
+    monkeypatch.setenv("LORADEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "_FP_REHASH", False)
+    monkeypatch.setattr(files, "SETTLE_NS", 0)
+    hashed: list[str] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path, *a, **kw: hashed.append(Path(path).name) or real(path, *a, **kw))
+    weights = tiny_base / "model.safetensors"
+    full = hashlib.sha256(b"model.safetensors" + hashlib.sha256(weights.read_bytes()).hexdigest().encode()).hexdigest()
+
+    def run(out: str, *extra: str) -> str:
+        monkeypatch.setattr(files, "_FP_KNOWN", {})  # every command is a new process
+        assert main(["assemble", "--base", str(tiny_base), "--adapter", f"{one}=0.5", "--out", str(tmp_path / out), *extra]) == 0
+        return json.loads((tmp_path / out / "loradem.json").read_text())["base"]["sha256"]
+
+    assert run("first") == full and hashed == ["model.safetensors"]
+    assert run("second") == full and hashed == ["model.safetensors"]  # from $LORADEM_CACHE/fingerprints.json
+    assert run("third", "--rehash") == full and hashed == ["model.safetensors"] * 2
+    assert files.fingerprints_path().is_file()
+
+
 # ---- refusals: message, and nothing written --------------------------------------
 
 def refused(match: str, out: Path, base, adapters, **kw) -> None:
@@ -514,6 +542,27 @@ def test_disk_full_is_one_line_with_the_space_needed(tiny_base, one, tmp_path, m
         fold(tiny_base, [(one, 1.0)], out)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
+
+def test_a_shard_failing_in_the_background_leaves_nothing(tiny_base, one, tmp_path, monkeypatch):
+    """A shard is finished (written, hashed) in the background while the next is folded: a disk error there
+    still stops the fold with its one-line message, and nothing is left."""
+    import errno
+    import threading
+
+    from loradem.merge.st_writer import SafetensorsWriter
+
+    real = SafetensorsWriter._write_bytes
+
+    def full(self, data):
+        if self.path.name.startswith("model-00002-") and threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")  # its tensors, in its writer thread
+        real(self, data)
+
+    monkeypatch.setattr(SafetensorsWriter, "_write_bytes", full)
+    out = tmp_path / "out"
+    with pytest.raises(LorademError, match=r"out: the disk is full \(No space left on device\)"):
+        fold(tiny_base, [(one, 1.0)], out, max_shard_size_mb=0.05)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 def test_an_output_under_a_plain_file_is_one_line(tiny_base, one, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
@@ -713,6 +762,97 @@ def test_round_into_is_one_rounding(dtype):
     expected = [exact_round(v, dtype) for v in values]
     assert out.double().tolist() == expected
     assert sum(a != e for a, e in zip(x.to(dtype).double().tolist(), expected)) > 100  # torch alone is wrong here
+
+
+def adversarial_fold(base: Path, tmp_path: Path, b: torch.Tensor, delta: torch.Tensor, col_scale: torch.Tensor) -> tuple[Path, Path]:
+    """A copy of `base` whose layer-0 q_proj is `b`, and a rank-32 adapter (scale 1) whose delta there is exactly
+    `delta`: A = diag(col_scale) (powers of two), B = delta / col_scale, so every float64 sum is exact."""
+    folder = tmp_path / "adv-base"
+    shutil.copytree(base, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = b
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    adapter = make_adapter(folder, tmp_path / "adv", r=32, lora_alpha=32, target_modules=["q_proj"])
+    prefix = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
+    factor = (delta.double() / col_scale.double()).float()
+    assert torch.equal(factor.double() * col_scale.double(), delta.double())  # B·A is the delta, exactly
+
+    def write(t):
+        t[prefix.format(0, "A")] = torch.diag(col_scale.float())
+        t[prefix.format(0, "B")] = factor
+        t[prefix.format(1, "B")] = torch.zeros_like(t[prefix.format(1, "B")])
+
+    return folder, edit_tensors(adapter, write)
+
+
+def adversarial_values(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """32x32 (base, delta, column scale) whose exact sums sit on, or within a float32 ulp of, midpoints of `dtype`
+    (largest and smallest normals, subnormals, just under the overflow limit) or cancel to +0. Columns 16+ hold
+    the values whose delta is below float32's range (scaled by 2**-60 through A)."""
+    import random
+
+    rng = random.Random(1)
+    info = torch.finfo(dtype)
+    max_code = int(torch.tensor(info.max, dtype=dtype).view(torch.int16))
+    min_normal_code = int(torch.tensor(info.tiny, dtype=dtype).view(torch.int16))
+
+    def mid(code: int) -> float:
+        low, high = torch.tensor([code, code + 1], dtype=torch.int16).view(dtype).double().tolist()
+        return (low + high) / 2
+
+    # column scale 1 needs every delta in float32's normal range: magnitudes from 2**-80 up
+    low_code = int(torch.tensor(max(info.tiny, 2.0**-80), dtype=dtype).view(torch.int16))
+    big = [rng.randrange(low_code, max_code) for _ in range(16 * 32)]
+    small = [rng.randrange(0, min_normal_code + 4) for _ in range(16 * 32)]  # subnormals and the first normals
+    offsets = [0.0, 2.0**-30, -(2.0**-30), 2.0**-20, -(2.0**-20), 2.0**-40, -(2.0**-40)]
+    b, d = torch.zeros(32, 32, dtype=torch.float64), torch.zeros(32, 32, dtype=torch.float64)
+    for i in range(32):
+        for j in range(32):
+            code = (big if j < 16 else small)[i * 16 + j % 16]
+            m = mid(code) * rng.choice([1, -1])
+            b[i, j], d[i, j] = m, m * rng.choice(offsets)
+    half_ulp_at_max = (info.max / (2 - info.eps)) * info.eps / 2
+    b[0, 0], d[0, 0] = info.max, half_ulp_at_max * (1 - 2.0**-20)  # just under the limit: rounds to max, finite
+    b[1, 0], d[1, 0] = -info.max, -half_ulp_at_max * (1 - 2.0**-20)
+    b[2, 1], d[2, 1] = 0.75, -0.75  # cancels to +0
+    b[3, 1], d[3, 1] = 0.0, 0.0
+    scale = torch.tensor([1.0] * 16 + [2.0**-60] * 16, dtype=torch.float64)
+    assert torch.equal(b.float().double(), b)  # every base value is a float32
+    return b.float(), d, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fold_rounds_adversarial_sums_once(tiny_base, tmp_path, dtype):
+    """Sums on and next to the narrow dtype's midpoints, at its largest and smallest magnitudes: the fold equals
+    the exact sum (float64 holds it exactly here) rounded once, to nearest-even, and +0 stays +0."""
+    b, delta, scale = adversarial_values(dtype)
+    base, adapter = adversarial_fold(tiny_base, tmp_path, b, delta, scale)
+    out = fold(base, [(adapter, 1.0)], tmp_path / "out", dtype=str(dtype).removeprefix("torch."), allow_name_mismatch=True)
+    got = read_folder(out)["model.layers.0.self_attn.q_proj.weight"]
+    exact = b.double() + delta
+    expected = torch.tensor([exact_round(v, dtype) for v in exact.reshape(-1).tolist()]).to(dtype).reshape(32, 32)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))  # bits: the sign of zero counts
+    assert got[0, 0] == torch.finfo(dtype).max and got[1, 0] == -torch.finfo(dtype).max
+    assert got[2, 1].view(torch.int16) == 0
+    naive = (exact.to(dtype).view(torch.int16) != expected.view(torch.int16)).sum()
+    assert naive > 50  # float64 -> float32 -> dtype would have been wrong on these
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fold_refuses_overflow_nan_and_inf_at_the_limit(tiny_base, tmp_path, dtype):
+    b, delta, scale = adversarial_values(dtype)
+    info = torch.finfo(dtype)
+    name = str(dtype).removeprefix("torch.")
+    delta[0, 0] = (info.max / (2 - info.eps)) * info.eps / 2  # max + half an ulp: the tie rounds to Inf
+    base, adapter = adversarial_fold(tiny_base, tmp_path / "limit", b, delta, scale)
+    refused(rf"model\.layers\.0\.self_attn\.q_proj\.weight: the folded tensor has NaN or Inf in torch\.{name}",
+            tmp_path / "out", base, [(adapter, 1.0)], dtype=name, allow_name_mismatch=True)
+    for bad in (float("nan"), float("inf")):
+        b2 = b.clone()
+        b2[5, 5] = bad
+        base, adapter = adversarial_fold(tiny_base, tmp_path / f"base-{bad}", b2, adversarial_values(dtype)[1], scale)
+        refused(r"the folded tensor has NaN or Inf", tmp_path / "out", base, [(adapter, 1.0)], dtype=name,
+                allow_name_mismatch=True)
 
 
 def test_cli_layer_weights_and_fold_base(tiny_base, one, tmp_path):

@@ -135,7 +135,7 @@ def test_bytes_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
     real = SafetensorsWriter._write_bytes
 
     def slow(self, data):
-        seen.append(self._inflight)
+        seen.append(self.budget.used)
         time.sleep(0.002)  # a slow disk: the caller must wait instead of piling up tensors
         real(self, data)
 
@@ -145,7 +145,44 @@ def test_bytes_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
     with SafetensorsWriter(tmp_path / "b.safetensors", specs, max_inflight_bytes=1000) as w:
         for s in w.order:
             w.write(s.name, tensors[s.name])
-            seen.append(w._inflight)
+            seen.append(w.budget.used)
     assert max(seen) == 800  # two tensors of 400 bytes at most, and it did pipeline
     save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_writers_sharing_a_budget_stay_within_it_together(tmp_path, monkeypatch):
+    """A file closing in another thread while the next one fills: their bytes in flight count against one cap."""
+    import threading
+    import time
+
+    from loradem.merge.st_writer import InflightBudget
+
+    seen = []
+    real = SafetensorsWriter._write_bytes
+
+    def slow(self, data):
+        seen.append(self.budget.used)
+        time.sleep(0.002)
+        real(self, data)
+
+    monkeypatch.setattr(SafetensorsWriter, "_write_bytes", slow)
+    budget = InflightBudget(1000)
+    files = {name: {f"{name}{i:02d}": torch.full((100,), float(i)) for i in range(15)} for name in ("first", "second")}
+    writers = {}
+    for name, tensors in files.items():
+        specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+        writers[name] = w = SafetensorsWriter(tmp_path / f"{name}.safetensors", specs, budget=budget)
+        for s in w.order:
+            w.write(s.name, tensors[s.name])
+            seen.append(budget.used)
+        if name == "first":
+            closing = threading.Thread(target=w.close)
+            closing.start()  # still writing its last tensors while the second file fills
+    writers["second"].close()
+    closing.join()
+    assert max(seen) <= 1000 and budget.used == 0
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+        assert (tmp_path / f"{name}.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+        assert writers[name].sha256 == hashlib.sha256((tmp_path / "ref.safetensors").read_bytes()).hexdigest()

@@ -10,15 +10,18 @@ Contract:
   about 1e-5 of the elements); deltas stay low-rank (one ``addmm`` per
   module, in row chunks), full copies (``modules_to_save``) add
   wᵢ·(copy − base).
-- Streamed: the base is read one tensor at a time (``safe_open``, pread) and
-  each folded tensor goes straight to its shard file (`loradem.merge.st_writer`:
-  the header is computed from the plan; one thread writes and another hashes
-  while the next tensor is folded, so the shard's sha256 costs no re-read;
-  the inputs are hashed in a fourth thread). Peak memory is a few tensors
-  (the writer holds at most 256 MB, or one larger tensor; plus the tensor
-  being folded and float64 row chunks), whatever the shard size; never the
-  base twice. Output shards are byte-identical to
-  ``safetensors.torch.save_file`` of the same tensors.
+- Streamed: the base is read one tensor at a time (``safe_open``, pread, in
+  a reader thread one tensor ahead of the fold) and each folded tensor goes
+  straight to its shard file (`loradem.merge.st_writer`: the header is
+  computed from the plan; one thread writes and another hashes while the next
+  tensor is folded, so the shard's sha256 costs no re-read; a full shard is
+  finished in the background while the next one is folded). The inputs'
+  sha256 are taken in another thread, the base's from the fingerprint cache
+  when it has them (`loradem.files.weights_sha256`). Peak memory is a few
+  tensors (the writers hold at most 256 MB together, or one larger tensor;
+  plus the tensor being folded, the next one if at most 64 MB, and float64
+  row chunks), whatever the shard size; never the base twice. Output shards
+  are byte-identical to ``safetensors.torch.save_file`` of the same tensors.
 - Weights: one float per adapter, a list (one weight per layer group,
   mapped by `loradem.model.layers.weight_for`; modules outside the decoder layers
   get the list's mean), or a dict (one weight per module, keyed by the
@@ -55,7 +58,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -64,7 +67,7 @@ from loradem.files import atomic_dir, fingerprint_weights
 from loradem.merge.model_card import model_card, provenance
 from loradem.merge.nf4 import LOAD_DTYPES, load_dtype_of, quantized_tensors, round_trip, settings
 from loradem.merge.rounding import finite_limit, round_into
-from loradem.merge.st_writer import SafetensorsWriter, TensorSpec
+from loradem.merge.st_writer import InflightBudget, SafetensorsWriter, TensorSpec, file_order
 from loradem.model.base import resolve_base
 from loradem.model.layers import Weight, check_group_count, check_module_values, check_module_weights, weight_for
 from loradem.progress import progress
@@ -79,9 +82,10 @@ COPIED_FILES = (
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHUNK_ELEMENTS = 1 << 19  # float64 elements accumulated at once (4 MB: stays in cache)
 FOLD_BASES = ("original", "dequantized")
-# threads folding row chunks of one tensor at once (one torch thread each); writing, hashing and the
-# base's fingerprint take three more, so on a small machine the fold still gets two
+# threads folding row chunks of one tensor at once (one torch thread each); writing, hashing, reading
+# ahead and the inputs' sha256 take more, so on a small machine the fold still gets two
 FOLD_THREADS = max(2, min(8, (os.cpu_count() or 1) - 3))
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # a base tensor up to this size is read while the previous one is folded
 
 
 
@@ -317,6 +321,29 @@ def fold_tensor(
     return out
 
 
+def _read_ahead(
+    executor: concurrent.futures.Executor, read: Callable[[int], torch.Tensor], items: Sequence[int],
+    ahead: Callable[[int], bool],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(item, read(item)) in order, every read in `executor`; the next item is read while this one is used
+    when `ahead(next)` (a bound on the memory read ahead)."""
+    pending: concurrent.futures.Future | None = None
+    for k, item in enumerate(items):
+        current = pending or executor.submit(read, item)
+        pending = executor.submit(read, items[k + 1]) if k + 1 < len(items) and ahead(items[k + 1]) else None
+        yield item, current.result()
+
+
+def _close_shard(writer: SafetensorsWriter, fname: str, hashes: dict[str, str]) -> None:
+    """Finish one shard (its last bytes written and hashed) and record its sha256; a failure drops the file."""
+    try:
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    hashes[fname] = writer.sha256
+
+
 _BUFFERS = threading.local()
 
 
@@ -391,7 +418,9 @@ def write_shards(
     """Stream the plan's jobs into shards under `folder`; returns ({tensor: shard file}, {shard file: sha256}).
 
     Shards take consecutive jobs; inside a shard, tensors are folded in the file's order, so each
-    one is written as soon as it is folded.
+    one is written as soon as it is folded. A reader thread reads the next base tensor (up to
+    READ_AHEAD_BYTES) while this one is folded, and a finished shard's last bytes are written and
+    hashed while the next shard is folded, its writer sharing one in-flight budget with the next.
     """
     from safetensors import safe_open
 
@@ -399,33 +428,51 @@ def write_shards(
     sizes = [math.prod(j.shape) * d.itemsize for j, d in zip(plan.jobs, dtypes)]
     shards = plan_shards(sizes, max_shard_bytes)
     names = shard_names(len(shards))
+    specs = [[TensorSpec(plan.jobs[i].name, dtypes[i], plan.jobs[i].shape) for i in shard] for shard in shards]
+    job_of = {j.name: i for i, j in enumerate(plan.jobs)}
+    in_order = [job_of[s.name] for shard in specs for s in file_order(shard)]  # every job, in the files' order
     weight_map: dict[str, str] = {}
     hashes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
+        files = stack.enter_context(contextlib.ExitStack())  # entered first: closed after every thread has stopped
         handles: dict[Path, object] = {}
 
-        def read(name: str) -> torch.Tensor:
-            path = base.files[name]
+        def read(i: int) -> torch.Tensor:  # only ever called in the reader thread
+            path = base.files[plan.jobs[i].source]
             if path not in handles:
-                handles[path] = stack.enter_context(safe_open(path, framework="pt", backend="pread"))
-            return handles[path].get_tensor(name)
+                handles[path] = files.enter_context(safe_open(path, framework="pt", backend="pread"))
+            return handles[path].get_tensor(plan.jobs[i].source)
 
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="fold"))
+        reader = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read"))
+        closer = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="close"))
         bar = stack.enter_context(progress(sum(sizes), "assemble", bytes=True))
-        for shard, fname in zip(shards, names):
-            jobs = {plan.jobs[i].name: i for i in shard}
-            specs = [TensorSpec(plan.jobs[i].name, dtypes[i], plan.jobs[i].shape) for i in shard]
+        bases = _read_ahead(reader, read, in_order, lambda i: sizes[i] <= READ_AHEAD_BYTES)
+        budget = InflightBudget()
+        closing: concurrent.futures.Future | None = None
+        for shard, fname, shard_specs in zip(shards, names, specs):
             log(f"writing {fname}: {len(shard)} tensors, {sum(sizes[i] for i in shard) / 1e6:.1f} MB")
-            with SafetensorsWriter(folder / fname, specs) as writer:
+            writer = SafetensorsWriter(folder / fname, shard_specs, budget=budget)
+            try:
                 for spec in writer.order:
-                    i = jobs[spec.name]
+                    i, tensor = next(bases)
                     job = plan.jobs[i]
-                    out = fold_tensor(job, read(job.source), adapters, dtypes[i], quant_dtype, pool)
+                    out = fold_tensor(job, tensor, adapters, dtypes[i], quant_dtype, pool)
+                    del tensor
                     writer.write(job.name, out)
                     del out
                     weight_map[job.name] = fname
                     bar.update(sizes[i])
-            hashes[fname] = writer.sha256
+                    if closing is not None and closing.done():
+                        closing.result()  # the previous shard failed: stop now
+                if closing is not None:
+                    closing.result()
+            except BaseException:
+                writer.abort()
+                raise
+            closing = closer.submit(_close_shard, writer, fname, hashes)
+        if closing is not None:
+            closing.result()
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -498,8 +545,8 @@ def assemble(
     log(f"assembling {len(loaded)} adapter(s) into {folder} -> {out}")
     for name in plan.untied:
         log(f"untying {name} from {tied[name]}: an adapter changes one side of the tied pair")
-    # the inputs' sha256 (provenance) are read and hashed beside the fold, not before it (the base's is
-    # cached if this process knows it already); a daemon thread, so a failed fold does not wait for it
+    # the inputs' sha256 (provenance) are read and hashed beside the fold, not before it (the base's
+    # usually come from the fingerprint cache); a daemon thread, so a failed fold does not wait for it
     inputs_sha256 = _in_background(lambda: (fingerprint_weights(folder), [a.sha256() for a in loaded]))
     needed = sum(math.prod(j.shape) * _target_dtype(j, out_dtype).itemsize for j in plan.jobs)
     with atomic_dir(out, overwrite=overwrite, needed_bytes=needed) as tmp, torch_threads(1):

@@ -24,7 +24,9 @@ Contract:
   in another, so the caller computes the next tensor while the previous ones
   go to disk and through sha256. Tensors handed over and not yet through both
   stay alive; the caller waits while they exceed ``max_inflight_bytes``
-  (256 MB; one tensor is always let through, whatever its size).
+  (256 MB; one tensor is always let through, whatever its size). Writers given
+  one `InflightBudget` share that cap, so one file can finish (``close`` in
+  another thread) while the next one is being filled.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -109,6 +111,27 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+class InflightBudget:
+    """Tensor bytes handed to writers' threads and not yet through them, capped at `limit` across every
+    writer given this budget (one tensor is always let through, whatever its size)."""
+
+    def __init__(self, limit: int = MAX_INFLIGHT_BYTES):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int, failed: Callable[[], bool]) -> None:
+        """Wait until `n` more bytes fit (or `failed()`), then count them."""
+        with self._cond:
+            while self.used and self.used + n > self.limit and not failed():
+                self._cond.wait(0.05)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
 class _Stage:
     """One background thread applying `fn` to each item of a queue, in order, then `done(item)`; it
     remembers its first error and skips `fn` for the rest."""
@@ -149,6 +172,7 @@ class SafetensorsWriter:
         *,
         threaded: bool = True,
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+        budget: InflightBudget | None = None,
     ):
         if sys.byteorder != "little":
             raise RuntimeError("loradem's safetensors writer needs a little-endian machine")
@@ -161,9 +185,10 @@ class SafetensorsWriter:
         self._digest: str | None = None
         self._partial = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
         # writing and hashing take about as long as folding: each in its own thread, in file order;
-        # the caller waits while more than `max_inflight_bytes` are handed over and not yet through both
-        self._budget, self._inflight, self._left = max_inflight_bytes, 0, {}
-        self._cond = threading.Condition()
+        # the caller waits while more than the budget's bytes are handed over and not yet through both
+        self.budget = budget or InflightBudget(max_inflight_bytes)
+        self._left: dict[int, int] = {}  # id(data) -> stages not yet done with it
+        self._left_lock = threading.Lock()
         self._file = open(self._partial, "wb")
         self._write_bytes(head)
         self._hash.update(head)
@@ -191,10 +216,8 @@ class SafetensorsWriter:
             self._write_bytes(data)
             self._hash.update(data)
             return
-        with self._cond:
-            while self._inflight and self._inflight + len(data) > self._budget and not self._failed():
-                self._cond.wait(0.05)
-            self._inflight += len(data)
+        self.budget.take(len(data), self._failed)
+        with self._left_lock:
             self._left[id(data)] = len(self._stages)
         for stage in self._stages:
             stage.queue.put(data)
@@ -245,12 +268,13 @@ class SafetensorsWriter:
 
     def _through(self, data: memoryview) -> None:
         """Called by each stage when done with `data`; the last one returns its bytes to the budget."""
-        with self._cond:
+        with self._left_lock:
             self._left[id(data)] -= 1
-            if not self._left[id(data)]:
+            last = not self._left[id(data)]
+            if last:
                 del self._left[id(data)]
-                self._inflight -= len(data)
-                self._cond.notify_all()
+        if last:
+            self.budget.give(len(data))
 
     def _failed(self) -> bool:
         return any(stage.error is not None for stage in self._stages)
