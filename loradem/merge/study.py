@@ -3,14 +3,23 @@
     storage = Storage.parse(None, out_dir)                     # sqlite:///<out_dir>/search.db
     storage = Storage.parse("postgresql://u:pw@db/loradem", out_dir, field="--storage")
     storage = Storage.parse("runs/shared/search.log", out_dir) # a JournalStorage file
+    storage = Storage.parse("journal:/scratch/study", out_dir) # the same, any file name
     study = open_study(storage, name, sampler, direction="minimize", pruner=None)
     run_workers(job_fn, jobs, log)                             # one spawned process per job
 
 Storage: an RDB URL (anything SQLAlchemy and Optuna accept: sqlite:///,
-postgresql://, mysql://) or a path ending in ``.log`` for Optuna's
-`JournalStorage(JournalFileBackend(path))` (an append-only file with a file
-lock, fine on a shared file system). Passwords are hidden whenever the URL is
-printed or written.
+postgresql://, mysql://) or a journal file (a path ending in ``.log``, or
+``journal:PATH``) for Optuna's `JournalStorage(JournalFileBackend(path))` (an
+append-only file with a file lock, fine on a shared file system). Passwords are
+hidden whenever the URL is printed or written.
+
+Dead workers: on RDB storages every running trial records a heartbeat every
+`HEARTBEAT_SECONDS` (Optuna's RDBStorage heartbeat). Before each trial a worker
+fails the trials whose heartbeat is more than `GRACE_SECONDS` old (their process
+was killed, or its machine lost) and queues each again with the same
+parameters (RetryHeartbeatStaleTrialCallback), so a warm-start point is not
+lost; a trial is retried at most `MAX_RETRIES` times. Journal storages have no
+heartbeat: a killed worker's trial stays RUNNING there.
 
 Parallel trials: the study is created, and warm starts are queued, once, by
 the process that starts the workers (Optuna 5 crashes when several processes
@@ -33,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -40,10 +50,19 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from loradem.errors import LorademError
+from loradem.files import disk_error, disk_writes
 
 FINISHED = ("COMPLETE", "PRUNED")  # trial states that count towards n_trials
 MIN_IMPORTANCE_TRIALS = 10
 _CREATE_ATTEMPTS = 4
+# A live worker whose heartbeat misses the grace period has its trial failed under it (and then crashes when
+# it reports the result), so the grace period is six beats: a busy CPU or a slow database never gets there.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+MAX_RETRIES = 3
+JOURNAL_PREFIX = "journal:"
+STORAGE_FIX = "pass a writable --storage (or set the recipe's output_dir to a writable folder)"
+STORAGE_KEPT = "finished trials are kept in the study"
 
 
 # ---- storage -----------------------------------------------------------------
@@ -52,20 +71,42 @@ _CREATE_ATTEMPTS = 4
 class Storage:
     kind: str  # "rdb" | "journal"
     target: str  # the URL, or the journal file's absolute path
+    heartbeat: Optional[int] = HEARTBEAT_SECONDS  # RDB only: seconds between a running trial's heartbeats (None: none)
+    grace: Optional[int] = GRACE_SECONDS  # RDB only: a running trial whose last heartbeat is older is failed and retried
 
     @classmethod
     def parse(cls, spec: Optional[str], out_dir: Path, *, field: str = "search.storage") -> "Storage":
         if spec is None:
             return cls("rdb", f"sqlite:///{(Path(out_dir) / 'search.db').resolve()}")
         spec = spec.strip()
+        if spec.startswith(JOURNAL_PREFIX) and spec[len(JOURNAL_PREFIX):].strip():
+            return cls("journal", str(Path(spec[len(JOURNAL_PREFIX):].strip()).expanduser().resolve()))
         if spec.endswith(".log"):
             return cls("journal", str(Path(spec).expanduser().resolve()))
         if "://" in spec:
             return cls("rdb", spec)
         raise LorademError(
-            f"{field}: expected an RDB URL (sqlite:///path.db, postgresql://user@host/db, ...) "
+            f"{field}: expected an RDB URL (sqlite:///path.db, postgresql://user@host/db, ...), journal:PATH "
             f"or a journal file path ending in .log, got {spec!r}"
         )
+
+    @property
+    def local_path(self) -> Optional[Path]:
+        """The file this storage writes on this machine (the SQLite database or the journal), or None (a server)."""
+        if self.kind == "journal":
+            return Path(self.target)
+        try:
+            url = make_url(self.target)
+        except Exception:  # noqa: BLE001 - an unparsable URL fails in open()
+            return None
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            return Path(url.database)
+        return None
+
+    def writes(self):
+        """A context in which the storage's disk being full or read-only is one line (`loradem.files.disk_error`)."""
+        return disk_writes(self.local_path or self.display, fix=STORAGE_FIX, kept=STORAGE_KEPT,
+                           local=self.local_path is not None)
 
     @property
     def display(self) -> str:
@@ -82,11 +123,19 @@ class Storage:
         if self.kind == "journal":
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(self.target))
-        if not self.target.startswith("sqlite"):
-            return optuna.storages.RDBStorage(self.target)
-        # workers wait for the file lock instead of failing
-        storage = optuna.storages.RDBStorage(self.target, engine_kwargs={"connect_args": {"timeout": 60}})
-        _serialize_sqlite(storage.engine)
+        sqlite = self.target.startswith("sqlite")
+        with warnings.catch_warnings():  # the heartbeat is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                self.target,
+                # SQLite: workers wait for the file lock instead of failing
+                engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                heartbeat_interval=self.heartbeat,
+                grace_period=self.grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )
+        if sqlite:
+            _serialize_sqlite(storage.engine)
         return storage
 
 
@@ -111,6 +160,10 @@ def _serialize_sqlite(engine) -> None:
 
 
 def _open_error(storage: Storage, exc: BaseException) -> LorademError:
+    disk = disk_error(storage.local_path or storage.display, exc, fix=STORAGE_FIX, kept=STORAGE_KEPT,
+                      local=storage.local_path is not None)
+    if disk is not None:
+        return disk
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return LorademError(f"search.storage: cannot open {storage.display}: {text[:300]}")
 
@@ -150,8 +203,8 @@ def finished_count(study) -> int:
 def enqueue_points(study, points: list[dict[str, float]]) -> int:
     """Queue each point the study has not finished, queued or started; returns how many were queued.
 
-    A running trial counts as started (another machine may be evaluating it); a trial of a process
-    that was killed outright stays RUNNING in the storage, and its point is then not queued again.
+    A running trial counts as started (another machine may be evaluating it); when its process was killed,
+    a worker fails it once its heartbeat is stale and queues its point again (RDB storages, see above).
     """
     seen = [t.params for t in trials_in(study, "COMPLETE", "PRUNED")]
     seen += [t.system_attrs.get("fixed_params", t.params) for t in trials_in(study, "WAITING", "RUNNING")]
