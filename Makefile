@@ -1,12 +1,12 @@
 # loradem — two commands do everything on a fresh machine:
-#   make demo   set up, then run recipes/demo.yaml on the embedded SmolLM2-135M (~22 min on 2 CPU cores)
+#   make demo   set up, then run recipes/demo.yaml on the embedded SmolLM2-135M (~27 min on 2 CPU cores)
 #   make test   set up, then run the test suite (tiny models built locally; no network but PyPI)
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean-runs
+.PHONY: setup demo test bench gguf-check clean-runs
 
 setup: $(VENV)/.loradem-installed
 
@@ -25,7 +25,9 @@ $(VENV)/.loradem-installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/loradem demo
 
+# PostgreSQL (for the search-storage tests) is installed if missing and root can (tests/postgres.sh)
 test: setup
+	sh tests/postgres.sh
 	$(BIN)/pytest -q -ra
 
 # The benchmark (not a test): the demo with the data-mixing baseline at equal
@@ -38,6 +40,22 @@ bench: setup
 	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
+	$(MAKE) gguf-check GGUF_MODEL=runs/demo-options/model
+
+# `loradem export --gguf` checked by a real client: llama-cpp-python, built from source
+# once into .venv (needs cmake and a C++ compiler: apt-get install -y cmake build-essential;
+# measured 2026-12-02 in benchmarks/RESULTS.md), then f32 / f16 / q8_0 exports of
+# GGUF_MODEL (default runs/demo/model: run `make demo` first) compared with transformers on
+# 24 prompts, plus tiny Llama / Qwen2 / llama3-rope models.
+GGUF_MODEL ?= runs/demo/model
+gguf-check: setup $(VENV)/.llama-cpp-installed
+	$(BIN)/python benchmarks/gguf_check.py --model $(GGUF_MODEL)
+
+$(VENV)/.llama-cpp-installed:
+	command -v cmake >/dev/null && command -v c++ >/dev/null || \
+		{ echo "gguf-check builds llama-cpp-python: install cmake and a C++ compiler first"; exit 1; }
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/pip install --quiet llama-cpp-python==0.3.36
+	touch $@
 
 clean-runs:
 	rm -rf runs/

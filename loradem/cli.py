@@ -6,6 +6,9 @@
     loradem assemble --base smollm2-135m --adapter PATH=0.7 --adapter PATH=0.4 --out DIR
     loradem vectors info|similarity ADAPTER...
     loradem vectors import PATH_OR_HUB_ID --base BASE
+    loradem vectors export SOURCE_OR_FOLDER --out DIR [--recipe R]   # what a receiver needs, nothing of this machine
+    loradem vectors push SOURCE_OR_FOLDER ORG/NAME [--recipe R]      # the same files, to the model hub
+    loradem export runs/demo/model --gguf demo.gguf --type q8_0   # one GGUF file for llama.cpp / Ollama
     loradem check RECIPE                  # validate only
 
 Each subcommand loads the recipe, calls one library function and returns an
@@ -161,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept adapters whose recorded base name differs (shapes must still match; --adapter folds only)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow adapter_model.bin (a pickle; only for files you trust; --adapter folds only)")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash the base's weights in full again for its fingerprint and loradem.json, instead of "
+                   "trusting $LORADEM_CACHE/fingerprints.json (which remembers each weights file's sha256 while its "
+                   "size, mtime, ctime and inode stay the same)")
 
     p = sub.add_parser("eval", help="evaluate base, each adapter, uniform, sum and DEM; write the report",
                        description="Evaluate every model of the run on each source's held-out test rows "
@@ -189,6 +196,39 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--adapters-dir", default="adapters", help="where to import to (default: %(default)s)")
     vp.add_argument("--allow-no-card", action="store_true",
                     help="import a folder without vector.json, writing a card of what can be known (no base check)")
+    source_help = "adapter folder, or with --recipe the name of one of its sources"
+    recipe_help = "recipe whose finished adapter of source SOURCE to share (found by key like every stage)"
+    vp = vsub.add_parser("export", help="write a vector as exactly the files a receiver needs (+ README.md card)",
+                         description="Write adapter_config.json, adapter_model.safetensors, vector.json and a README.md "
+                         "model card to DIR, naming the base portably (hub id or folder name), with no path of this "
+                         "machine; `loradem vectors import DIR --base BASE` reads it on another machine.")
+    vp.add_argument("adapters", nargs=1, metavar="SOURCE", help=source_help)
+    vp.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, nor be inside the adapter folder)")
+    vp.add_argument("--recipe", help=recipe_help)
+    vp.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    vp = vsub.add_parser("push", help="upload a vector's exported files to a Hugging Face model hub repo",
+                         description="Export SOURCE (see `vectors export`) and upload exactly those four files to the "
+                         "model repo REPO_ID with huggingface_hub (created if missing; uses your Hugging Face login or "
+                         "HF_TOKEN). `loradem vectors import REPO_ID --base BASE` downloads it again.")
+    vp.add_argument("adapters", nargs=1, metavar="SOURCE", help=source_help)
+    vp.add_argument("repo_id", metavar="REPO_ID", help="model repo 'org/name'")
+    vp.add_argument("--recipe", help=recipe_help)
+    vp.add_argument("--private", action="store_true", help="create the repo private (when it does not exist yet)")
+    p = sub.add_parser("export", help="write an assembled model as one GGUF file (llama.cpp, Ollama, LM Studio)",
+                       description="Convert a model folder (a run's runs/<name>/model, or any Llama, Mistral or Qwen2 "
+                       "Hugging Face folder with config.json, safetensors and tokenizer.json) into one GGUF file: "
+                       "weights in the chosen type, the model's settings, its tokenizer and chat template. Streamed "
+                       "one tensor at a time; the file appears only when complete. Example: loradem export "
+                       "runs/demo/model --gguf demo.gguf --type q8_0")
+    p.add_argument("model", metavar="MODEL_DIR_OR_RUN",
+                   help="model folder (e.g. runs/demo/model) or a run folder holding model/ (e.g. runs/demo)")
+    p.add_argument("--gguf", nargs="?", const="", required=True, metavar="OUT.gguf",
+                   help="GGUF file to write; given without a path: <name>-<type>.gguf beside the model folder "
+                   "(runs/demo/model -> runs/demo/demo-f16.gguf)")
+    p.add_argument("--type", choices=["f16", "bf16", "f32", "q8_0"], default="f16",
+                   help="weight type: f16 (default), bf16, f32 (exact), or q8_0 (8-bit blocks, about half of f16's "
+                   "size); norms stay f32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file")
     for command in (*sub.choices.values(), *vsub.choices.values()):  # --verbose after the subcommand works too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -226,17 +266,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         _assemble(args)
     elif args.command == "eval":
         pipeline.evaluate(args.recipe)
+    elif args.command == "export":
+        from loradem.export.gguf import export_gguf
+        from loradem.progress import stage_log
+
+        export_gguf(args.model, args.gguf or None, out_type=args.type, overwrite=args.overwrite, log=stage_log("export"))
     elif args.command == "vectors":
-        pipeline.vectors_cli(args.vectors_command, args.adapters, png=getattr(args, "png", None), base=args.base,
+        pipeline.vectors_cli(args.vectors_command, args.adapters, png=getattr(args, "png", None), base=getattr(args, "base", None),
                              source=getattr(args, "source", None), adapters_dir=getattr(args, "adapters_dir", "adapters"),
-                             allow_no_card=getattr(args, "allow_no_card", False))
+                             allow_no_card=getattr(args, "allow_no_card", False), out=getattr(args, "out", None),
+                             recipe=getattr(args, "recipe", None), overwrite=getattr(args, "overwrite", False),
+                             repo_id=getattr(args, "repo_id", None), private=getattr(args, "private", False))
     return 0
 
 
 def _assemble(args: argparse.Namespace) -> None:
     from loradem import pipeline
+    from loradem.files import rehash_weights
     from loradem.merge.fold import assemble
 
+    if args.rehash:
+        rehash_weights()
     if args.recipe:
         if args.base or args.adapter:
             raise LorademError("assemble: give either a RECIPE or --base/--adapter, not both")

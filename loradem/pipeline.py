@@ -3,10 +3,11 @@
     loradem run recipes/demo.yaml     # every stage below, in order
 
     runs/<name>/
-      recipe.json         the validated recipe, as run
+      recipe.json         the validated recipe, as run (its files named relative to this folder)
       adapters.json       source -> finished adapter folder, with its training cost   (train)
       vectors.json        norms and pairwise similarities of the deltas; similarity.png (vectors)
       search/             search.db (Optuna), weights.json, trials.csv, search.png        (search)
+      regmean/            the RegMean merge as one PEFT adapter + regmean.json   (with regmean.enabled)
       model/              the assembled Hugging Face model + loradem.json + README.md    (assemble)
       report.md/.json     base, adapter:<source>, uniform, sum, dem; per_source.png ...  (eval)
       variants/<v>/       each recipe variant's adapters.json, vectors.json, search/, learn/ (no model:
@@ -19,6 +20,7 @@ can never point a later stage at the wrong vector.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -72,6 +74,12 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
     for v in recipe.variants:
         print(f"variant {v.name!r}: {format_overrides(v.overrides())} (outputs in {recipe.variant(v.name).out_dir}/)")
+    held_out, prompts = eval_inputs(recipe)
+    if held_out:
+        print("held-out tasks: " + ", ".join(f"{name} ({len(rows)} rows)" for name, rows in held_out))
+    if prompts is not None:
+        print(f"retention: {len(prompts)} prompts ({recipe.eval.retention.prompts}), "
+              f"{recipe.eval.retention.max_new_tokens} reply tokens")
     print("ok")
     return recipe
 
@@ -168,8 +176,10 @@ def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Pa
     return train_mix(mix_job(recipe, splits), base_dir, finished_adapters(recipe, base_dir, splits), log=_log("mix"))
 
 
-def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True) -> dict[str, Path]:
-    """The finished adapter folder of every source, found by its key; raise if one is missing.
+def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True,
+                      only: list[str] | None = None) -> dict[str, Path]:
+    """The finished adapter folder of every source (those in `only`, when given), found by its key; raise if one
+    is missing.
 
     A source with a ready `vector:` gets its imported copy (`loradem.vectors.card.import_vector`: checked
     against its card and this base, copied once into adapters_dir) instead of a trained adapter.
@@ -181,7 +191,7 @@ def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None
     base_fp = fingerprint_weights(base_dir)
     found: dict[str, Path] = {}
     missing = []
-    for job in train_jobs(recipe, splits):
+    for job in train_jobs(recipe, splits, only=only):
         if job.vector is not None:
             found[job.source] = import_vector(job.vector, recipe.adapters_dir, base_dir=base_dir, source=job.source,
                                               log=_log("vectors"))
@@ -238,11 +248,19 @@ def analyse_vectors(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], l
 
 
 def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: str | None = None,
-                source: str | None = None, adapters_dir: str = "adapters", allow_no_card: bool = False) -> None:
+                source: str | None = None, adapters_dir: str = "adapters", allow_no_card: bool = False,
+                out: str | None = None, recipe: str | None = None, overwrite: bool = False,
+                repo_id: str | None = None, private: bool = False) -> None:
     from loradem.model.base import resolve_base
-    from loradem.vectors import card
+    from loradem.vectors import card, share
     from loradem.vectors import similarity as vectors
 
+    if action == "export":
+        share.export_vector(shared_adapter(paths[0], recipe), out, overwrite=overwrite)
+        return
+    if action == "push":
+        share.push_vector(shared_adapter(paths[0], recipe), repo_id, private=private)
+        return
     base_dir = resolve_base(base) if base else None
 
     if action == "import":
@@ -264,6 +282,17 @@ def vectors_cli(action: str, paths: list[str], *, png: str | None = None, base: 
     if png:
         vectors.save_heatmap(names, cos, Path(png), title="cosine similarity of deltas")
         print(f"heatmap: {png}")
+
+
+def shared_adapter(given: str, recipe_path: str | None) -> Path:
+    """What `vectors export` / `push` share: the adapter folder `given`, or with a recipe the finished adapter of
+    its source named `given` (found by key like every stage; a `vector:` source's import)."""
+    if recipe_path is None:
+        return Path(given)
+    recipe = load_recipe(recipe_path)
+    recipe.source(given)  # an unknown name fails naming the recipe's sources, before the base is resolved
+    recipe, base_dir = _prepare(recipe_path)
+    return finished_adapters(recipe, base_dir, only=[given])[given]
 
 
 # ---- search ------------------------------------------------------------------
@@ -315,6 +344,38 @@ def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
                          log=_log("learn"))
 
 
+def regmean(recipe_path: str | Path) -> dict:
+    """Merge the adapters by RegMean (recipe `regmean:`) into runs/<name>/regmean/, a PEFT adapter."""
+    recipe, base_dir = _prepare(recipe_path)
+    if not recipe.regmean.enabled:
+        raise LorademError(f"{recipe_path}: regmean.enabled is false; set `regmean: {{enabled: true}}` to merge by RegMean")
+    return _regmean(recipe, base_dir)
+
+
+def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
+    from loradem.merge.regmean import RegMeanJob, regmean_merge
+
+    splits = splits or _splits(recipe)
+    adapters = finished_adapters(recipe, base_dir, splits)
+    job = RegMeanJob(name=recipe.name, settings=recipe.regmean, out_dir=recipe.out_dir / "regmean", seed=recipe.seed,
+                     max_length=recipe.train.max_length, batch_size=recipe.search.batch_size)
+    return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, log=_log("regmean"))
+
+
+def regmean_adapter(recipe: Recipe) -> Path:
+    """runs/<name>/regmean, checked to be a finished RegMean adapter."""
+    from loradem.merge.regmean import is_regmean_adapter
+
+    folder = recipe.out_dir / "regmean"
+    if not is_regmean_adapter(folder):
+        raise LorademError(f"{folder}: no RegMean adapter; run `loradem run <recipe>` with regmean.enabled: true first")
+    merged = read_json(folder / "regmean.json").get("sources")
+    names = [s.name for s in recipe.sources]
+    if not isinstance(merged, list) or sorted(merged) != sorted(names):
+        raise LorademError(f"{folder}: merges sources {sorted(merged or [])}, the recipe has {sorted(names)}; re-run `loradem run`")
+    return folder
+
+
 def _weights_record(recipe: Recipe, stage: str, key: str, how: str) -> dict:
     """runs/<name>/<stage>/weights.json, checked to hold `key` for exactly the recipe's sources."""
     path = recipe.out_dir / stage / "weights.json"
@@ -357,18 +418,23 @@ def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: s
 
 def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
               fold_base: str | None = None, max_shard_size_mb: float | None = None) -> Path:
-    """Fold the searched weights (per layer group when the search found `layer_weights`), or the learned
-    per-module ones (assemble.weights: learned), into the base."""
+    """Fold the searched weights (per layer group when the search found `layer_weights`), the learned
+    per-module ones (assemble.weights: learned), or the RegMean adapter (assemble.weights: regmean) into the base."""
     from loradem.merge.fold import assemble
 
-    weights = model_weights(recipe)
-    adapters = finished_adapters(recipe, base_dir)
+    if recipe.assemble.weights == "regmean":  # one adapter, already the merge: folded at weight 1
+        inputs = [(regmean_adapter(recipe), 1.0)]
+    else:
+        weights = model_weights(recipe)
+        adapters = finished_adapters(recipe, base_dir)
+        inputs = [(adapters[n], weights[n]) for n in adapters]
     target = Path(out) if out else recipe.out_dir / "model"
     # the run's own model folder is loradem's to replace; a user-given --out is not
     replace = overwrite or out is None
     dt = dtype or (None if recipe.assemble.dtype == "auto" else recipe.assemble.dtype)
+    # the base as the recipe names it (it resolves to base_dir again): the model card names it by hub id or alias
     return assemble(
-        base_dir, [(adapters[n], weights[n]) for n in adapters], target, dtype=dt, overwrite=replace,
+        recipe.base, inputs, target, dtype=dt, overwrite=replace,
         max_shard_size_mb=max_shard_size_mb or recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
         log=_log("assemble"),
     )
@@ -376,22 +442,41 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
 
 # ---- eval ------------------------------------------------------------------------
 
+def eval_inputs(recipe: Recipe) -> tuple[list[tuple[str, list]], list | None]:
+    """Each held-out task's (name, checked rows), and the retention prompts (None when retention is off), refused
+    when one of them is an anchor prompt of the recipe or of a variant."""
+    from loradem.evaluate.heldout import check_not_anchors, held_out_rows, retention_prompts
+
+    held_out = [(t.name, held_out_rows(t)) for t in recipe.eval.held_out]
+    if not recipe.eval.retention.enabled:
+        return held_out, None
+    prompts = retention_prompts(recipe.eval.retention)
+    for label, r in (("", recipe), *variant_recipes(recipe).items()):
+        if r.anchor.enabled:
+            check_not_anchors(prompts, r.anchor, f"variant {label!r}: " if label else "")
+    return held_out, prompts
+
+
 def evaluate(recipe_path: str | Path) -> list[dict]:
     recipe, base_dir = _prepare(recipe_path)
     return _evaluate(recipe, base_dir, recipe_path=str(recipe_path))
 
 
 def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None) -> list[dict]:
-    """Resolve everything the evaluation reads from the recipe and its earlier stages, then score and report."""
-    from loradem.evaluate.compare import EvalPlan, EvalSource, VariantPlan, compare_models
+    """Resolve everything the evaluation reads from the recipe and its earlier stages, then score and report;
+    then write the model's card again, with the scores."""
+    from loradem.evaluate.compare import EvalPlan, EvalSource, RetentionPlan, VariantPlan, compare_models
+    from loradem.merge.model_card import add_scores
 
     splits = _splits(recipe)
+    held_out, prompts = eval_inputs(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
     search_record = searched_weights(recipe)
     model_dir = recipe.out_dir / "model"
     if not (model_dir / "loradem.json").is_file():
         raise LorademError(f"{model_dir}: no assembled model; run `loradem assemble <recipe>` first")
     learned = learned_weights(recipe) if recipe.learn.enabled else None
+    regmean_dir = regmean_adapter(recipe) if recipe.regmean.enabled else None
     variants = []
     for v in recipe.variants:  # each variant's adapters and weights must exist: `loradem run` makes them
         vr = recipe.variant(v.name)
@@ -403,18 +488,55 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
             raise LorademError(f"variant {v.name!r}: {exc}") from None
     mix_dir = find_mix(recipe, base_dir, adapters, splits)
+    recipe_path = _portable_path(recipe_path) if recipe_path else None
     plan = EvalPlan(
         run_name=recipe.name,
         sources=tuple(EvalSource(s.name, s.metric, splits[s.name].test) for s in recipe.sources),
         settings=recipe.eval, max_length=recipe.train.max_length, base_dir=base_dir, adapters=adapters,
         search=search_record, model_dir=model_dir, out_dir=recipe.out_dir, assembled_weights=recipe.assemble.weights,
-        learned=learned, mix_dir=mix_dir, variants=tuple(variants), recipe_path=recipe_path,
+        learned=learned, regmean_dir=regmean_dir, mix_dir=mix_dir, variants=tuple(variants), recipe_path=recipe_path,
+        held_out=tuple(EvalSource(name, "exact_match", rows) for name, rows in held_out),
+        retention=None if prompts is None else RetentionPlan(tuple(prompts), recipe.eval.retention.max_new_tokens,
+                                                             recipe.eval.retention.prompts),
         reproduce=f"loradem run {recipe_path or '<recipe.yaml>'}" + (" --baseline mix" if mix_dir is not None else ""),
     )
-    return compare_models(plan, log=_log("eval"))
+    rows = compare_models(plan, log=_log("eval"))
+    # the row scored on the assembled folder (a row the report lacks: the card gets no scores)
+    assembled = {"learned": "dem-learned", "regmean": "dem-regmean"}.get(recipe.assemble.weights, "dem")
+    add_scores(model_dir, read_json(recipe.out_dir / "report.json"), assembled)
+    return rows
+
+
+def _portable_path(path: str) -> str:
+    """A path given on the command line as the report shows it: relative to the working directory, never absolute."""
+    return os.path.relpath(path) if os.path.isabs(path) else path
 
 
 # ---- run ---------------------------------------------------------------------------
+
+def recipe_record(recipe: Recipe) -> dict:
+    """recipe.json: the validated recipe, with every path it resolved against the recipe's folder (data, base,
+    vector, anchor and eval files: absolute, and existing, as the recipe checked) made relative to the run folder,
+    so it names no absolute path of this machine and `loradem run <out_dir>/recipe.json` resolves them back.
+    Paths the user gives relative to the working directory (`_AS_WRITTEN`) stay as written."""
+    here = recipe.out_dir.resolve()
+
+    def portable(value, key: str | None = None):
+        if key in _AS_WRITTEN:
+            return value
+        if isinstance(value, dict):
+            return {k: portable(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
+            return os.path.relpath(value, here)
+        return value
+
+    return portable(recipe.model_dump(mode="json"))
+
+
+_AS_WRITTEN = ("output_dir", "adapters_dir", "storage", "warm_start")  # relative to the working directory
+
 
 def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
     """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
@@ -426,8 +548,9 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
     splits = _splits(recipe)
     # the folder's recipe.json describes its model and report: replaced only once the new inputs check out
     _check_training(recipe, splits, baseline=baseline, base_dir=base_dir)
+    eval_inputs(recipe)  # a bad held-out row fails now, not after training
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(recipe.out_dir / "recipe.json", recipe.model_dump(mode="json"))
+    atomic_write_json(recipe.out_dir / "recipe.json", recipe_record(recipe))
 
     variants = variant_recipes(recipe)
     _train_stage(recipe, base_dir, splits, force=force, baseline=baseline, checked=True)  # every adapter first
@@ -435,11 +558,13 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
     for label, r in (("", recipe), *variants.items()):
         r.out_dir.mkdir(parents=True, exist_ok=True)
         if label:
-            atomic_write_json(r.out_dir / "recipe.json", r.model_dump(mode="json"))
+            atomic_write_json(r.out_dir / "recipe.json", recipe_record(r))
         analyse_vectors(r, base_dir, finished_adapters(r, base_dir, splits), log=_log(f"vectors {label}".strip()))
         _search(r, base_dir, splits, label=f"search {label}".strip())
         if r.learn.enabled:
             _learn(r, base_dir, splits)
+    if recipe.regmean.enabled:  # the recipe's own adapters only: the report has no variant RegMean rows
+        _regmean(recipe, base_dir, splits)
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path))

@@ -218,6 +218,15 @@ class LearnSettings(_Strict):
     eval_every: int = Field(20, gt=0, description="Steps between validation-loss checks; the weights with the best validation loss are kept (the start included).")
 
 
+class RegMeanSettings(_Strict):
+    enabled: bool = Field(False, description="Merge the adapters by RegMean (arXiv 2212.09849) on their LoRA deltas: per LoRA module, the delta that best reproduces every adapter's own delta on that source's layer inputs (least squares over the Gram matrices of the inputs), written as one exact LoRA adapter of rank Σrᵢ to runs/<name>/regmean/; adds the row 'dem-regmean' to the report (docs/stages.md).")
+    alpha: float = Field(0.9, ge=0, le=1, description="Scale of each Gram matrix's off-diagonal entries: 1 is plain least squares, 0 keeps only the diagonal (a per-input-feature weighted average of the deltas).")
+    rows_per_source: int = Field(64, gt=0, description="Training rows per source (a seeded sample; never validation or test rows) whose non-padding tokens give the Gram matrices.")
+    activations: Literal["base", "own"] = Field(
+        "base", description="Whose layer inputs the Gram matrices are taken from: the base model's ('base'), or each source's rows through base + that source's own adapter ('own', as RegMean does with fine-tuned models)."
+    )
+
+
 class AnchorSettings(_Strict):
     enabled: bool = Field(False, description="Train every source's adapter on anchor rows too: generic prompts answered by the base itself, so each vector learns to leave other inputs alone (docs/stages.md, 'Anchored training'; measured effect in benchmarks/RESULTS.md).")
     data: str = Field("builtin", description="'builtin' (everyday questions generated from templates, loradem.data.anchors) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used.")
@@ -282,8 +291,8 @@ def format_overrides(overrides: dict) -> str:
 
 
 class AssembleSettings(_Strict):
-    weights: Literal["search", "learned"] = Field(
-        "search", description="Which weights the assembled model folds: the searched ones, or the learned per-module ones (needs learn.enabled)."
+    weights: Literal["search", "learned", "regmean"] = Field(
+        "search", description="Which weights the assembled model folds: the searched ones, the learned per-module ones (needs learn.enabled), or the RegMean adapter at weight 1 (needs regmean.enabled)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Output dtype; 'auto' keeps the base's.")
     max_shard_size_mb: int = Field(2000, gt=0, description="Largest safetensors shard written, in MB.")
@@ -292,10 +301,38 @@ class AssembleSettings(_Strict):
     )
 
 
+class HeldOutTask(_Strict):
+    name: str = Field(description=f"Task name ({SAFE_NAME_HELP}); a key of each report row's `held_out`.")
+    data: str = Field(description="Its rows: a messages or prompt/completion file (.jsonl/.json/.csv/.parquet, relative to the recipe) or a datasets hub id; every row is scored, by exact match.")
+    chat_template: bool = Field(False, description="Render prompt/completion rows through the base's chat template, as a source's `chat_template` does.")
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("data")
+    @classmethod
+    def _resolve_task_data(cls, value: str, info: ValidationInfo) -> str:
+        return Source._resolve_data(value, info)
+
+
+class RetentionSettings(_Strict):
+    enabled: bool = Field(True, description="Score every report row against the base on generic prompts: agreement (share of prompts whose greedy reply equals the base's) and KL(base || model) per token of the base's replies.")
+    prompts: str = Field("builtin", description="'builtin' (40 everyday instructions shipped with loradem, none of them an anchor prompt) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used. A prompt that is also an anchor prompt is refused.")
+    max_new_tokens: int = Field(24, gt=0, description="Reply tokens compared: the first this many of each greedy reply (up to eos).")
+
+    @field_validator("prompts")
+    @classmethod
+    def _resolve_prompts(cls, value: str, info: ValidationInfo) -> str:
+        return AnchorSettings._resolve_anchor_data(value, info)
+
+
 class EvalSettings(_Strict):
     max_new_tokens: int = Field(24, gt=0, description="Greedy decoding budget for exact match.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch.")
-    max_rows_per_source: Optional[int] = Field(None, gt=0, description="Cap on test rows per source (null: all).")
+    max_rows_per_source: Optional[int] = Field(None, gt=0, description="Cap on test rows per source, and on rows per held-out task (null: all).")
+    held_out: list[HeldOutTask] = Field(
+        default_factory=list, description="Exact-match tasks no source trains on, scored on every report row (see `eval.held_out[]`); e.g. [{name: subtract, data: data/demo/heldout/subtract.jsonl}]."
+    )
+    retention: RetentionSettings = Field(default_factory=RetentionSettings, description="How much of the base each row keeps (see `eval.retention`).")
     lm_eval_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks to run on every model (e.g. mmlu, bbh, drop; public tasks need their datasets reachable)."
     )
@@ -313,6 +350,15 @@ class EvalSettings(_Strict):
         if not candidate.is_dir():
             raise ValueError(f"expected a folder of lm-eval task YAMLs, {str(candidate)!r} is not a directory")
         return str(candidate.resolve())
+
+    @field_validator("held_out")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[HeldOutTask]) -> list[HeldOutTask]:
+        names = [t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"expected unique held-out task names, {twice[0]!r} appears twice")
+        return tasks
 
 
 class MixSettings(_Strict):
@@ -337,6 +383,7 @@ class Recipe(_Strict):
     mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained by `loradem train --baseline mix` (see `mix`).")
     learn: LearnSettings = Field(default_factory=LearnSettings, description="Learned per-module weights (see `learn`).")
     anchor: AnchorSettings = Field(default_factory=AnchorSettings, description="Anchored training of the adapters (see `anchor`).")
+    regmean: RegMeanSettings = Field(default_factory=RegMeanSettings, description="RegMean merge of the adapters on their training rows' layer inputs (see `regmean`).")
     variants: list[Variant] = Field(
         default_factory=list, description="Other adapter sets to compare in the same run and report, each the recipe with some blocks overridden (see `variants[]`); e.g. [{name: anchored, anchor: {enabled: true}}]. Each trains its own adapters (cached by key like any other), searches and learns its own weights; its rows are scored on in-memory exact folds, and the assembled model stays the recipe's own."
     )
@@ -373,6 +420,12 @@ class Recipe(_Strict):
     def _learned_needs_learn(self) -> "Recipe":
         if self.assemble.weights == "learned" and not self.learn.enabled:
             raise ValueError("assemble.weights: 'learned' needs learn.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _regmean_needs_regmean(self) -> "Recipe":
+        if self.assemble.weights == "regmean" and not self.regmean.enabled:
+            raise ValueError("assemble.weights: 'regmean' needs regmean.enabled: true")
         return self
 
     @model_validator(mode="after")
@@ -538,8 +591,8 @@ def reference_markdown() -> str:
     """The recipe reference as markdown tables, one per block (the README embeds it)."""
     blocks = [
         ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
-        ("search", SearchSettings), ("learn", LearnSettings), ("anchor", AnchorSettings), ("variants[]", Variant), ("assemble", AssembleSettings),
-        ("eval", EvalSettings), ("mix", MixSettings),
+        ("search", SearchSettings), ("learn", LearnSettings), ("regmean", RegMeanSettings), ("anchor", AnchorSettings), ("variants[]", Variant), ("assemble", AssembleSettings),
+        ("eval", EvalSettings), ("eval.held_out[]", HeldOutTask), ("eval.retention", RetentionSettings), ("mix", MixSettings),
     ]
     out = []
     for title, model in blocks:

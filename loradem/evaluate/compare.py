@@ -21,11 +21,13 @@ Rows (names fixed by report.json's contract):
 - ``sum``               every weight 1 (the plain sum of the vectors)
 - ``dem``               the searched weights
 - ``dem-learned``       the learned per-module weights (when the plan has them)
+- ``dem-regmean``       the RegMean adapter at weight 1 (`loradem.merge.regmean`, when the plan has one); its
+                        cost adds the Gram matrices' and the solve's seconds; report.json's ``regmean`` its record
 - ``<variant>:<row>``   for each variant, its own adapters alone, uniform, sum,
                         dem and dem-learned, scored on an in-memory exact fold of its adapters;
                         report.json's ``variants`` gives what each overrides, its search and learning
 
-Of ``dem`` and ``dem-learned``, the row whose weights the assembled model
+Of ``dem``, ``dem-learned`` and ``dem-regmean``, the row whose weights the assembled model
 folds (`EvalPlan.assembled_weights`) is scored on that folder read back from
 disk (the artifact users ship); the other on an in-memory exact fold. The
 other rows are one resident base with all adapters folded; a row only changes
@@ -34,10 +36,20 @@ by training or the search) with the source's metric. When the settings list
 `lm_eval_tasks`, every row also runs them on the same in-memory model
 (`loradem.evaluate.harness`) and carries ``benchmarks``: {task: {metric:
 value}}; the task names and their data are checked before any model runs.
+
+Every row also carries the held-out measures, when the plan has them:
+``held_out`` ({task: exact match} on tasks no source trains on, the plan's
+`held_out`) and ``retention`` ({"agreement", "kl"} against the base's greedy
+replies to generic prompts, `loradem.evaluate.retention`; the base's replies
+are cached in ``<out_dir>/retention_base.json``). report.json's
+``held_out`` holds the tasks' predictions, ``retention`` the prompts'
+record, and ``eval_seconds`` what each measure took per row.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -45,9 +57,11 @@ from typing import Callable, Literal, Optional, Sequence
 
 from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
 from loradem.evaluate.report import write_report
+from loradem.evaluate.retention import Reference, base_reference, retention_scores
 from loradem.files import read_json
 from loradem.merge.search import fold_weights
 from loradem.model.generate import evaluate_source
+from loradem.model.render import Prompt
 from loradem.model.soup import load_base, load_multi, load_tokenizer, set_weights
 from loradem.progress import progress
 from loradem.recipe import EvalSettings
@@ -62,6 +76,18 @@ class EvalSource:
     name: str
     metric: Literal["exact_match", "loss"]
     test: Sequence[dict]
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """Base-capability retention as evaluation runs it: the prompts, the reply length, and where they came from."""
+
+    prompts: tuple[Prompt, ...]
+    max_new_tokens: int = 24
+    source: str = "builtin"  # report.json's record of the prompts: 'builtin' or the file
+
+
+RETENTION_CACHE = "retention_base.json"  # the base's replies, in the run folder
 
 
 @dataclass(frozen=True)
@@ -90,10 +116,13 @@ class EvalPlan:
     search: dict  # search/weights.json
     model_dir: Path  # the assembled model
     out_dir: Path  # where the report is written (and vectors.json is read from)
-    assembled_weights: Literal["search", "learned"] = "search"  # which weights model_dir folds
+    assembled_weights: Literal["search", "learned", "regmean"] = "search"  # which weights model_dir folds
     learned: Optional[dict] = None  # learn/weights.json, when the run learns per-module weights
+    regmean_dir: Optional[Path] = None  # the RegMean adapter folder (regmean.json inside), when the run merges by RegMean
     mix_dir: Optional[Path] = None  # the finished data-mixing adapter for these adapters
     variants: tuple[VariantPlan, ...] = ()
+    held_out: tuple[EvalSource, ...] = ()  # exact-match tasks no source trains on, scored on every row
+    retention: Optional[RetentionPlan] = None  # agreement and KL against the base on every row
     recipe_path: Optional[str] = None  # kept in report.json
     reproduce: Optional[str] = None  # the command report.md gives to reproduce the run
 
@@ -123,6 +152,22 @@ def _add_learning(cost: dict, learned: dict) -> dict:
     cost["train_seconds"] = round(cost["train_seconds"] + cost["learn_seconds"], 1)
     cost["total_seconds"] = round(cost["total_seconds"] + cost["learn_seconds"], 1)
     return cost
+
+
+def _add_regmean(cost: dict, record: dict) -> dict:
+    """RegMean's Gram matrices and solve: seconds beside training (no gradient, so no training tokens)."""
+    cost["regmean_seconds"] = round(float(record.get("regmean_seconds") or 0.0), 1)
+    cost["total_seconds"] = round(cost["total_seconds"] + cost["regmean_seconds"], 1)
+    return cost
+
+
+def _assembled_row(plan: EvalPlan) -> str:
+    """The row whose model plan.model_dir holds."""
+    if plan.assembled_weights == "learned" and plan.learned is not None:
+        return "dem-learned"
+    if plan.assembled_weights == "regmean" and plan.regmean_dir is not None:
+        return "dem-regmean"
+    return "dem"
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -208,27 +253,52 @@ def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | N
 def model_count(plan: EvalPlan) -> int:
     """How many models `compare_models` scores: the length of its progress bar."""
     n = len(plan.sources)
-    count = 1 + n + 2 + (plan.mix_dir is not None) + 1 + (plan.learned is not None)
+    count = 1 + n + 2 + (plan.mix_dir is not None) + 1 + (plan.learned is not None) + (plan.regmean_dir is not None)
     return count + sum(n + 3 + (v.learned is not None) for v in plan.variants)
 
 
 class _Scorer:
-    """Scores one model on every source's test rows (and the lm-eval tasks), one log line and one bar step per model;
-    keeps each row's predictions and benchmarks for the report."""
+    """Scores one model on every source's test rows, the held-out tasks and retention (and the lm-eval tasks), one
+    log line and one bar step per model; keeps each row's predictions, measures and benchmarks for the report."""
 
-    def __init__(self, plan: EvalPlan, lm_include: Optional[Path], bar, log: Log):
-        self.plan, self.lm_include, self.bar, self.log = plan, lm_include, bar, log
+    def __init__(self, plan: EvalPlan, lm_include: Optional[Path], bar, log: Log, reference: Optional[Reference] = None):
+        self.plan, self.lm_include, self.bar, self.log, self.reference = plan, lm_include, bar, log, reference
         self.predictions: dict[str, dict[str, list[str]]] = {}
+        self.held_out_predictions: dict[str, dict[str, list[str]]] = {}
+        self.held_out: dict[str, dict[str, float]] = {}
+        self.retention: dict[str, dict[str, float]] = {}
+        self.seconds: dict[str, dict[str, float]] = {}
         self.benchmarks: dict[str, dict[str, dict[str, float]]] = {}
 
-    def __call__(self, model, tokenizer, row_name: str) -> dict[str, float]:
-        settings, out = self.plan.settings, {}
-        for s in self.plan.sources:
-            res = evaluate_source(model, tokenizer, s.test, s.metric, settings, self.plan.max_length, log=lambda m: None)
+    def _scores(self, model, tokenizer, sources: Sequence[EvalSource], predictions: dict, row_name: str) -> dict[str, float]:
+        """Each source's metric on its rows; exact match's predictions go to predictions[row_name][source]."""
+        out = {}
+        for s in sources:
+            res = evaluate_source(model, tokenizer, s.test, s.metric, self.plan.settings, self.plan.max_length, log=lambda m: None)
             out[s.name] = res["value"]
             if "predictions" in res:
-                self.predictions.setdefault(row_name, {})[s.name] = res["predictions"]
-        self.log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items()))
+                predictions.setdefault(row_name, {})[s.name] = res["predictions"]
+        return out
+
+    def __call__(self, model, tokenizer, row_name: str) -> dict[str, float]:
+        settings = self.plan.settings
+        t0 = time.perf_counter()
+        out = self._scores(model, tokenizer, self.plan.sources, self.predictions, row_name)
+        seconds = {"test": time.perf_counter() - t0}
+        line = f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items())
+        if self.plan.held_out:
+            t0 = time.perf_counter()
+            held = self.held_out[row_name] = self._scores(model, tokenizer, self.plan.held_out, self.held_out_predictions,
+                                                          row_name)
+            seconds["held_out"] = time.perf_counter() - t0
+            line += "  | held-out " + "  ".join(f"{n}={v:.3f}" for n, v in held.items())
+        if self.reference is not None:
+            t0 = time.perf_counter()
+            kept = self.retention[row_name] = retention_scores(model, tokenizer, self.reference)
+            seconds["retention"] = time.perf_counter() - t0
+            line += f"  | agreement={kept['agreement']:.3f} kl={kept['kl']:.4f}"
+        self.seconds[row_name] = {k: round(v, 2) for k, v in seconds.items()}
+        self.log(line)
         if settings.lm_eval_tasks:
             self.benchmarks[row_name] = run_lm_eval(
                 model, tokenizer, list(settings.lm_eval_tasks), include_path=self.lm_include, limit=settings.lm_eval_limit,
@@ -239,23 +309,51 @@ class _Scorer:
 
 def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
     """Evaluate base, each adapter, uniform, sum, the mix adapter (when given), the assembled DEM model and the
-    learned per-module weights (when given), then each variant's rows; write the report; return its rows."""
+    learned per-module weights and the RegMean adapter (when given), then each variant's rows; write the report; return its rows."""
     lm_tasks = list(plan.settings.lm_eval_tasks)
     lm_include = resolve_include_path(plan.settings.lm_eval_include_path)
     if lm_tasks:  # an unknown task or unreachable data fails here, before any model runs
         load_lm_eval_tasks(lm_tasks, include_path=lm_include, log=log)
+    reference = None
+    if plan.retention is not None:  # the base's replies (cached in the run folder) and its logits on them
+        reference = base_reference(plan.base_dir, plan.retention.prompts, max_new_tokens=plan.retention.max_new_tokens,
+                                   batch_size=plan.settings.batch_size, cache=Path(plan.out_dir) / RETENTION_CACHE)
     with progress(model_count(plan), "eval", unit="model") as bar:
-        score = _Scorer(plan, lm_include, bar, log)
+        score = _Scorer(plan, lm_include, bar, log, reference)
         rows, extra = _score_all(plan, score)
+    base_seconds = reference.generation_seconds if reference is not None else 0.0
+    plain_text = reference is not None and all(isinstance(p, str) for p in reference.prompts)
+    score.reference = reference = None  # the base's logits: about 190 MB on SmolLM2
+    for row in rows:  # every row (the mix and the variants' included)
+        _add_measures(row, score.held_out.get(row["name"]), score.retention.get(row["name"]))
+    if plan.held_out:
+        extra["held_out"] = {"rows": {t.name: len(t.test) for t in plan.held_out}, "predictions": score.held_out_predictions}
+    if plan.retention is not None:
+        extra["retention"] = {"prompts": plan.retention.source, "n": len(plan.retention.prompts),
+                              "max_new_tokens": plan.retention.max_new_tokens,
+                              "base_replies": RETENTION_CACHE,  # beside report.json
+                              "base_generation_seconds": base_seconds, "plain_text": plain_text}
+    extra["eval_seconds"] = score.seconds  # per row: test rows, held-out tasks, retention (lm-eval not included)
     if lm_tasks:
         extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": plan.settings.lm_eval_limit,
-                            "include_path": str(lm_include) if lm_include else None}
+                            # relative to the report: no path of this machine in a shared run folder
+                            "include_path": os.path.relpath(lm_include, Path(plan.out_dir).resolve()) if lm_include else None}
         for row in rows:
             if row["name"] in score.benchmarks:
                 row["benchmarks"] = score.benchmarks[row["name"]]
     write_report(plan.out_dir, plan.run_name, {s.name: s.metric for s in plan.sources}, rows, extra=extra,
                  reproduce=plan.reproduce)
     return rows
+
+
+def _add_measures(row: dict, held_out: Optional[dict], retention: Optional[dict]) -> None:
+    """Put the held-out measures beside the row's per_source (in place: the row keeps its identity)."""
+    items = list(row.items())
+    row.clear()
+    for key, value in items:
+        row[key] = value
+        if key == "per_source":
+            row.update({k: v for k, v in (("held_out", held_out), ("retention", retention)) if v is not None})
 
 
 def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
@@ -281,15 +379,21 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
 
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     search_seconds = float(search_record.get("search_seconds") or 0.0)
-    assembled = "dem-learned" if learned is not None and plan.assembled_weights == "learned" else "dem"
+    assembled = _assembled_row(plan)
     merged = load_base(plan.model_dir)  # the assembled folder scores the row whose weights it folds
     scores = {assembled: score(merged, load_tokenizer(plan.model_dir), assembled)}
     del merged
-    if learned is not None:  # the other of the two rows is scored on the exact in-memory fold
-        other = "dem" if assembled == "dem-learned" else "dem-learned"
+    others = [r for r in ("dem", "dem-learned") if r != assembled and (r == "dem" or learned is not None)]
+    if others:  # the others are scored on the exact in-memory fold
         model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
-        set_weights(model, learned["module_weights"] if other == "dem-learned" else fold_weights(search_record))
-        scores[other] = score(model, tokenizer, other)
+        for other in others:
+            set_weights(model, learned["module_weights"] if other == "dem-learned" else fold_weights(search_record))
+            scores[other] = score(model, tokenizer, other)
+        del model
+    regmean = read_json(plan.regmean_dir / "regmean.json") if plan.regmean_dir is not None else None
+    if regmean is not None and assembled != "dem-regmean":
+        model, tokenizer = load_multi(base_dir, {"regmean": plan.regmean_dir}, fold=True)
+        scores["dem-regmean"] = score(model, tokenizer, "dem-regmean")
         del model
     rows.append({"name": "dem", "per_source": scores["dem"], "average": _average(scores["dem"], metrics),
                  "cost": _cost(records, names, search_seconds), "weights": dem_weights})
@@ -298,6 +402,9 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
                      "average": _average(scores["dem-learned"], metrics),
                      "cost": _add_learning(_cost(records, names, search_seconds), learned),
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
+    if regmean is not None:
+        rows.append({"name": "dem-regmean", "per_source": scores["dem-regmean"],
+                     "average": _average(scores["dem-regmean"], metrics), "cost": _add_regmean(_cost(records, names), regmean)})
 
     variant_extra = {}
     for v in plan.variants:  # each variant's own adapter set, scored on in-memory exact folds, after the run's rows
@@ -313,6 +420,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         **({"recipe_path": plan.recipe_path} if plan.recipe_path else {}),
         "search": _search_summary(search_record),
         "learn": _learn_summary(learned),
+        **({"regmean": {k: v for k, v in regmean.items() if k != "identity"}} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
         "model": str(plan.model_dir),
         "predictions": score.predictions,

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from loradem.errors import LorademError
-from loradem.files import atomic_write_json, fingerprint_weights, read_json, stable_hash
+from loradem.files import atomic_write_json, fingerprint_weights, make_dir, read_json, stable_hash
 from loradem.merge.search import weighted_mean
 from loradem.model import soup
 from loradem.model.generate import collate_right, mean_loss
@@ -248,7 +248,7 @@ def learn_weights(job: LearnJob, base_dir: Path, adapters: dict[str, Path], trai
         "history": history,
         "identity": identity,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)  # a full or read-only disk here, or in the two writes below, is one line
     plot_learning(result, out_dir / "learn.png", f"{job.name}: learned per-module weights")
     atomic_write_json(done, result)  # last: its presence means the result is complete
     log(f"learn: best validation loss {best_loss:.4f} at step {best_step} (start {initial:.4f}), "

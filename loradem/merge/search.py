@@ -52,7 +52,7 @@ from optuna.trial import TrialState
 from transformers import AutoConfig
 
 from loradem.errors import LorademError
-from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, stable_hash
+from loradem.files import atomic_write_json, atomic_write_text, fingerprint_weights, make_dir, stable_hash
 from loradem.merge.space import SearchSpace, build_sampler, read_previous, target_trials, warm_start_points
 from loradem.merge.study import (
     Storage,
@@ -216,7 +216,8 @@ def run_trials(job: TrialJob, log: Log = print, on_trial: Optional[Callable[[], 
     if job.worker is not None:
         log(f"[worker {job.worker}] pid {os.getpid()}: model loaded, up to {job.n_trials} trials")
     objective = make_objective(model, evaluators, job.space, importance, prune=settings.pruning, worker=job.worker or 0)
-    study.optimize(objective, n_trials=job.n_trials, callbacks=[_log_trial(log, job.space, job.worker, on_trial), stop_at(job.target)])
+    with job.storage.writes():  # a full or read-only disk under the study is one line, in a worker process too
+        study.optimize(objective, n_trials=job.n_trials, callbacks=[_log_trial(log, job.space, job.worker, on_trial), stop_at(job.target)])
 
 
 # ---- outputs ------------------------------------------------------------------------
@@ -438,11 +439,12 @@ def search_weights(job: SearchJob, base_dir: Path, adapters: dict[str, Path], va
     points = warm_start_points(space, previous)
     target = target_trials(settings, grid_size, len(points))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     quiet_optuna()
     name = f"{job.name}-{stable_hash(study_identity(job, base_dir, adapters, used))}"
     study = open_study(store, name, sampler, direction=DIRECTION[settings.objective])
-    queued = enqueue_points(study, points)
+    with store.writes():
+        queued = enqueue_points(study, points)
     if previous_from and queued:
         log(f"search: queued {queued} warm-start points from {previous_from}")
     done = finished_count(study)

@@ -93,7 +93,7 @@ from loradem.data import anchors as anchor
 from loradem.data.rows import Splits
 from loradem.errors import LorademError, first_line
 from loradem.files import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
-from loradem.model.base import portable_name
+from loradem.model.base import BASE_ALIASES, portable_name
 from loradem.plots import figure, save_png
 from loradem.recipe import AnchorSettings, LoraSettings, TrainSettings
 
@@ -206,7 +206,8 @@ def output_folder(final: Path) -> Iterator[Path]:
     rank 0 writes the adapter: the others get a throwaway scratch folder (never a ``.partial`` beside
     `final`, which rank 0 would be writing), and all ranks wait until `final` is in place."""
     if is_main_process():
-        with atomic_dir(final, overwrite=True) as tmp:
+        # a full or read-only disk, at a checkpoint or the final save, is one line (the partial folder is removed)
+        with atomic_dir(final, overwrite=True, fix="set the recipe's adapters_dir to a writable folder") as tmp:
             yield tmp
     else:
         with tempfile.TemporaryDirectory(prefix=".loradem-rank-") as tmp:
@@ -558,20 +559,26 @@ def split_rows(splits: Splits) -> dict[str, int]:
 
 
 def finish_folder(folder: Path, record: dict, *, base_name: str, rows: dict[str, int], fmt: str) -> None:
-    """Write loradem-train.json, vector.json and curve.png beside the saved adapter in `folder`.
+    """Write loradem-train.json, vector.json, README.md and curve.png beside the saved adapter in `folder`.
 
     `record` must hold source, key, base_fingerprint and data_fingerprint besides what `fit` returns.
     """
+    from loradem.vectors.card import write_readme
+
     (folder / TRAIN_RECORD).write_text(json.dumps(_ordered(record), indent=2) + "\n", encoding="utf-8")
     # PEFT records the folder the base was loaded from, a path of this machine; a shared adapter names its base
     # by hub id where it has one, so AutoPeftModelForCausalLM can find it elsewhere (loradem itself checks the
     # base's fingerprint, not this name)
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    base_name = config["base_model_name_or_path"] = portable_name(base_name)
+    spec, base_name = base_name, portable_name(base_name)
+    config["base_model_name_or_path"] = base_name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     card = make_card(record, base_name=base_name, rows=rows, fmt=fmt, adapter_sha256=sha256_file(folder / ADAPTER_WEIGHTS))
+    if spec in BASE_ALIASES:  # the short name it was trained under, for the README's import line
+        card["base"]["alias"] = spec
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_readme(folder)  # README.md, the adapter's Hugging Face card, from the two files above
     plot_curve(record["history"], folder / "curve.png", title=f"{record['source']} ({record['key']})",
                best_step=record["best_step"])
 
