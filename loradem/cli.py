@@ -25,6 +25,7 @@ from pathlib import Path
 
 from loradem import __version__
 from loradem.errors import LorademError
+from loradem.files import disk_error
 from loradem.progress import quiet_libraries, set_verbose
 
 EPILOG = """\
@@ -314,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except LorademError as exc:
         print(f"loradem: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk at a write no stage wrapped is still one line
+        error = disk_error(exc.filename or ".", exc)
+        if error is None:
+            raise
+        print(f"loradem: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loradem: interrupted; finished outputs are intact, re-run to resume", file=sys.stderr)

@@ -324,3 +324,24 @@ def test_a_report_onto_a_real_read_only_disk(tmp_path, tmpfs):
         write_report(out, "demo", METRICS, make_rows(["579", "49", "22", "1000"]))
     assert digests(out) == before
     assert json.loads((out / "report.json").read_text())["recipe"] == "demo"
+
+
+def test_cli_turns_an_unwrapped_read_only_or_full_disk_into_one_line(monkeypatch, capsys):
+    """A write no stage wraps (e.g. creating runs/<name> on a read-only file system) still ends in one line, exit 2;
+    any other OSError is a bug and keeps its traceback."""
+    from loradem import cli
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", "runs/demo")
+
+    monkeypatch.setattr(cli, "_dispatch", read_only)
+    assert cli.main(["check", "recipes/demo.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loradem: error: runs/demo: cannot write there (Read-only file system)")
+
+    def missing(args):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    monkeypatch.setattr(cli, "_dispatch", missing)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["check", "recipes/demo.yaml"])
