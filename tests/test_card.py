@@ -43,7 +43,7 @@ def with_card(folder: Path, base: Path, source: str = "sort", **changes) -> Path
 
 @pytest.fixture
 def shared(tiny_base, tmp_path) -> Path:
-    folder = make_adapter(tiny_base, tmp_path / "shared" / "sort-vector", seed=7, r=2, target_modules=["q_proj", "v_proj"])
+    folder = make_adapter(tiny_base, tmp_path / "incoming" / "sort-vector", seed=7, r=2, target_modules=["q_proj", "v_proj"])
     (folder / "README.md").write_text("peft's card, not copied")
     return with_card(folder, tiny_base)
 
@@ -112,7 +112,7 @@ def test_import_copies_once(shared, tiny_base, tmp_path):
     config, sent = (json.loads((f / "adapter_config.json").read_text()) for f in (folder, shared))
     assert sent["base_model_name_or_path"] == str(tiny_base) and config == {**sent, "base_model_name_or_path": "tiny"}
     # where it came from, relative to the adapters folder: no absolute path of this machine in adapters/
-    assert json.loads((folder / "loradem-import.json").read_text())["origin"] == "../shared/sort-vector"
+    assert json.loads((folder / "loradem-import.json").read_text())["origin"] == "../incoming/sort-vector"
     stamp = (folder / "loradem-import.json").stat().st_mtime_ns
     logs: list[str] = []
     assert import_vector(shared, adapters, base_dir=tiny_base, log=logs.append) == folder
