@@ -380,6 +380,18 @@ def test_failure_while_writing_leaves_no_file(assembled, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_a_full_disk_in_a_library_s_words_is_one_line_and_leaves_no_file(assembled, tmp_path, monkeypatch):
+    def full(part, job):  # safetensors and friends report a full disk only in their message
+        raise RuntimeError("Error while writing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "convert", full)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(LorademError, match=rf"^{out}: the disk is full .*; the output needs about [\d,]+ MB; nothing was "
+                                           r"written, free space and re-run$"):
+        export_gguf(assembled, out, log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
 def test_q8_0_rows_that_are_not_whole_blocks_stay_f16(tiny_base, tmp_path):
     from tiny import build_tiny_llama
 

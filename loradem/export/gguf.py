@@ -47,7 +47,6 @@ folder of a supported architecture works too.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -61,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from loradem.errors import LorademError, first_line
-from loradem.files import _partial_path, clean_partials, read_json
+from loradem.files import _partial_path, clean_partials, disk_error, read_json
 from loradem.progress import progress
 from loradem.vectors.checkpoint import ST_DTYPES, BaseCheckpoint, read_base
 
@@ -588,14 +587,15 @@ def _aside(final: Path, overwrite: bool, needed_bytes: int) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.touch()
     except OSError as exc:
-        raise LorademError(f"{final}: cannot write there ({exc.strerror or exc}); choose another output") from None
+        raise disk_error(final, exc) or LorademError(
+            f"{final}: cannot write there ({exc.strerror or exc}); choose another output") from None
     try:
         yield tmp
-    except OSError as exc:
+    except Exception as exc:  # the one recognizer of full and read-only disks, library wordings included
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise LorademError(f"{final}: the disk is full ({exc.strerror}); the file needs about "
-                               f"{needed_bytes / 1e6:,.0f} MB; nothing was written, free space and re-run") from None
+        error = disk_error(final, exc, needed_bytes=needed_bytes)
+        if error is not None:
+            raise error from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
