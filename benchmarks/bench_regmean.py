@@ -56,7 +56,8 @@ def main() -> None:
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     recipe = load_recipe(args.recipe)
     base_dir = resolve_base(recipe.base, log=lambda m: None)
-    adapters = {s: ROOT / p["path"] for s, p in json.loads(Path(args.adapters_json).read_text()).items()}
+    listing = Path(args.adapters_json)
+    adapters = {s: (listing.parent / p["path"]).resolve() for s, p in json.loads(listing.read_text()).items()}
     splits = {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
     names = [s.name for s in recipe.sources]
     results: dict = {"recipe": args.recipe, "adapters": {s: str(p) for s, p in adapters.items()}, "load_before": load,

@@ -152,7 +152,7 @@ from pathlib import Path
 
 for listing in (Path("runs/gpu-check/adapters.json"), Path("runs/gpu-check/variants/nf4/adapters.json")):
     for source, entry in json.loads(listing.read_text()).items():
-        record = json.loads((Path(entry["path"]) / "loradem-train.json").read_text())
+        record = json.loads((listing.parent / entry["path"] / "loradem-train.json").read_text())
         print(f"{source}: quantization {record['train']['quantization']}, device {record['device']}, "
               f"{record['train_tokens']:,} tokens in {record['train_seconds']:.1f} s ({record['tokens_per_second']} tok/s), "
               f"best val loss {record['best_val_loss']:.4f}")

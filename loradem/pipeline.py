@@ -219,7 +219,7 @@ def _write_adapters_json(recipe: Recipe, base_dir: Path, splits: dict | None = N
     for name, folder in adapters.items():
         t = _train_record(folder)
         record[name] = {k: t.get(k) for k in ("train_tokens", "train_seconds", "steps", "best_step", "best_val_loss", "flops_estimate")}
-        record[name]["path"] = str(folder)
+        record[name]["path"] = os.path.relpath(folder, recipe.out_dir)  # relative to adapters.json: the run may move
     atomic_write_json(recipe.out_dir / "adapters.json", record)
 
 
@@ -518,12 +518,13 @@ def recipe_record(recipe: Recipe) -> dict:
     """recipe.json: the validated recipe, with every path it resolved against the recipe's folder (data, base,
     vector, anchor and eval files: absolute, and existing, as the recipe checked) made relative to the run folder,
     so it names no absolute path of this machine and `loradem run <out_dir>/recipe.json` resolves them back.
-    Paths the user gives relative to the working directory (`_AS_WRITTEN`) stay as written."""
+    Paths the user gives relative to the working directory (`_AS_WRITTEN`) stay as written, made relative to it
+    when written absolute."""
     here = recipe.out_dir.resolve()
 
     def portable(value, key: str | None = None):
         if key in _AS_WRITTEN:
-            return value
+            return _portable_path(value) if isinstance(value, str) else value
         if isinstance(value, dict):
             return {k: portable(v, k) for k, v in value.items()}
         if isinstance(value, list):

@@ -202,6 +202,7 @@ def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, tmp_path
 
     from loradem.cli import main
     from loradem.evaluate.report import format_value
+    from loradem.merge.study import load_recorded_study
     from loradem.model.base import SMOLLM2_DIR
     from loradem.recipe import load_recipe
 
@@ -213,8 +214,9 @@ def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, tmp_path
     (tmp_path / "data").mkdir()
     for task in ("addition", "sort"):
         (tmp_path / "data" / f"{task}.jsonl").write_text(_rows(task, 30))
-    recipe = {
+    recipe = {  # output folders given absolute: every file that names one records it relative to itself
         "name": "ready", "base": "smollm2-135m", "lora": {"r": 2, "alpha": 8},
+        "output_dir": str(tmp_path / "runs" / "ready"), "adapters_dir": str(tmp_path / "adapters"),
         "train": {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "max_length": 64},
         "sources": [
             {"name": "addition", "data": "data/addition.jsonl", "validation": 4, "test": 4},
@@ -251,17 +253,28 @@ def test_recipe_source_with_a_ready_vector(shared, tiny_base, tmp_path, tmp_path
     assert f"| **`dem` (this model)** | {' | '.join(cells)} | {format_value(dem['average'], 'exact_match')} |" in card
     assert "| `base` |" in card and "| `adapter:addition` |" in card
 
-    # recipe.json names its paths relative to the run folder, and reads back as the recipe that ran
-    assert load_recipe(run / "recipe.json").model_dump() == load_recipe(tmp_path / "ready.yaml").model_dump()
+    # recipe.json names its paths relative to the run folder (the output folders relative to the working directory),
+    # and reads back as the recipe that ran
+    again, ran = load_recipe(run / "recipe.json"), load_recipe(tmp_path / "ready.yaml")
+    assert (again.output_dir, again.adapters_dir) == ("runs/ready", "adapters")
+    assert again.model_dump() | {"output_dir": ran.output_dir, "adapters_dir": ran.adapters_dir} == ran.model_dump()
 
-    # nothing of this machine in any text file loradem wrote (search.db and the pngs are binary), except the Optuna
-    # storage URL that merge/search.py records in search/weights.json (outside this test's scope: checked apart)
+    # the files that name other outputs name them relative to themselves
+    assert {s: a["path"] for s, a in json.loads((run / "adapters.json").read_text()).items()} == {
+        "addition": f"../../adapters/{folders[0].name}", "sort": f"../../adapters/{folders[1].name}"}
+    assert report["model"] == "model"
+    weights = json.loads((run / "search" / "weights.json").read_text())
+    assert weights["study"] == {"name": weights["study"]["name"], "file": "search.db", "format": "sqlite"}
+
+    # nothing of this machine in any text file loradem wrote (search.db and the pngs are binary)
     leaks = {f"runs/ready/{k}": v for k, v in texts_naming(run, forbidden).items()}
     leaks |= {f"adapters/{k}": v for k, v in texts_naming(tmp_path / "adapters", forbidden).items()}
-    weights = json.loads((run / "search" / "weights.json").read_text())
-    weights["study"].pop("storage")
-    assert [p for p in forbidden if p in json.dumps(weights)] == []
-    assert {k: v for k, v in leaks.items() if k != "runs/ready/search/weights.json"} == {}
+    assert leaks == {}
+
+    # and the run folder still finds its study once moved
+    moved = tmp_path_factory.mktemp("moved") / "ready"
+    shutil.move(run, moved)
+    assert len(load_recorded_study(moved / "search" / "weights.json").trials) == 2
 
 
 def test_assemble_recipe_with_ready_vectors_and_layer_weights(tiny_base, tmp_path, monkeypatch):

@@ -306,3 +306,24 @@ def test_compare_models_from_plain_settings_and_paths(tiny_base, tmp_path, capsy
     assert doc["predictions"]["base"]["answers"] == own
     md = (tmp_path / "run" / "report.md").read_text()
     assert md.startswith("# plain: results") and "```\nloradem run plain.yaml\n```" in md
+
+
+def test_increment_finds_the_warm_start_after_the_run_moved(tmp_path):
+    from loradem.evaluate.compare import _increment
+
+    records = {"a": {"train_tokens": 10, "train_seconds": 1.0}, "b": {"train_tokens": 7, "train_seconds": 2.0}}
+    rows = [{"name": "mix", "cost": {"train_tokens": 30}}]
+    built = tmp_path / "built" / "run"
+    (built / "search").mkdir(parents=True)
+    (built / "old").mkdir()
+    (built / "old" / "weights.json").write_text(json.dumps({"weights": {"a": 1.0}}))
+    run = tmp_path / "moved" / "run"
+    run.parent.mkdir()
+    built.rename(run)  # the run folder moved after its search: the recorded path is relative to search/
+    inc = _increment({"warm_start": "../old/weights.json", "search_seconds": 3.0}, ["a", "b"], records, rows, run)
+    assert inc["previous"] == "old/weights.json"  # relative to report.json's folder
+    assert inc["new_sources"] == ["b"] and inc["dem_cost"]["train_tokens"] == 7 and inc["dem_cost"]["search_seconds"] == 3.0
+    # a record naming the file as an absolute path still works; one naming a missing file gives no increment
+    absolute = str(run / "old" / "weights.json")
+    assert _increment({"warm_start": absolute}, ["a", "b"], records, rows, run)["new_sources"] == ["b"]
+    assert _increment({"warm_start": "../nowhere.json"}, ["a", "b"], records, rows, run) is None

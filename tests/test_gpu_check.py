@@ -45,7 +45,7 @@ def test_without_a_gpu_it_runs_the_pipeline_and_the_fold_check_on_the_cpu(tmp_pa
         entries = json.loads(listing.read_text())
         assert sorted(entries) == ["addition", "sort"]
         for entry in entries.values():
-            record = json.loads((out / entry["path"] / "loradem-train.json").read_text())
+            record = json.loads((listing.parent / entry["path"] / "loradem-train.json").read_text())
             assert (record["train"]["quantization"], record["device"], record["steps"]) == (quantization, "cpu", 2)
 
     # searched, learned, assembled and evaluated: every row of both sets in the report

@@ -192,7 +192,7 @@ def test_run_with_learned_weights_assembles_them_exactly(tiny_recipe, tiny_base)
     assert "`dem-learned` shows each source's mean over its per-module weights" in md and "tiny.yaml --baseline mix\n" in md
 
     # the model folder holds base + sum over modules of w[source][module] * s * B A, in float64
-    adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}
+    adapters = {k: run / v["path"] for k, v in json.loads((run / "adapters.json").read_text()).items()}  # relative to the file
     base, merged = _read_all(tiny_base), _read_all(run / "model")
     expected = {k: v.double() for k, v in base.items()}
     for source, folder in adapters.items():

@@ -73,7 +73,7 @@ def test_run_end_to_end(tiny_recipe, tiny_base, capsys):
 
     # the assembled model equals base + sum_i w_i * s_i * B_i A_i, computed here in float64
     weights = json.loads((run / "search" / "weights.json").read_text())["weights"]
-    adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}
+    adapters = {k: run / v["path"] for k, v in json.loads((run / "adapters.json").read_text()).items()}  # relative to the file
     base = _read_all(tiny_base)
     merged = _read_all(run / "model")
     expected = {k: v.double() for k, v in base.items()}

@@ -16,7 +16,7 @@ import loradem.merge.search
 import loradem.model.generate
 from loradem.errors import LorademError
 from loradem.merge.search import SearchJob, search_weights
-from loradem.merge.study import Storage
+from loradem.merge.study import Storage, load_recorded_study
 from loradem.model.generate import mean_loss
 from loradem.model.render import encode_for_loss
 from loradem.model.soup import adapter_names, load_multi, set_weights
@@ -46,8 +46,10 @@ def make_job(out: Path, *, sources=SOURCES, importance=None, max_new_tokens=None
                      max_new_tokens=max_new_tokens)
 
 
-def load_study(result: dict):
-    return optuna.load_study(storage=result["study"]["storage"], study_name=result["study"]["name"])
+def load_study(result: dict, out: Path):
+    """The study a search result names, its storage resolved as recorded, against the result's folder `out`
+    (an earlier result's study too, after a later search in that folder rewrote weights.json)."""
+    return optuna.load_study(study_name=result["study"]["name"], storage=Storage.recorded(result["study"], out).open())
 
 
 def complete(study) -> list:
@@ -115,7 +117,7 @@ def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path, mo
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lines.append)
     assert bars.bars == [{"total": 3, "desc": "search", "unit": "trial", "n": 3}]  # one bar, one step per trial
     assert plt.get_fignums() == [] and dict(matplotlib.rcParams) == style  # Optuna's pyplot plot leaves nothing behind
-    trials = complete(load_study(result))
+    trials = complete(load_study(result, out))
     assert len(trials) == 3
     # warm start: uniform, then the plain sum
     assert trials[0].params == {"add": 0.5, "rev.words": 0.5}
@@ -133,7 +135,7 @@ def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path, mo
     saved = json.loads((out / "weights.json").read_text())
     assert saved == result
     assert saved["weights"] == best.params and saved["objective"] == best.value and saved["n_trials"] == 3
-    assert saved["sampler"] == "random" and saved["study"]["storage"] == f"sqlite:///{(out / 'search.db').resolve()}"
+    assert saved["sampler"] == "random" and saved["study"] == {"name": saved["study"]["name"], "file": "search.db", "format": "sqlite"}
     durations = [t.duration.total_seconds() for t in trials]
     assert saved["search_seconds"] == pytest.approx(sum(durations))
     assert 0 < saved["eval_fraction"] <= 1
@@ -149,12 +151,12 @@ def test_objective_is_the_real_validation_loss(tiny_base, adapters, tmp_path, mo
 def test_resume_continues_the_study(tiny_base, adapters, tmp_path, monkeypatch):
     out = tmp_path / "run"
     first = search_weights(make_job(out, n_trials=3), tiny_base, adapters, VALIDATION, log=lambda s: None)
-    before = [(t.number, t.params, t.value) for t in complete(load_study(first))]
+    before = [(t.number, t.params, t.value) for t in complete(load_study(first, out))]
     lines: list[str] = []
     second = search_weights(make_job(out, n_trials=6), tiny_base, adapters, VALIDATION, log=lines.append)
     assert second["study"] == first["study"]
-    after = complete(load_study(second))
-    assert len(after) == 6 and len(load_study(second).trials) == 6
+    after = complete(load_study(second, out))
+    assert len(after) == 6 and len(load_study(second, out).trials) == 6
     assert [(t.number, t.params, t.value) for t in after[:3]] == before
     warm = [{"add": 0.5, "rev.words": 0.5}, {"add": 1.0, "rev.words": 1.0}]
     assert all(t.params not in warm for t in after[2:])  # the warm start is not queued again
@@ -186,7 +188,7 @@ def test_crash_midway_then_resume(tiny_base, adapters, tmp_path, monkeypatch):
     before = [(t.number, t.params, t.value) for t in complete(study)]
     assert len(before) == 3 and [t.state for t in study.trials].count(TrialState.FAIL) == 1
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    trials = complete(load_study(result))
+    trials = complete(load_study(result, out))
     assert len(trials) == 5 and [(t.number, t.params, t.value) for t in trials[:3]] == before
 
 
@@ -197,7 +199,7 @@ def test_grid_finds_the_known_optimum_exactly(tiny_base, adapters, tmp_path, mon
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     assert result["weights"] == target and result["objective"] == pytest.approx(1.0)
     # 2 warm-start points + every one of the 4×4 grid points, then the study stops
-    trials = complete(load_study(result))
+    trials = complete(load_study(result, job.out_dir))
     assert result["n_trials"] == len(trials) == 18
     grid = {(a, b) for a in (0.0, 0.5, 1.0, 1.5) for b in (0.0, 0.5, 1.0, 1.5)}
     assert {(t.params["add"], t.params["rev.words"]) for t in trials[2:]} == grid
@@ -258,7 +260,7 @@ def test_changed_validation_is_a_new_study(tiny_base, adapters, tmp_path):
     changed = {**VALIDATION, "add": VALIDATION["add"][::-1]}
     second = search_weights(make_job(out, n_trials=2), tiny_base, adapters, changed, log=lambda s: None)
     assert first["study"]["name"] != second["study"]["name"]
-    assert second["n_trials"] == 2 and len(complete(load_study(first))) == 2
+    assert second["n_trials"] == 2 and len(complete(load_study(first, out))) == 2
 
 
 # ---- objectives ---------------------------------------------------------------------
@@ -266,14 +268,14 @@ def test_changed_validation_is_a_new_study(tiny_base, adapters, tmp_path):
 def test_importance_weights_the_mean(tiny_base, adapters, tmp_path):
     job = make_job(tmp_path / "run", importance={"add": 3.0, "rev.words": 1.0}, n_trials=2, sampler="random")
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    for t in complete(load_study(result)):
+    for t in complete(load_study(result, job.out_dir)):
         v = t.user_attrs["per_source"]
         assert t.value == pytest.approx((3 * v["add"] + v["rev.words"]) / 4, rel=1e-12)
     assert result["importance"] == {"add": 3.0, "rev.words": 1.0} and result["objective_name"] == "val_loss"
     # importance 0: the source is not evaluated at all
     job = make_job(tmp_path / "run0", importance={"add": 0.0}, n_trials=2, sampler="random")
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    assert all(set(t.user_attrs["per_source"]) == {"rev.words"} for t in complete(load_study(result)))
+    assert all(set(t.user_attrs["per_source"]) == {"rev.words"} for t in complete(load_study(result, job.out_dir)))
     with pytest.raises(LorademError, match=r"sources\[\]\.importance: expected at least one source with importance > 0"):
         search_weights(make_job(tmp_path / "none", importance={"add": 0.0, "rev.words": 0.0}), tiny_base, adapters,
                        VALIDATION, log=lambda s: None)
@@ -293,8 +295,8 @@ def test_exact_match_objective_is_maximized(tiny_base, adapters, tmp_path):
             "rev.words": [{"messages": [*m, {"role": "assistant", "content": a}]} for m, a in zip(prompts["rev.words"], own["rev.words"])]}
     job = make_job(tmp_path / "run", importance={"add": 2.0}, max_new_tokens=4, objective="exact_match", n_trials=3, sampler="random")
     result = search_weights(job, tiny_base, adapters, rows, log=lambda s: None)
-    trials = complete(load_study(result))
-    assert load_study(result).direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = complete(load_study(result, job.out_dir))
+    assert load_study(result, job.out_dir).direction == optuna.study.StudyDirection.MAXIMIZE
     for t in trials:  # every recorded value is the real greedy exact match, importance-weighted
         set_weights(model, t.params)
         em = {s: exact_match(generate_answers(model, tok, prompts[s], max_new_tokens=4, log=None), own[s]) for s in SOURCES}
@@ -322,7 +324,7 @@ def test_exact_match_needs_prompts(tiny_base, adapters, tmp_path):
 def test_layer_groups_and_global_scale(tiny_base, adapters, tmp_path):
     job = make_job(tmp_path / "run", granularity="layer-groups", layer_groups=4, global_scale=True, n_trials=3, sampler="random")
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    trials = complete(load_study(result))
+    trials = complete(load_study(result, job.out_dir))
     # 4 groups asked, the tiny model has 2 blocks: 2 groups per source, plus the shared scale
     assert set(trials[-1].params) == {"add@g0", "add@g1", "rev.words@g0", "rev.words@g1", "@global_scale"}
     assert trials[0].params == {"add@g0": 0.5, "add@g1": 0.5, "rev.words@g0": 0.5, "rev.words@g1": 0.5, "@global_scale": 1.0}
@@ -350,15 +352,15 @@ def test_warm_start_after_adding_a_source(tiny_base, adapters, tmp_path):
     prev = first["weights"]["add"]
     lines.clear()
     second = search_weights(make_job(out, n_trials=7), tiny_base, adapters, VALIDATION, log=lines.append)
-    assert second["study"]["name"] != first["study"]["name"] and second["warm_start"] == str(out / "weights.json")
+    assert second["study"]["name"] != first["study"]["name"] and second["warm_start"] == "weights.json"
     assert any("sources changed" in line for line in lines)
-    trials = complete(load_study(second))
+    trials = complete(load_study(second, out))
     assert trials[0].params == {"add": prev, "rev.words": 0.0}  # the previous best, new source off
     expect = [{"add": prev, "rev.words": v} for v in (0.0, 0.25, 0.5, 1.0)]  # then the new source turned up
     expect += [p for p in ({"add": 0.5, "rev.words": 0.5}, {"add": 1.0, "rev.words": 1.0}) if p not in expect]  # uniform, sum
     assert [t.params for t in trials[: len(expect)]] == expect
     # the previous study is untouched
-    assert len(complete(load_study(first))) == 3
+    assert len(complete(load_study(first, out))) == 3
 
 
 def test_warm_start_from_a_file(tiny_base, adapters, tmp_path):
@@ -367,12 +369,12 @@ def test_warm_start_from_a_file(tiny_base, adapters, tmp_path):
     prev.write_text(json.dumps({"weights": {"add": 0.9, "gone": 1.0}, "layer_weights": {"add": [0.8, 1.0]}}))
     job = make_job(tmp_path / "run", n_trials=2, warm_start=str(prev), sampler="random")
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    trials = complete(load_study(result))
+    trials = complete(load_study(result, job.out_dir))
     assert trials[0].params == {"add": pytest.approx(0.9), "rev.words": 0.0}  # source granularity: the groups' mean
-    assert result["warm_start"] == str(prev)
+    assert result["warm_start"] == "../elsewhere/weights.json"  # relative to weights.json's folder
     job = make_job(tmp_path / "run2", n_trials=2, warm_start=str(prev), granularity="layer-groups", layer_groups=2)
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    assert complete(load_study(result))[0].params == {"add@g0": 0.8, "add@g1": 1.0, "rev.words@g0": 0.0, "rev.words@g1": 0.0}
+    assert complete(load_study(result, job.out_dir))[0].params == {"add@g0": 0.8, "add@g1": 1.0, "rev.words@g0": 0.0, "rev.words@g1": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -401,7 +403,7 @@ def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
     a = search_weights(make_job(tmp_path / "a", n_trials=3, storage="sqlite:///ignored.db"), tiny_base, adapters,
                        VALIDATION, storage=str(journal), log=lambda s: None)
     assert journal.is_file() and not (tmp_path / "a" / "search.db").exists() and not Path("ignored.db").exists()
-    assert a["study"]["storage"] == str(journal)
+    assert a["study"] == {"name": a["study"]["name"], "file": "../shared/study.log", "format": "journal"}  # beside the run
     lines: list[str] = []
     b = search_weights(make_job(tmp_path / "b", n_trials=5, storage=str(journal)), tiny_base, adapters,
                        VALIDATION, log=lines.append)
@@ -409,6 +411,40 @@ def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
     study = optuna.load_study(study_name=a["study"]["name"],
                               storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
     assert len(complete(study)) == len(study.trials) == 5 and b["n_trials"] == 5
+
+
+def test_a_moved_run_still_opens_its_study(tiny_base, adapters, tmp_path):
+    """weights.json names a study file inside its run folder relative to itself, so load_recorded_study opens it
+    after the folder moved (SQLite and a journal); a storage outside the run is recorded as given, password hidden."""
+    runs = tmp_path / "runs"
+    sqlite = search_weights(make_job(runs / "a" / "search", n_trials=2), tiny_base, adapters, VALIDATION, log=lambda s: None)
+    journal = search_weights(make_job(runs / "b" / "search", n_trials=2), tiny_base, adapters, VALIDATION,
+                             storage=f"journal:{runs / 'b' / 'study.journal'}", log=lambda s: None)
+    assert sqlite["study"] == {"name": sqlite["study"]["name"], "file": "search.db", "format": "sqlite"}
+    assert journal["study"] == {"name": journal["study"]["name"], "file": "../study.journal", "format": "journal"}
+    before = {r: [(t.number, t.params, t.value) for t in complete(load_recorded_study(runs / r / "search" / "weights.json"))]
+              for r in ("a", "b")}
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    for r in ("a", "b"):
+        study = load_recorded_study(moved / r / "search" / "weights.json")
+        assert [(t.number, t.params, t.value) for t in complete(study)] == before[r] and len(before[r]) == 2
+    # Optuna's own loader, given the file
+    plain = optuna.load_study(study_name=sqlite["study"]["name"], storage=f"sqlite:///{moved / 'a' / 'search' / 'search.db'}")
+    assert [t.params for t in complete(plain)] == [p for _, p, _ in before["a"]]
+    (moved / "a" / "search" / "search.db").unlink()
+    with pytest.raises(LorademError, match=rf"^{moved / 'a' / 'search' / 'weights.json'}: study: "
+                                           rf"{moved / 'a' / 'search' / 'search.db'} not found"):
+        load_recorded_study(moved / "a" / "search" / "weights.json")
+    assert not (moved / "a" / "search" / "search.db").exists()  # not created empty
+
+    outside = f"sqlite:///{tmp_path / 'shared.db'}"
+    shared = search_weights(make_job(moved / "c" / "search", n_trials=2), tiny_base, adapters, VALIDATION,
+                            storage=outside, log=lambda s: None)
+    assert shared["study"] == {"name": shared["study"]["name"], "storage": outside}
+    assert len(complete(load_recorded_study(moved / "c" / "search" / "weights.json"))) == 2
+    server = Storage.parse("postgresql://user:secret@db.example/loradem", tmp_path)
+    assert server.record(tmp_path) == {"storage": "postgresql://user:***@db.example/loradem"}
 
 
 def test_bad_storage_is_refused(tiny_base, adapters, tmp_path):
@@ -469,7 +505,7 @@ def test_two_worker_processes_share_one_sqlite_study(tiny_base, adapters, tmp_pa
     bars = RecordedBar()
     monkeypatch.setattr(loradem.merge.search, "progress", bars)
     result = search_weights(make_job(tmp_path / "run", n_trials=6), tiny_base, adapters, VALIDATION, workers=2, log=lines.append)
-    study = load_study(result)
+    study = load_study(result, tmp_path / "run")
     trials = complete(study)
     numbers = [t.number for t in study.trials]
     assert len(trials) == len(study.trials) == 6 and sorted(numbers) == list(range(6))  # n_trials in total, no duplicates
@@ -510,7 +546,7 @@ def test_pruning_stops_hopeless_trials(tiny_base, adapters, tmp_path, monkeypatc
     monkeypatch.setattr(loradem.model.generate, "mean_loss", fake)
     job = make_job(tmp_path / "run", n_trials=16, sampler="random", pruning=True)
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
-    study = load_study(result)
+    study = load_study(result, job.out_dir)
     done, pruned = complete(study), sorted(study.get_trials(states=(TrialState.PRUNED,)), key=lambda t: t.number)
     assert pruned and len(done) + len(pruned) == len(study.trials) == 16
     assert len(calls) == 2 * len(done) + len(pruned)  # a pruned trial evaluated its first source only
@@ -535,7 +571,7 @@ def test_importances(tiny_base, adapters, tmp_path, monkeypatch):
     result = search_weights(job, tiny_base, adapters, VALIDATION, log=lambda s: None)
     imp = result["importances"]
     expect = optuna.importance.get_param_importances(
-        load_study(result), evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=SOURCES)
+        load_study(result, job.out_dir), evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=SOURCES)
     assert imp["values"] == pytest.approx(expect) and imp["n_trials"] == 20 and imp["evaluator"] == "PedAnovaImportanceEvaluator"
     assert sum(imp["values"].values()) == pytest.approx(1.0)
     assert imp["values"]["add"] > imp["values"]["rev.words"]  # only add's weight changes the objective

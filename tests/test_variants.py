@@ -103,8 +103,8 @@ def test_run_with_a_variant_reports_both_adapter_sets(tmp_path, tiny_base, monke
                           "r2:adapter:addition", "r2:adapter:sort", "r2:uniform", "r2:sum", "r2:dem", "r2:dem-learned"]
 
     # the variant trained its own adapters, with its overrides, next to the recipe's
-    main_adapters = {k: Path(v["path"]) for k, v in json.loads((run / "adapters.json").read_text()).items()}
-    var_adapters = {k: Path(v["path"]) for k, v in json.loads((variant / "adapters.json").read_text()).items()}
+    main_adapters = {k: (run / v["path"]).resolve() for k, v in json.loads((run / "adapters.json").read_text()).items()}
+    var_adapters = {k: (variant / v["path"]).resolve() for k, v in json.loads((variant / "adapters.json").read_text()).items()}
     for source in ("addition", "sort"):
         assert main_adapters[source] != var_adapters[source]
         assert json.loads((main_adapters[source] / "adapter_config.json").read_text())["r"] == 4

@@ -174,12 +174,15 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def _increment(search_record: dict, names: list[str], records: dict[str, dict], rows: list[dict],
+def _increment(search_record: dict, names: list[str], records: dict[str, dict], rows: list[dict], run_dir: Path,
                learned: dict | None = None) -> dict | None:
     """What adding sources cost under DEM (their adapters + this warm-started search, + relearning the per-module
-    weights when the run learns them) vs retraining the mix."""
-    previous_from = search_record.get("warm_start")
-    if not previous_from or not Path(previous_from).is_file():
+    weights when the run learns them) vs retraining the mix. `run_dir` holds the search folder (and report.json)."""
+    recorded = search_record.get("warm_start")  # relative to search/weights.json's folder (older runs: to the cwd)
+    if not recorded:
+        return None
+    previous_from = next((p for p in (Path(run_dir) / "search" / recorded, Path(recorded)) if p.is_file()), None)
+    if previous_from is None:
         return None
     before = set((read_json(previous_from).get("weights") or {}))
     new = [n for n in names if n not in before]
@@ -189,7 +192,7 @@ def _increment(search_record: dict, names: list[str], records: dict[str, dict], 
     if learned is not None:
         _add_learning(dem, learned)
     mix = next((r["cost"] for r in rows if r["name"] == "mix"), None)
-    return {"previous": str(previous_from), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix,
+    return {"previous": os.path.relpath(previous_from.resolve(), Path(run_dir).resolve()), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix,
             "relearned": learned is not None}
 
 
@@ -410,10 +413,10 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     for v in plan.variants:  # each variant's own adapter set, scored on in-memory exact folds, after the run's rows
         rows += _variant_rows(v, base_dir, names, metrics, score)
         variant_extra[v.name] = {
-            "description": v.description, "overrides": v.overrides, "out_dir": str(v.out_dir),
+            "description": v.description, "overrides": v.overrides, "out_dir": os.path.relpath(v.out_dir, plan.out_dir),
             "search": _search_summary(v.search), "learn": _learn_summary(v.learned),
             "vectors": _read_if_file(v.out_dir / "vectors.json"),
-            "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.learned),
+            "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.out_dir, v.learned),
         }
 
     extra = {
@@ -422,10 +425,11 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         "learn": _learn_summary(learned),
         **({"regmean": {k: v for k, v in regmean.items() if k != "identity"}} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
-        "model": str(plan.model_dir),
+        "model": os.path.relpath(plan.model_dir, plan.out_dir),  # relative to report.json, as the mix's adapter
         "predictions": score.predictions,
     }
-    extra["increment"] = _increment(search_record, names, records, rows, learned if assembled == "dem-learned" else None)
+    extra["increment"] = _increment(search_record, names, records, rows, plan.out_dir,
+                                    learned if assembled == "dem-learned" else None)
     if variant_extra:
         extra["variants"] = variant_extra
     vectors = _read_if_file(plan.out_dir / "vectors.json")
@@ -434,7 +438,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     if mix_dir is not None:
         mix_cost, dem_cost = mix_row["cost"], next(r for r in rows if r["name"] == assembled)["cost"]
         extra["mix"] = {
-            "adapter": str(mix_dir),
+            "adapter": os.path.relpath(mix_dir, plan.out_dir),
             "target_tokens": mix_record.get("target_tokens"),
             "shares": mix_record.get("shares"),
             # DEM's cost (the assembled model's row): every per-source adapter's training, the weight search,

@@ -258,7 +258,7 @@ def summarize(trials: list, pruned: list, space: SearchSpace, job: SearchJob, st
         "set_weights_seconds_per_trial": sum(sets) / len(sets),
         "processes": len({t.user_attrs["pid"] for t in trials + pruned if "pid" in t.user_attrs}),
         "importances": importances,
-        "study": {"storage": storage.display, "name": name},
+        "study": {"name": name, **storage.record(job.out_dir)},  # a study file in the run: relative to weights.json
     }
     if space.groups is not None:
         result["layer_weights"] = weights
@@ -483,8 +483,8 @@ def search_weights(job: SearchJob, base_dir: Path, adapters: dict[str, Path], va
         raise LorademError(f"search: study {name!r} has no completed trial")
     importances = param_importances(study, space.param_names(), log)
     result = summarize(trials, pruned, space, job, store, name, importances)
-    if previous_from:
-        result["warm_start"] = previous_from
+    if previous_from:  # relative to weights.json's folder, like the study file: the run may move
+        result["warm_start"] = os.path.relpath(Path(previous_from).resolve(), Path(out_dir).resolve())
     write_outputs(out_dir, result, study, space, sources, f"{job.name}: weight search ({settings.sampler})")
     log(f"search: best {settings.objective} {result['objective']:.4f} at trial {result['best_trial']} "
         f"({len(trials)} complete, {len(pruned)} pruned): " + " ".join(f"{s}={w:.3f}" for s, w in result["weights"].items()))

@@ -6,12 +6,20 @@
     storage = Storage.parse("journal:/scratch/study", out_dir) # the same, any file name
     study = open_study(storage, name, sampler, direction="minimize", pruner=None)
     run_workers(job_fn, jobs, log)                             # one spawned process per job
+    study = load_recorded_study("runs/demo/search/weights.json")  # the study a search ran, wherever the run moved
 
 Storage: an RDB URL (anything SQLAlchemy and Optuna accept: sqlite:///,
 postgresql://, mysql://) or a journal file (a path ending in ``.log``, or
 ``journal:PATH``) for Optuna's `JournalStorage(JournalFileBackend(path))` (an
 append-only file with a file lock, fine on a shared file system). Passwords are
 hidden whenever the URL is printed or written.
+
+weights.json records where its study lives (`Storage.record`): a study file inside
+the run folder (the folder holding ``search/``; the default ``search/search.db``)
+as ``{"file": PATH, "format": "sqlite" | "journal"}``, PATH relative to
+weights.json's folder, so a moved or copied run still finds it; any other
+storage as ``{"storage": URL}`` (a journal as ``journal:PATH``) as given, its
+password hidden. `load_recorded_study` opens either.
 
 Dead workers: on RDB storages every running trial records a heartbeat every
 `HEARTBEAT_SECONDS` (Optuna's RDBStorage heartbeat). Before each trial a worker
@@ -50,7 +58,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from loradem.errors import LorademError
-from loradem.files import disk_error, disk_writes
+from loradem.files import disk_error, disk_writes, read_json
 
 FINISHED = ("COMPLETE", "PRUNED")  # trial states that count towards n_trials
 MIN_IMPORTANCE_TRIALS = 10
@@ -102,6 +110,30 @@ class Storage:
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             return Path(url.database)
         return None
+
+    def record(self, folder: Path) -> dict:
+        """How weights.json in `folder` names this storage: a study file inside the run folder (`folder`'s parent)
+        moves with the run, so it is named relative to `folder`; anything else as given, its password hidden."""
+        path = self.local_path  # None: a server, or a URL that never parses
+        here = Path(folder).resolve()
+        # a SQLite URL's options (?timeout=...) would be lost in a file name
+        plain = path is not None and (self.kind == "journal" or not make_url(self.target).query)
+        if plain and path.resolve().is_relative_to(here.parent):
+            return {"file": os.path.relpath(path.resolve(), here), "format": "journal" if self.kind == "journal" else "sqlite"}
+        return {"storage": JOURNAL_PREFIX + self.target if self.kind == "journal" else self.display}
+
+    @classmethod
+    def recorded(cls, study: dict, folder: Path) -> Storage:
+        """The storage that weights.json in `folder` records in its `study` (`record`'s inverse)."""
+        if isinstance(study.get("file"), str):
+            path = (Path(folder) / study["file"]).resolve()
+            return cls("journal", str(path)) if study.get("format") == "journal" else cls("rdb", f"sqlite:///{path}")
+        spec = study.get("storage")
+        if not isinstance(spec, str):
+            raise LorademError(f"{Path(folder) / 'weights.json'}: study: expected a 'file' or a 'storage', got {study!r}")
+        if "://" not in spec and not spec.startswith(JOURNAL_PREFIX):
+            spec = JOURNAL_PREFIX + spec  # a journal recorded by its bare path
+        return cls.parse(spec, Path(folder), field="study.storage")
 
     def writes(self):
         """A context in which the storage's disk being full or read-only is one line (`loradem.files.disk_error`)."""
@@ -188,6 +220,26 @@ def open_study(storage: Storage, name: str, sampler, *, direction: str, pruner=N
                 continue
             raise _open_error(storage, exc) from None
     raise AssertionError("unreachable")
+
+
+def load_recorded_study(weights_json: str | Path, *, storage: str | None = None):
+    """The Optuna study behind a search's weights.json, wherever its run folder has moved since (a study file in the
+    run is named relative to weights.json). `storage`: the URL to open instead of the recorded one, e.g. a
+    server's with its password (weights.json records it hidden)."""
+    path = Path(weights_json)
+    record = read_json(path)
+    study = record.get("study") if isinstance(record, dict) else None
+    if not isinstance(study, dict) or not isinstance(study.get("name"), str):
+        raise LorademError(f"{path}: study: expected the search's study record (its name and storage), got {study!r}")
+    store = Storage.parse(storage, path.parent, field="storage") if storage else Storage.recorded(study, path.parent)
+    if store.local_path is not None and not store.local_path.is_file():
+        raise LorademError(f"{path}: study: {store.local_path} not found (the study file moves with its run folder)")
+    try:
+        return optuna.load_study(study_name=study["name"], storage=store.open())
+    except KeyError:
+        raise LorademError(f"{path}: study: no study {study['name']!r} in {store.display}") from None
+    except Exception as exc:  # noqa: BLE001 - drivers raise their own types
+        raise _open_error(store, exc) from None
 
 
 # ---- trials ------------------------------------------------------------------
