@@ -3,6 +3,8 @@
     flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_train.py --threads 1     # loradem, trl, trl-matched
     flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_train.py --threads 1 --steps 12 \\
         --variants loradem,trl,trl-matched,trl-bf16,trl-grouped,trl-padding-free,trl-packed     # and TRL's batchings
+    flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_train.py --threads 1 --steps 12 \
+        --variants loradem,trl,trl-matched,trl-bf16,loradem-trl-loss,loradem-bf16               # what the loss saves
     .venv/bin/python benchmarks/bench_train.py --device cuda --steps 60                         # on a GPU
 
 Every variant trains the same rows (--source's training split of --recipe, the demo's addition rows by default)
@@ -11,8 +13,13 @@ learning rate, schedule, max_length, seed (so the same batches are sampled) and 
 a fresh process of its own, with the same torch thread count (--threads):
 
 - ``loradem``: loradem's trainer, through the path `loradem train` takes (`pipeline.train_jobs` ->
-  `sft.train_source`, into a scratch adapters folder). It evaluates on the validation rows and checkpoints once,
-  at the last step (--eval-steps; the demo does so every 20 of 80 steps), then reloads the best checkpoint.
+  `sft.train_source`, into a scratch adapters folder), whose loss projects only the scored positions onto the
+  vocabulary (`loradem.train.loss`). It evaluates on the validation rows and checkpoints once, at the last step
+  (--eval-steps; the demo does so every 20 of 80 steps), then reloads the best checkpoint.
+- ``loradem-trl-loss``: the same with TRL's own ``SFTTrainer.compute_loss`` (its fused head scores every position
+  on a CPU): what the scored-positions loss saves.
+- ``loradem-bf16``: loradem with bf16 autocast (a measurement, not a loradem setting), the LM head at the scored
+  positions kept in float32 outside autocast.
 - ``trl``: a minimal plain TRL script (`SFTTrainer(model=<base folder>, ...)`, conversational prompt/completion
   rows); every other setting is TRL's default: gradient checkpointing on, bf16 autocast (on a CPU too), fused
   AdamW. It logs every step (so the token count covers every step) and saves nothing.
@@ -53,7 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("loradem", "trl", "trl-matched", "trl-bf16", "trl-padding-free", "trl-packed", "trl-grouped")
+VARIANTS = ("loradem", "loradem-trl-loss", "loradem-bf16", "trl", "trl-matched", "trl-bf16", "trl-padding-free", "trl-packed", "trl-grouped")
 DEFAULT_VARIANTS = "loradem,trl,trl-matched"
 
 
@@ -110,8 +117,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_loradem(recipe, source: str, base_dir: Path, steps: int, eval_steps: int, scratch: Path) -> dict:
+def run_loradem(variant: str, recipe, source: str, base_dir: Path, steps: int, eval_steps: int, scratch: Path) -> dict:
     from loradem import pipeline
+    from loradem.train import loss, sft
     from loradem.train.sft import TRAIN_RECORD, train_source
 
     train = recipe.train.model_copy(update={"max_steps": steps, "eval_steps": eval_steps})
@@ -119,11 +127,48 @@ def run_loradem(recipe, source: str, base_dir: Path, steps: int, eval_steps: int
     splits = {source: _splits(recipe, source)}
     (job,) = pipeline.train_jobs(r, splits, only=[source])
     timer = train_timer()
-    folder = train_source(job, base_dir, force=True, log=lambda _: None, callbacks=[timer])
+    callbacks = [timer]
+    if variant == "loradem-trl-loss":  # this child process only: fit builds TRL's own trainer
+        from trl import SFTTrainer
+
+        loss.LossPositionsSFTTrainer = SFTTrainer
+    elif variant == "loradem-bf16":
+        callbacks.append(_bf16_autocast(sft))
+    folder = train_source(job, base_dir, force=True, log=lambda _: None, callbacks=callbacks)
     record = json.loads((folder / TRAIN_RECORD).read_text())
     losses = [h["train_loss"] for h in record["history"] if "train_loss" in h]
     return {"tokens": record["train_tokens"], **timer.timings(), "rows_per_step": train.batch_size,
             "loss": (losses[0], losses[-1]), "steps_run": record["steps"], "record_seconds": record["train_seconds"]}
+
+
+def _bf16_autocast(sft):
+    """Make this child's `sft.trainer_configs` ask for bf16 autocast (set in the config's constructor: set later, it
+    would not take effect), and return a callback that runs the LM head in float32, outside autocast."""
+    import dataclasses
+
+    import torch
+    from transformers import TrainerCallback
+
+    configs = sft.trainer_configs
+
+    def with_bf16(*args, **kwargs):
+        config, lora = configs(*args, **kwargs)
+        return dataclasses.replace(config, bf16=True), lora
+
+    sft.trainer_configs = with_bf16
+
+    class Float32Head(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            assert args.bf16, "bf16 autocast was not switched on"
+            head = model.get_output_embeddings()
+
+            def forward(hidden):
+                with torch.autocast(hidden.device.type, enabled=False):
+                    return torch.nn.functional.linear(hidden.float(), head.weight.float())
+
+            head.forward = forward
+
+    return Float32Head()
 
 
 def run_trl(variant: str, recipe, source: str, base_dir: Path, steps: int, scratch: Path, cuda: bool) -> dict:
@@ -265,8 +310,8 @@ def run_one(args) -> dict:
     recipe.source(args.source)
     base_dir = resolve_base(args.base or recipe.base, log=lambda _: None)
     scratch = Path(args.scratch)
-    if args.child == "loradem":
-        r = run_loradem(recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch)
+    if args.child.startswith("loradem"):
+        r = run_loradem(args.child, recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch)
     else:
         r = run_trl(args.child, recipe, args.source, base_dir, args.steps, scratch, cuda)
     device = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores"

@@ -34,7 +34,7 @@ from loradem.errors import LorademError
 from loradem.files import atomic_write_json, fingerprint_weights, make_dir, read_json, stable_hash
 from loradem.merge.search import weighted_mean
 from loradem.model import soup
-from loradem.model.generate import collate_right, mean_loss
+from loradem.model.generate import collate_right, mean_loss, scored_logits
 from loradem.model.layers import canonical_module, layer_index
 from loradem.model.render import encode_for_loss
 from loradem.plots import figure, save_png
@@ -208,7 +208,8 @@ def learn_weights(job: LearnJob, base_dir: Path, adapters: dict[str, Path], trai
     with progress(settings.steps, "learn", unit="step") as bar:
         for step, batch in enumerate(_batches(encoded, settings.batch_size, settings.steps, job.seed), start=1):
             ids, mask, labels = collate_right(batch, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            # the mean cross-entropy of the completion tokens, with the vocabulary projected at those positions only
+            loss = torch.nn.functional.cross_entropy(*scored_logits(model, ids, mask, labels))
             if not torch.isfinite(loss):
                 raise LorademError(f"learn: step {step}: the training loss is {loss.item()} (try a lower learn.learning_rate)")
             optimizer.zero_grad(set_to_none=True)

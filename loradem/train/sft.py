@@ -38,7 +38,10 @@ prompt/completion (prompt = messages[:-1] through the chat template with the
 generation prompt, completion = the last assistant turn and what the template
 closes it with); loss on the completion only unless ``completion_only_loss:
 false``. `loradem.model.render` reproduces these tokens for the search and
-evaluation, tested against TRL's own rendering.
+evaluation, tested against TRL's own rendering. The loss is TRL's (the
+token-weighted cross-entropy of the scored tokens), computed by
+`loradem.train.loss` with the vocabulary projected at the scored positions
+only, in training and in its evaluations.
 
 Early stopping: with ``early_stopping_patience: N`` transformers'
 EarlyStoppingCallback stops after N evaluations without a lower validation
@@ -457,8 +460,8 @@ def fit(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
+    from loradem.train import loss
     from loradem.train.callbacks import ProgressBar, ProgressLog
 
     tokenizer = training_tokenizer(base_dir, fmt)
@@ -469,7 +472,7 @@ def fit(
     set_seed(seed)  # the LoRA init happens in SFTTrainer.__init__, before Trainer seeds
     model = load_base_model(base_dir, train)
     bar = ProgressBar(f"train {name}") if is_main_process() else None  # rank 0 alone draws it
-    trainer = SFTTrainer(
+    trainer = loss.LossPositionsSFTTrainer(  # TRL's trainer, projecting only the scored positions (train/loss.py)
         model=model,
         args=sft_config,
         train_dataset=Dataset.from_list(trl_rows(train_rows, fmt)),
