@@ -229,7 +229,8 @@ def test_run_with_the_mix_baseline_reports_a_mix_row_and_the_cost_ratio(tmp_path
     report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["base", "adapter:addition", "adapter:sort", "mix", "uniform", "sum", "dem"]
     rows = {r["name"]: r for r in report["rows"]}
-    mix_dir = Path(report["mix"]["adapter"])
+    assert report["mix"]["adapter"].startswith("../../adapters/mix-")  # relative to report.json
+    mix_dir = Path("adapters") / Path(report["mix"]["adapter"]).name
     rec = json.loads((mix_dir / "loradem-train.json").read_text())
     assert rows["mix"]["cost"]["train_tokens"] == rec["train_tokens"]
     assert rows["mix"]["cost"]["search_seconds"] == 0
