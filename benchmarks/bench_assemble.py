@@ -23,10 +23,11 @@ baseline. The parent then compares the outputs tensor by tensor (one tensor
 in memory at a time) and checks every target of the first and last layer
 against a float64 reference rounded once, bit for bit.
 
-loradem runs three times: ``--rehash`` (the base's sha256 for loradem.json read
+loradem runs four times: ``--rehash`` (the base's sha256 for loradem.json read
 and hashed in full, as on a base folded for the first time), then with that
 hash cached (``$LORADEM_CACHE/fingerprints.json``, as on every later fold of the
-same base), then with 100 MB shards. ``cp`` is ``cp --reflink=never`` of the
+same base), then with 100 MB shards, then with ``--direct-io`` (O_DIRECT writes
+past the page cache; its shards must equal the cached run's byte for byte). ``cp`` is ``cp --reflink=never`` of the
 base's safetensors files into a fresh folder (a real copy through the page
 cache, like every method's output; never a reflink).
 Each child also reports its CPU time after imports (user + sys, all threads);
@@ -86,13 +87,14 @@ def run_peft(base: str, adapters: list[str], out: str) -> None:
     model.merge_and_unload().save_pretrained(out)
 
 
-def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float, rehash: bool = False) -> None:
+def run_loradem(base: str, adapters: list[str], out: str, shard_mb: float, rehash: bool = False,
+                direct: bool = False) -> None:
     from loradem.files import rehash_weights
     from loradem.merge.fold import assemble
 
     if rehash:
         rehash_weights()
-    assemble(base, list(zip(adapters, WEIGHTS)), out, max_shard_size_mb=shard_mb, log=lambda *_: None)
+    assemble(base, list(zip(adapters, WEIGHTS)), out, max_shard_size_mb=shard_mb, direct_io=direct, log=lambda *_: None)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -108,7 +110,8 @@ def child(args: argparse.Namespace) -> None:
     if args.method == "peft":
         run_peft(args.base, args.adapters, args.out)
     elif args.method.startswith("loradem"):
-        run_loradem(args.base, args.adapters, args.out, args.shard_mb, rehash=args.method == "loradem-rehash")
+        run_loradem(args.base, args.adapters, args.out, args.shard_mb, rehash=args.method == "loradem-rehash",
+                    direct=args.method == "loradem-direct")
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, imports excluded
     print(json.dumps({"wall_s": wall, "peak_mb": peak_mb(), "import_mb": after_imports,
@@ -317,14 +320,18 @@ def bench(base_spec: str, root: Path, log=print) -> dict:
     rows["loradem assemble --rehash"] = measure("loradem-rehash", base, adapters, root / "loradem-rehash")
     rows["loradem assemble"] = measure("loradem", base, adapters, root / "loradem")
     rows["loradem, 100 MB shards"] = measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100)
+    rows["loradem --direct-io"] = measure("loradem-direct", base, adapters, root / "loradem-direct")
     rows["cp"] = measure_cp(base, root / "cp")
     rows["sha256 of the base, one thread"] = measure_sha256(base)
     diff_peft, frac_peft, n = compare(root / "loradem", root / "peft")
     diff_shards, _, _ = compare(root / "loradem", root / "loradem-small")
+    same_direct = all((root / "loradem" / f.name).read_bytes() == f.read_bytes()
+                      for f in (root / "loradem-direct").glob("*.safetensors"))
     exact = exact_check(base, adapters, root / "loradem")
     dtype = str(next(iter(read_base(base).tensors.values()))[1]).removeprefix("torch.")
     return {"base": base_spec, "size_mb": size_mb, "params": params, "rows": rows, "tensors": n, "dtype": dtype,
-            "diff_peft": diff_peft, "frac_peft": frac_peft, "diff_shards": diff_shards, "exact": exact}
+            "diff_peft": diff_peft, "frac_peft": frac_peft, "diff_shards": diff_shards, "exact": exact,
+            "same_direct": same_direct}
 
 
 def report(result: dict) -> str:
@@ -347,7 +354,7 @@ def report(result: dict) -> str:
         cpu = f"{r['user_s']:.2f} + {r['sys_s']:.2f}" if "user_s" in r else "-"
         lines.append(f"| {name} | {r['wall_s']:.2f} | {cpu} | {r['process_s']:.2f} | {memory} | "
                      f"{peft['wall_s'] / r['wall_s']:.2f}x | {r['wall_s'] / cp:.2f}x | {r['load']:.1f} |")
-    for name in ("loradem assemble", "loradem assemble --rehash"):
+    for name in ("loradem assemble", "loradem assemble --rehash", "loradem --direct-io"):
         r = rows[name]
         lines.append(f"{name}: {peft['wall_s'] / r['wall_s']:.2f}x faster than peft (target >= 4x), "
                      f"{r['wall_s'] / cp:.2f}x cp (target <= 2x), extra memory {(r['peak_mb'] - baseline) / size:.2f}x "
@@ -355,6 +362,7 @@ def report(result: dict) -> str:
     lines.append(f"max |loradem - peft| over {result['tensors']} tensors: {result['diff_peft']:.3g} "
                  f"({result['frac_peft']:.2%} of elements differ; peft rounds the delta to the base dtype before adding); "
                  f"loradem 2000 MB vs 100 MB shards: {result['diff_shards']:.3g}; "
+                 f"--direct-io shards byte-identical: {result['same_direct']}; "
                  f"float64 reference rounded once: {result['exact'][1]} of {result['exact'][0]} tensors (all targets of the "
                  f"first and last layer) equal bit for bit; torch's own float64 -> {result['dtype']} conversion would have "
                  f"rounded {result['exact'][2]} of their elements twice and wrongly")

@@ -409,15 +409,17 @@ def model_weights(recipe: Recipe) -> dict:
 
 
 def assemble_recipe(recipe_path: str | Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
-                    fold_base: str | None = None, max_shard_size_mb: float | None = None) -> Path:
+                    fold_base: str | None = None, max_shard_size_mb: float | None = None,
+                    direct_io: bool | None = None) -> Path:
     """`loradem assemble RECIPE`: every command-line option wins over the recipe's `assemble:` block."""
     recipe, base_dir = _prepare(recipe_path)
     return _assemble(recipe, base_dir, out=out, dtype=dtype, overwrite=overwrite, fold_base=fold_base,
-                     max_shard_size_mb=max_shard_size_mb)
+                     max_shard_size_mb=max_shard_size_mb, direct_io=direct_io)
 
 
 def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: str | None = None, overwrite: bool = False,
-              fold_base: str | None = None, max_shard_size_mb: float | None = None) -> Path:
+              fold_base: str | None = None, max_shard_size_mb: float | None = None,
+              direct_io: bool | None = None) -> Path:
     """Fold the searched weights (per layer group when the search found `layer_weights`), the learned
     per-module ones (assemble.weights: learned), or the RegMean adapter (assemble.weights: regmean) into the base."""
     from loradem.merge.fold import assemble
@@ -436,7 +438,7 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
     return assemble(
         recipe.base, inputs, target, dtype=dt, overwrite=replace,
         max_shard_size_mb=max_shard_size_mb or recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
-        log=_log("assemble"),
+        direct_io=recipe.assemble.direct_io if direct_io is None else direct_io, log=_log("assemble"),
     )
 
 

@@ -282,6 +282,10 @@ def test_sharded_output_and_sharded_base(tiny_base, mix, tmp_path):
     torch.testing.assert_close(merged_logits(sharded, IDS), merged_logits(whole, IDS), rtol=0, atol=0)
     assert set(json.loads((sharded / "loradem.json").read_text())["shards"]) == set(files)
 
+    direct = fold(tiny_base, mix, tmp_path / "direct", max_shard_size_mb=0.05, direct_io=True)
+    for name in files:  # O_DIRECT (or its fallback) writes the same shards
+        assert (direct / name).read_bytes() == (sharded / name).read_bytes(), name
+
     base_sharded = tmp_path / "base-sharded"
     AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(base_sharded, max_shard_size="40KB")
     assert (base_sharded / "model.safetensors.index.json").is_file()

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loradem.merge.st_writer import DTYPE_CODES, SafetensorsWriter, TensorSpec, file_order, save_streamed
+from loradem.merge import st_writer
+from loradem.merge.st_writer import DTYPE_CODES, DirectFile, SafetensorsWriter, TensorSpec, file_order, save_streamed
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -186,3 +189,81 @@ def test_writers_sharing_a_budget_stay_within_it_together(tmp_path, monkeypatch)
         save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
         assert (tmp_path / f"{name}.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
         assert writers[name].sha256 == hashlib.sha256((tmp_path / "ref.safetensors").read_bytes()).hexdigest()
+
+
+# ---- O_DIRECT ------------------------------------------------------------------
+
+def takes_o_direct(folder) -> bool:
+    """Whether this file system accepts O_DIRECT (CI's temporary folder may be a tmpfs that refuses it)."""
+    probe = folder / ".probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+def write_all(path, tensors, **kwargs) -> SafetensorsWriter:
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with SafetensorsWriter(path, specs, **kwargs) as w:
+        for spec in w.order:
+            w.write(spec.name, tensors[spec.name])
+    return w
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_direct_writes_the_same_bytes(tmp_path, monkeypatch, threaded):
+    # a staging buffer of two blocks: tensors cross it, fill it exactly and end mid-block
+    monkeypatch.setattr(st_writer, "DIRECT_STAGING", 2 * st_writer.DIRECT_ALIGN)
+    g = torch.Generator().manual_seed(1)
+    tensors = {**mixed_tensors(), "big": torch.randn(3001, generator=g), "exact": torch.randn(2048, generator=g)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    w = write_all(tmp_path / "mine.safetensors", tensors, direct=True, threaded=threaded)
+    ref = (tmp_path / "ref.safetensors").read_bytes()
+    assert len(ref) % st_writer.DIRECT_ALIGN  # the tail is padded, then truncated away
+    assert (tmp_path / "mine.safetensors").read_bytes() == ref
+    assert w.sha256 == hashlib.sha256(ref).hexdigest()
+    assert w.direct == takes_o_direct(tmp_path)
+
+
+def test_direct_file_alone(tmp_path):
+    data = bytes(range(256)) * 50  # 12800 bytes: three blocks and a partial one
+    f = DirectFile(tmp_path / "d", staging=st_writer.DIRECT_ALIGN) if takes_o_direct(tmp_path) else None
+    if f is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    for start in range(0, len(data), 1000):
+        assert f.write(data[start : start + 1000]) == len(data[start : start + 1000])
+    f.close()
+    f.close()  # idempotent, as for a file object
+    assert (tmp_path / "d").read_bytes() == data
+    with pytest.raises(ValueError, match="staging: expected a multiple of 4096 bytes, got 1000"):
+        DirectFile(tmp_path / "e", staging=1000)
+
+
+def test_refused_o_direct_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    tensors = mixed_tensors()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    w = write_all(tmp_path / "mine.safetensors", tensors, direct=True)
+    assert not w.direct
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_direct_failure_leaves_nothing(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"earlier")
+    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError, match="boom"):
+        with SafetensorsWriter(path, specs, direct=True) as w:
+            w.write("a", torch.ones(2))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"earlier"
+    assert not list(tmp_path.glob(".m.safetensors.partial-*"))

@@ -413,6 +413,7 @@ def write_shards(
     out_dtype: torch.dtype | None,
     max_shard_bytes: int,
     quant_dtype: torch.dtype | None = None,
+    direct: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Stream the plan's jobs into shards under `folder`; returns ({tensor: shard file}, {shard file: sha256}).
@@ -421,6 +422,7 @@ def write_shards(
     one is written as soon as it is folded. A reader thread reads the next base tensor (up to
     READ_AHEAD_BYTES) while this one is folded, and a finished shard's last bytes are written and
     hashed while the next shard is folded, its writer sharing one in-flight budget with the next.
+    `direct`: write the shards with O_DIRECT (`st_writer.DirectFile`), bypassing the page cache.
     """
     from safetensors import safe_open
 
@@ -452,7 +454,9 @@ def write_shards(
         closing: concurrent.futures.Future | None = None
         for shard, fname, shard_specs in zip(shards, names, specs):
             log(f"writing {fname}: {len(shard)} tensors, {sum(sizes[i] for i in shard) / 1e6:.1f} MB")
-            writer = SafetensorsWriter(folder / fname, shard_specs, budget=budget)
+            writer = SafetensorsWriter(folder / fname, shard_specs, budget=budget, direct=direct)
+            if direct and not writer.direct:
+                log(f"{fname}: the file system refuses O_DIRECT; writing through the page cache")
             try:
                 for spec in writer.order:
                     i, tensor = next(bases)
@@ -493,6 +497,7 @@ def assemble(
     trust_pickle: bool = False,
     fold_base: str = "original",
     quant_dtype: str | None = None,
+    direct_io: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`.
@@ -501,6 +506,7 @@ def assemble(
     keyed by the module's path in the base model). ``fold_base="dequantized"``
     folds onto the NF4 round trip of the 4-bit layers, cast first to `quant_dtype` (default: the
     dtype the adapters' training loaded the base in, from loradem-train.json, else the base's).
+    ``direct_io=True`` writes the weights with O_DIRECT (same bytes, no page cache; see `write_shards`).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -552,7 +558,7 @@ def assemble(
     with atomic_dir(out, overwrite=overwrite, needed_bytes=needed) as tmp, torch_threads(1):
         weight_map, hashes = write_shards(
             plan, checkpoint, loaded, tmp, out_dtype=out_dtype, quant_dtype=qdtype,
-            max_shard_bytes=int(max_shard_size_mb * 1e6), log=log,
+            max_shard_bytes=int(max_shard_size_mb * 1e6), direct=direct_io, log=log,
         )
         _write_config(checkpoint, tmp, dtype, plan.untied)
         for name in COPIED_FILES:

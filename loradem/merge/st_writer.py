@@ -27,13 +27,19 @@ Contract:
   (256 MB; one tensor is always let through, whatever its size). Writers given
   one `InflightBudget` share that cap, so one file can finish (``close`` in
   another thread) while the next one is being filled.
+- ``direct=True`` writes with O_DIRECT (`DirectFile`): the bytes go from an
+  aligned staging buffer to the disk without passing through the page cache.
+  The file is the same byte for byte. Where the file system refuses O_DIRECT
+  the writer falls back to ordinary writes (``writer.direct`` says which ran).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import sys
@@ -59,6 +65,8 @@ _RANK = {code: i for i, code in enumerate(DTYPE_ORDER)}
 DEFAULT_METADATA = {"format": "pt"}
 QUEUE_DEPTH = 3  # tensors waiting for each background thread (measured: 1 -> 3 saves ~0.5 s of 6 on 1.9 GB)
 MAX_INFLIGHT_BYTES = 256 * 1024 * 1024  # tensor bytes handed to the threads and not yet written and hashed
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size (4096 covers 512 too)
+DIRECT_STAGING = 8 * 1024 * 1024  # bytes gathered before each O_DIRECT write
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,78 @@ class InflightBudget:
             self._cond.notify_all()
 
 
+class DirectFile:
+    """A write-only file opened with O_DIRECT: ``write`` gathers bytes into a page-aligned staging buffer
+    and writes it whole, so every write is aligned; ``close`` writes the tail padded to the alignment and
+    truncates the file to its true length.
+
+    Why: a folded model is written once and read back later (if at all), and on some machines (VMs whose
+    memory the host reclaims) filling the page cache costs more CPU than the fold. `open` raises OSError
+    (EINVAL) where the file system refuses O_DIRECT; callers fall back to a buffered file.
+    """
+
+    def __init__(self, path: str | Path, staging: int | None = None):
+        if not hasattr(os, "O_DIRECT"):
+            raise OSError(errno.EINVAL, "O_DIRECT is not available on this platform", str(path))
+        self.path = Path(path)
+        staging = staging or DIRECT_STAGING
+        if staging % DIRECT_ALIGN:
+            raise ValueError(f"staging: expected a multiple of {DIRECT_ALIGN} bytes, got {staging}")
+        self._buf = mmap.mmap(-1, staging)  # anonymous mappings are page-aligned
+        self._view = memoryview(self._buf)
+        self._used = 0
+        self._size = 0
+        self.closed = False
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        done, n = 0, len(data)
+        while done < n:
+            take = min(n - done, len(self._buf) - self._used)
+            self._view[self._used : self._used + take] = data[done : done + take]
+            self._used += take
+            done += take
+            if self._used == len(self._buf):
+                self._flush(self._used)
+        self._size += n
+        return n
+
+    def _flush(self, length: int) -> None:
+        """Write the first `length` bytes of the staging buffer (a multiple of DIRECT_ALIGN)."""
+        written = 0
+        while written < length:
+            written += os.write(self._fd, self._view[written:length])
+        self._used = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._used:
+                tail = self._used
+                padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._view[tail:padded] = bytes(padded - tail)
+                self._flush(padded)
+                os.ftruncate(self._fd, self._size)  # drop the padding
+        finally:
+            os.close(self._fd)
+            self._view.release()
+            self._buf.close()
+
+
+def open_for_writing(path: Path, direct: bool):
+    """(file, whether it is O_DIRECT): `DirectFile` when asked and the file system takes it, else buffered."""
+    if direct:
+        try:
+            return DirectFile(path), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return open(path, "wb"), False
+
+
 class _Stage:
     """One background thread applying `fn` to each item of a queue, in order, then `done(item)`; it
     remembers its first error and skips `fn` for the rest."""
@@ -173,6 +253,7 @@ class SafetensorsWriter:
         threaded: bool = True,
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         budget: InflightBudget | None = None,
+        direct: bool = False,
     ):
         if sys.byteorder != "little":
             raise RuntimeError("loradem's safetensors writer needs a little-endian machine")
@@ -189,7 +270,7 @@ class SafetensorsWriter:
         self.budget = budget or InflightBudget(max_inflight_bytes)
         self._left: dict[int, int] = {}  # id(data) -> stages not yet done with it
         self._left_lock = threading.Lock()
-        self._file = open(self._partial, "wb")
+        self._file, self.direct = open_for_writing(self._partial, direct)
         self._write_bytes(head)
         self._hash.update(head)
         self._stages = [_Stage(self._write_bytes, f"write {self.path.name}", self._through),
