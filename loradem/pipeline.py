@@ -74,6 +74,9 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
     for v in recipe.variants:
         print(f"variant {v.name!r}: {format_overrides(v.overrides())} (outputs in {recipe.variant(v.name).out_dir}/)")
+    if recipe.mix.proportions:
+        print(f"mix proportions (with --baseline mix): the natural shares + {len(recipe.mix.proportions)} set(s), "
+              "each one more mix at the same tokens; mix-tuned = the lowest validation loss")
     held_out, prompts = eval_inputs(recipe)
     if held_out:
         print("held-out tasks: " + ", ".join(f"{name} ({len(rows)} rows)" for name, rows in held_out))
@@ -164,16 +167,25 @@ def find_mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: 
     return mix.find_mix(mix_job(recipe, splits), base_dir, adapters)
 
 
+def find_mix_grid(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict) -> list[Path] | None:
+    """The recipe's finished mix adapters at natural and every `mix.proportions` set (natural first), or None
+    when it has no grid or one of them is missing."""
+    from loradem.train import mix
+
+    return mix.find_mix_grid(mix_job(recipe, splits), base_dir, adapters)
+
+
 def variant_recipes(recipe: Recipe) -> dict[str, Recipe]:
     """Each variant's derived recipe (`Recipe.variant`), by name, in the recipe's order."""
     return {v.name: recipe.variant(v.name) for v in recipe.variants}
 
 
-def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> Path:
-    from loradem.train.mix import train_mix
+def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> list[Path]:
+    """The natural mix, then one per `mix.proportions` set (their folders, natural first)."""
+    from loradem.train.mix import train_mix_grid
 
     splits = splits or _splits(recipe)
-    return train_mix(mix_job(recipe, splits), base_dir, finished_adapters(recipe, base_dir, splits), log=_log("mix"))
+    return train_mix_grid(mix_job(recipe, splits), base_dir, finished_adapters(recipe, base_dir, splits), log=_log("mix"))
 
 
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True,
@@ -490,13 +502,18 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
             raise LorademError(f"variant {v.name!r}: {exc}") from None
     mix_dir = find_mix(recipe, base_dir, adapters, splits)
+    mix_grid = find_mix_grid(recipe, base_dir, adapters, splits) if mix_dir is not None else None
+    if mix_dir is not None and recipe.mix.proportions and mix_grid is None:
+        _log("eval")("mix: no mix-tuned row: a mix.proportions set has no finished adapter "
+                     "(`loradem train <recipe> --baseline mix` trains them)")
     recipe_path = _portable_path(recipe_path) if recipe_path else None
     plan = EvalPlan(
         run_name=recipe.name,
         sources=tuple(EvalSource(s.name, s.metric, splits[s.name].test) for s in recipe.sources),
         settings=recipe.eval, max_length=recipe.train.max_length, base_dir=base_dir, adapters=adapters,
         search=search_record, model_dir=model_dir, out_dir=recipe.out_dir, assembled_weights=recipe.assemble.weights,
-        learned=learned, regmean_dir=regmean_dir, mix_dir=mix_dir, variants=tuple(variants), recipe_path=recipe_path,
+        learned=learned, regmean_dir=regmean_dir, mix_dir=mix_dir, mix_grid=tuple(mix_grid or ()),
+        variants=tuple(variants), recipe_path=recipe_path,
         held_out=tuple(EvalSource(name, "exact_match", rows) for name, rows in held_out),
         retention=None if prompts is None else RetentionPlan(tuple(prompts), recipe.eval.retention.max_new_tokens,
                                                              recipe.eval.retention.prompts),

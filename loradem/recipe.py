@@ -366,6 +366,9 @@ class MixSettings(_Strict):
     tokens: Union[Literal["match"], Annotated[int, Field(gt=0)]] = Field(
         "match", description="Training tokens of the data-mixing baseline: 'match' = the sum of the per-source adapters' tokens (equal compute), or a number."
     )
+    proportions: Optional[list[dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]]]] = Field(
+        None, min_length=1, description="Tuned proportions: a grid of share sets, each a mapping {source: share > 0} naming every source (normalized to sum 1), e.g. [{addition: 0.5, reverse: 0.25, sort: 0.25}]. Each set is one more mix adapter at the same token budget (cached by its shares), beside the natural one (`sources[].mix_proportion`); the report's `mix-tuned` row is the set with the lowest validation loss (every source's validation rows, never test rows) and its cost is the whole grid's training."
+    )
 
 
 class Recipe(_Strict):
@@ -427,6 +430,18 @@ class Recipe(_Strict):
     def _regmean_needs_regmean(self) -> "Recipe":
         if self.assemble.weights == "regmean" and not self.regmean.enabled:
             raise ValueError("assemble.weights: 'regmean' needs regmean.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _mix_proportions_name_sources(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        for i, shares in enumerate(self.mix.proportions or []):
+            unknown = [n for n in shares if n not in names]
+            if unknown:
+                raise ValueError(f"mix.proportions[{i}]: unknown source {unknown[0]!r}; expected a share for each of {', '.join(names)}")
+            missing = [n for n in names if n not in shares]
+            if missing:
+                raise ValueError(f"mix.proportions[{i}]: no share for source {missing[0]!r}; expected a share for each of {', '.join(names)}")
         return self
 
     @model_validator(mode="after")

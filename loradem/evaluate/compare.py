@@ -17,6 +17,8 @@ Rows (names fixed by report.json's contract):
 - ``adapter:<source>``  that source's adapter alone (weight 1, the others 0)
 - ``mix``               the data-mixing adapter alone (`loradem.train.mix`), when the plan has a finished one
                         for the current adapters; report.json's ``mix`` gives its cost over DEM's
+- ``mix-tuned``         the mix of the proportion grid (`EvalPlan.mix_grid`) with the lowest validation loss,
+                        charged the whole grid's training; report.json's ``mix_grid`` records every set
 - ``uniform``           every weight 1/n
 - ``sum``               every weight 1 (the plain sum of the vectors)
 - ``dem``               the searched weights
@@ -65,6 +67,7 @@ from loradem.model.render import Prompt
 from loradem.model.soup import load_base, load_multi, load_tokenizer, set_weights
 from loradem.progress import progress
 from loradem.recipe import EvalSettings
+from loradem.train.mix import grid_record
 
 Log = Callable[[str], None]
 
@@ -120,6 +123,7 @@ class EvalPlan:
     learned: Optional[dict] = None  # learn/weights.json, when the run learns per-module weights
     regmean_dir: Optional[Path] = None  # the RegMean adapter folder (regmean.json inside), when the run merges by RegMean
     mix_dir: Optional[Path] = None  # the finished data-mixing adapter for these adapters
+    mix_grid: tuple[Path, ...] = ()  # the mix at natural proportions, then at each tuned set (all finished), or ()
     variants: tuple[VariantPlan, ...] = ()
     held_out: tuple[EvalSource, ...] = ()  # exact-match tasks no source trains on, scored on every row
     retention: Optional[RetentionPlan] = None  # agreement and KL against the base on every row
@@ -256,7 +260,8 @@ def _average(per_source: dict[str, float], metrics: dict[str, str]) -> float | N
 def model_count(plan: EvalPlan) -> int:
     """How many models `compare_models` scores: the length of its progress bar."""
     n = len(plan.sources)
-    count = 1 + n + 2 + (plan.mix_dir is not None) + 1 + (plan.learned is not None) + (plan.regmean_dir is not None)
+    count = 1 + n + 2 + (plan.mix_dir is not None) + bool(plan.mix_grid) + 1 + (plan.learned is not None)
+    count += plan.regmean_dir is not None
     return count + sum(n + 3 + (v.learned is not None) for v in plan.variants)
 
 
@@ -379,6 +384,17 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         mix_row = {"name": "mix", "per_source": per_source, "average": _average(per_source, metrics),
                    "cost": _cost({"mix": mix_record}, ["mix"])}
         rows.insert(1 + len(names), mix_row)
+    mix_grid = grid_record(plan.mix_grid, plan.out_dir) if plan.mix_grid else None
+    if mix_grid is not None:  # the chosen set alone, charged every set's training, right after `mix`
+        chosen = plan.mix_grid[mix_grid["chosen"]]
+        tuned_model, tuned_tokenizer = load_multi(base_dir, {"mix": chosen})
+        set_weights(tuned_model, {"mix": 1.0})
+        per_source = score(tuned_model, tuned_tokenizer, "mix-tuned")
+        del tuned_model
+        grid_records = {f"mix {i}": read_json(f / "loradem-train.json") for i, f in enumerate(plan.mix_grid)}
+        rows.insert(1 + len(names) + (mix_dir is not None), {
+            "name": "mix-tuned", "per_source": per_source, "average": _average(per_source, metrics),
+            "cost": _cost(grid_records, list(grid_records))})
 
     dem_weights = {k: float(search_record["weights"][k]) for k in names}
     search_seconds = float(search_record.get("search_seconds") or 0.0)
@@ -449,6 +465,8 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
                 "seconds": _ratio(mix_cost["total_seconds"], dem_cost["total_seconds"]),
             },
         }
+    if mix_grid is not None:
+        extra["mix_grid"] = mix_grid
     return rows, extra
 
 

@@ -10,7 +10,7 @@ exact match}, "retention": {"agreement", "kl"}}`` (weights, benchmarks and the
 held-out measures optional; a per-source or held-out value may be None when
 not evaluated).
 Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
-``mix``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
+``mix``, ``mix-tuned``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
 
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the run
@@ -188,6 +188,7 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             " + the learned weights" if mix.get("dem_row") == "dem-learned" else "")
         lines.append(f"- Data mixing vs DEM (`{mix.get('dem_row', 'dem')}`, the assembled model) cost: {_num(r.get('train_tokens'))}x the "
                      f"training tokens, {_num(r.get('seconds'))}x the seconds (DEM = {what}).")
+    lines += _mix_grid_lines(extra.get("mix_grid"), rows, (mix or {}).get("dem_row", "dem"))
     lines += _increment_lines(extra.get("increment"))
     lines += _vector_lines(extra.get("vectors") or {})
     for name, v in (extra.get("variants") or {}).items():
@@ -202,6 +203,30 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
         lines.append(line + f"; outputs in `{v.get('out_dir')}/`; its rows are scored on in-memory exact folds.")
         lines += ["  " + x for x in _increment_lines(v.get("increment")) + _vector_lines(v.get("vectors") or {})]
     return lines
+
+
+def _mix_grid_lines(grid: Optional[dict], rows: list[dict], dem_row: str) -> list[str]:
+    """The proportion grid in two lines: each set's validation loss (the chosen one marked), then what
+    `mix-tuned` is charged next to DEM's cost."""
+    if not grid:
+        return []
+    sets = []
+    for i, g in enumerate(grid["sets"]):
+        shares = ", ".join(f"{n} {p:.2f}" for n, p in (g.get("shares") or {}).items())
+        loss = g.get("best_val_loss")
+        sets.append(f"{'natural ' if g.get('natural') else ''}({shares}) {loss:.4f}"
+                    + (" **chosen**" if i == grid["chosen"] else ""))
+    cost = grid["cost"]
+    line = (f"- Mix proportions (`mix-tuned` = the lowest validation loss of {len(sets)} trainings at equal tokens): "
+            + "; ".join(sets) + ".")
+    dem = next((r for r in rows if r["name"] == dem_row), None)
+    cost_line = (f"  `mix-tuned` is charged the whole grid: {cost['train_tokens']:,} training tokens, "
+                 f"{_seconds(cost['train_seconds'])} s")
+    if dem:
+        d = dem["cost"]
+        cost_line += (f", next to DEM's (`{dem_row}`) {d['train_tokens']:,} tokens and {_seconds(d['total_seconds'])} s "
+                      "(one training per source + the search" + (" + the learned weights)" if dem_row == "dem-learned" else ")"))
+    return [line, cost_line + "."]
 
 
 def _increment_lines(inc: Optional[dict]) -> list[str]:

@@ -42,6 +42,18 @@ What it trains, exactly:
   ``shares``, ``rows_fed`` per source, ``source_tokens``) and a ``vector.json``
   card whose source is ``mix``.
 
+**Tuned proportions** (``mix.proportions``, a list of {source: share} sets):
+`train_mix_grid` trains the natural mix above, then one more mix per set
+(the same budget and settings; the set's shares replace the natural ones, so
+each is cached under its own key), logging "mix 2/3: addition 0.5 reverse
+0.25 sort 0.25" as each starts. `choose_mix` picks the lowest validation loss
+(the record's ``best_val_loss``: the value checkpoint selection uses, never
+test rows); `grid_record` is what the report keeps of every set, with the
+whole grid's training cost, which the ``mix-tuned`` row carries.
+
+    folders = train_mix_grid(job, base_dir, adapters)     # natural first, then each set
+    grid = grid_record(folders)                           # {"chosen": i, "sets": [...], "cost": {...}}
+
 All sources must share one row format (TRL reads a dataset's format from its
 first row, and a stream of mixed formats crashes it). `check_mix` refuses that,
 partly set proportions and a mix without validation rows before any training;
@@ -52,8 +64,9 @@ Progress: one bar in optimizer steps, as for every source (`sft.fit`).
 
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -84,6 +97,9 @@ class MixJob:
     def __post_init__(self) -> None:
         if list(self.proportions) != list(self.splits):
             raise ValueError(f"proportions are for {list(self.proportions)}, splits for {list(self.splits)}")
+        for i, shares in enumerate(self.mix.proportions or []):  # the recipe refuses these with the field's name
+            if sorted(shares) != sorted(self.splits):
+                raise ValueError(f"mix.proportions[{i}] is for {sorted(shares)}, splits for {sorted(self.splits)}")
         object.__setattr__(self, "adapters_dir", Path(self.adapters_dir))
 
     @property
@@ -202,6 +218,93 @@ def find_mix(job: MixJob, base_dir: Path, adapters: dict[str, Path]) -> Path | N
     except LorademError:
         return None
     return plan.folder if is_finished(plan.folder) else None
+
+
+# ---- tuned proportions: the grid ----------------------------------------------
+
+def grid_jobs(job: MixJob) -> list[MixJob]:
+    """The natural mix, then one job per `mix.proportions` set (its shares in place of the sources' own)."""
+    sets = job.mix.proportions or []
+    return [job, *(replace(job, proportions={n: float(shares[n]) for n in job.names}) for shares in sets)]
+
+
+def plan_grid(job: MixJob, base_dir: Path, adapters: dict[str, Path]) -> list[tuple[MixJob, MixPlan]]:
+    """Each grid job with its plan, natural first; a set whose shares equal an earlier one's is the same adapter
+    and appears once."""
+    out: list[tuple[MixJob, MixPlan]] = []
+    for j in grid_jobs(job):
+        plan = plan_mix(j, base_dir, adapters)
+        if all(plan.key != p.key for _, p in out):
+            out.append((j, plan))
+    return out
+
+
+def describe_shares(shares: dict[str, float]) -> str:
+    return " ".join(f"{n} {p:.3g}" for n, p in shares.items())
+
+
+def train_mix_grid(
+    job: MixJob,
+    base_dir: Path,
+    adapters: dict[str, Path],
+    *,
+    force: bool = False,
+    log: Log = print,
+    callbacks: Sequence[Any] = (),
+) -> list[Path]:
+    """Train (or reuse) the natural mix and one mix per `mix.proportions` set; their folders, natural first."""
+    grid = plan_grid(job, base_dir, adapters)
+    folders = []
+    for i, (j, plan) in enumerate(grid, 1):
+        if len(grid) > 1 and is_main_process():
+            log(f"{MIX} {i}/{len(grid)}: {describe_shares(plan.shares)}" + (" (natural)" if i == 1 else ""))
+        folders.append(train_mix(j, base_dir, adapters, force=force, log=log, callbacks=callbacks))
+    return folders
+
+
+def find_mix_grid(job: MixJob, base_dir: Path, adapters: dict[str, Path]) -> list[Path] | None:
+    """Every finished grid adapter, natural first, when the job has `mix.proportions` and all of them are
+    finished; else None (a partial grid would price and choose from less than it claims)."""
+    if not job.mix.proportions:
+        return None
+    try:
+        grid = plan_grid(job, base_dir, adapters)
+    except LorademError:
+        return None
+    folders = [plan.folder for _, plan in grid]
+    return folders if all(is_finished(f) for f in folders) else None
+
+
+def choose_mix(records: Sequence[dict]) -> int:
+    """Index of the lowest validation loss (``best_val_loss``: every source's validation completion tokens);
+    the earlier on a tie, so the natural mix wins ties."""
+    losses = [r.get("best_val_loss") for r in records]
+    for r, loss in zip(records, losses):
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            raise LorademError(f"mix: {r.get('key', '?')}: {TRAIN_RECORD} has no best_val_loss to choose by")
+    return min(range(len(records)), key=lambda i: (losses[i], i))
+
+
+def grid_record(folders: Sequence[Path], relative_to: Path | None = None) -> dict:
+    """What the report keeps of the grid: each set's adapter (relative to `relative_to` when given, else its
+    folder name), shares, validation loss, tokens and seconds (natural first), the chosen index, and the whole
+    grid's training cost (what `mix-tuned` is charged)."""
+    records = [read_json(Path(f) / TRAIN_RECORD) for f in folders]
+    sets = [{
+        "adapter": os.path.relpath(f, relative_to) if relative_to is not None else Path(f).name,
+        "natural": i == 0,
+        "shares": r.get("shares"),
+        "best_val_loss": r.get("best_val_loss"),
+        "train_tokens": int(r.get("train_tokens") or 0),
+        "train_seconds": round(float(r.get("train_seconds") or 0.0), 1),
+    } for i, (f, r) in enumerate(zip(folders, records))]
+    return {
+        "chosen": choose_mix(records),
+        "chosen_by": "validation loss (mean over every source's validation completion tokens)",
+        "sets": sets,
+        "cost": {"train_tokens": sum(s["train_tokens"] for s in sets),
+                 "train_seconds": round(sum(float(r.get("train_seconds") or 0.0) for r in records), 1)},
+    }
 
 
 # ---- the row stream ------------------------------------------------------------
