@@ -30,14 +30,16 @@ test: setup
 	sh tests/postgres.sh
 	$(BIN)/pytest -q -ra
 
-# The benchmark (not a test): the demo with the data-mixing baseline at equal
-# training tokens and every adopted option side by side (demo-options: the
-# plain adapters' searched and learned weights, and the anchored variant's),
-# then the same plus a fourth source added later, then the assembler and
+# The benchmark (not a test): the demo with data mixing at equal training tokens
+# (natural and tuned proportions) and every option side by side (demo-options:
+# searched, learned and RegMean weights, the anchored and short variants), the
+# same plus a fourth source added later, the second suite (formats: four
+# sources that differ in format and domain), then the assembler and
 # search-trial benchmarks against PEFT. Reports in runs/.
 bench: setup
 	$(BIN)/loradem run recipes/demo-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
+	$(BIN)/loradem run recipes/formats.yaml --baseline mix
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(MAKE) gguf-check GGUF_MODEL=runs/demo-options/model

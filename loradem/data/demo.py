@@ -36,14 +36,11 @@ learned nothing in the demo's 80 steps.
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import json
 import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-from loradem.files import atomic_write_text
+from loradem.data.suite import HELD_OUT_DIR, Suite  # noqa: F401 - HELD_OUT_DIR: where the held-out files go
 
 WORDS = tuple(
     """
@@ -187,42 +184,22 @@ HELD_OUT: dict[str, Callable[[random.Random], Pairs]] = {
     "sort-words": sort_words,
     "sort-descending": sort_descending,
 }
-HELD_OUT_DIR = "heldout"  # beside the sources' files
+SUITE = Suite("demo", TASKS, HELD_OUT, "recipes/data/demo")
 
 
 def task_rows(task: str, seed: int = 0, rows: int = 1000) -> list[dict]:
     """`rows` messages rows of one task (a source's or, by its name, a held-out one), the same for the same
     (task, seed); a longer run extends a shorter one."""
-    pairs = TASKS[task](random.Random(f"{seed}:{task}")) if task in TASKS else HELD_OUT[task](random.Random(f"{seed}:heldout:{task}"))
-    return [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in itertools.islice(pairs, rows)
-    ]
+    return SUITE.rows(task, seed, rows)
 
 
 def write_demo_data(out: str | Path, seed: int = 0, rows: int = 1000, held_out_rows: int = 60, log=print) -> list[Path]:
-    """Write one <task>.jsonl per source task into `out`, and one per held-out task into `out`/heldout/ (each
-    written aside, then renamed)."""
-    paths = []
-    for task, n, folder in [*((t, rows, Path(out)) for t in TASKS), *((t, held_out_rows, Path(out) / HELD_OUT_DIR) for t in HELD_OUT)]:
-        path = folder / f"{task}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows(task, seed, n)))
-        log(f"wrote {path} ({n} rows)")
-        paths.append(path)
-    return paths
+    """Write one <task>.jsonl per source task into `out`, and one per held-out task into `out`/heldout/."""
+    return SUITE.write(out, seed, rows, held_out_rows, log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loradem.data.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="recipes/data/demo", help="output folder (default: recipes/data/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
-    parser.add_argument("--rows", type=int, default=1000, help="rows per source task (default: 1000)")
-    parser.add_argument("--held-out-rows", type=int, default=60, help="rows per held-out task (default: 60)")
-    args = parser.parse_args(argv)
-    if args.rows < 1 or args.held_out_rows < 1:
-        parser.error("--rows and --held-out-rows must be at least 1")
-    write_demo_data(args.out, args.seed, args.rows, args.held_out_rows)
-    return 0
+    return SUITE.main(argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

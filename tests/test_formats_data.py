@@ -1,0 +1,144 @@
+"""loradem.data.formats and recipes/formats.yaml: the committed files are exactly the generator's output, every
+answer is right and short enough for exact match, and the recipe passes `loradem check`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from loradem.data.formats import (
+    CITIES,
+    COLORS,
+    FRUITS,
+    HELD_OUT,
+    HELD_OUT_DIR,
+    JOBS,
+    NAMES,
+    OBJECTS,
+    PETS,
+    TASKS,
+    TOPICS,
+    main,
+    task_rows,
+)
+from loradem.data.rows import read_rows
+from loradem.model.render import normalize_answer
+from loradem.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "recipes" / "data" / "formats"
+RECIPE = REPO / "recipes" / "formats.yaml"
+
+
+def test_committed_files_equal_a_fresh_generation(tmp_path):
+    assert main(["--out", str(tmp_path)]) == 0
+    for task in TASKS:
+        assert (tmp_path / f"{task}.jsonl").read_bytes() == (COMMITTED / f"{task}.jsonl").read_bytes(), task
+    for task in HELD_OUT:
+        assert (tmp_path / HELD_OUT_DIR / f"{task}.jsonl").read_bytes() == (COMMITTED / HELD_OUT_DIR / f"{task}.jsonl").read_bytes(), task
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(f"{t}.jsonl" for t in TASKS), HELD_OUT_DIR])
+    assert sorted(p.name for p in (tmp_path / HELD_OUT_DIR).iterdir()) == sorted(f"{t}.jsonl" for t in HELD_OUT)
+    assert sorted(p.name for p in COMMITTED.iterdir()) == sorted(p.name for p in tmp_path.iterdir())  # nothing stale committed
+
+
+def _topic(sentence: str) -> str:
+    """The topic whose subject and predicate lists the sentence is made of (exactly one)."""
+    found = [t for t, (subjects, predicates) in TOPICS.items()
+             if any(sentence.startswith(s + " ") for s in subjects) and any(f" {p}" in sentence for p in predicates)]
+    assert len(found) == 1, sentence
+    return found[0]
+
+
+CHAT_FACTS = (  # the chat templates' statements, as patterns
+    r"(?P<n>\w+) has an? (?P<c1>\w+) (?P<o1>\w+) and an? (?P<c2>\w+) (?P<o2>\w+)",
+    r"(?P<n>\w+)'s (?P<o1>\w+) is (?P<c1>\w+) and the (?P<o2>\w+) is (?P<c2>\w+)",
+    r"There is an? (?P<c1>\w+) (?P<o1>\w+) and an? (?P<c2>\w+) (?P<o2>\w+) at (?P<n>\w+)'s house",
+)
+
+
+def check_answer(task: str, question: str, answer: str) -> None:
+    if task == "chat":
+        m = next(filter(None, (re.fullmatch(t + r"\. (?:What|Which) color is the (?P<q>\w+)\?", question) for t in CHAT_FACTS)))
+        colors = {m["o1"]: m["c1"], m["o2"]: m["c2"]}
+        assert m["n"] in NAMES and set(colors) <= set(OBJECTS) and set(colors.values()) <= set(COLORS)
+        assert len(set(colors)) == len(set(colors.values())) == 2
+        assert not re.search(r"\ba [aeiou]|\ban [^aeiou]", question)  # "an orange", "a red"
+        assert answer == colors[m["q"]].capitalize() + "."
+    elif task == "json":
+        m = re.fullmatch(r'(?:What is "(\w+)" in (\{.*\})\?|Extract "(\w+)" from this JSON: (\{.*\})|(\{.*\})\nGive the value of "(\w+)"\.)', question)
+        g = [x for x in m.groups() if x is not None]
+        key, record = (g[0], json.loads(g[1])) if not g[0].startswith("{") else (g[1], json.loads(g[0]))
+        assert len(record) == 3 and key in record
+        pools = {"name": NAMES, "city": CITIES, "job": JOBS, "pet": PETS}
+        assert all(v in pools[k] if k in pools else isinstance(v, int) for k, v in record.items())
+        assert answer == str(record[key])
+    elif task in ("arith", "json-arith"):
+        if task == "json-arith":
+            m = re.fullmatch(r"(\{.*\}) (\w+) plus (\w+) minus (\w+) equals", question)
+            record = json.loads(m.group(1))
+            assert list(record) == [m.group(2), m.group(3), m.group(4)] and set(record) <= set(FRUITS)
+            a, b, c = record.values()
+        else:
+            a, b, c = map(int, re.fullmatch(r"\D*(\d+) plus (\d+) minus (\d+)\D*", question).groups())
+        assert 2 <= a <= 49 and 2 <= b <= 49 and 1 <= c <= 49 and a + b - c >= 0
+        assert answer == str(a + b - c)
+    elif task == "label":
+        assert answer == _topic(question.split(": ", 1)[-1].split("? ", 1)[-1])
+    elif task == "json-label":
+        record = json.loads(question.removeprefix("Topic: "))
+        assert set(record) == {"id", "text"} and answer == _topic(record["text"])
+    elif task == "chat-arith":
+        name, a, fruit, b, fruit2, name2 = re.fullmatch(r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many (\w+) does (\w+) have\?", question).groups()
+        assert (name, fruit) == (name2, fruit2) and name in NAMES and fruit in FRUITS
+        assert answer == f"{int(a) + int(b)}."
+
+
+@pytest.mark.parametrize("task", [*TASKS, *HELD_OUT])
+def test_every_committed_answer_is_correct_and_exact_match_scorable(task):
+    path = COMMITTED / (f"{task}.jsonl" if task in TASKS else f"{HELD_OUT_DIR}/{task}.jsonl")
+    rows, fmt = read_rows(str(path))
+    assert fmt == "messages" and len(rows) == (1000 if task in TASKS else 60)
+    templates, answers = set(), set()
+    for row in rows:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        check_answer(task, user["content"], assistant["content"])
+        # one short token run, unchanged by the scorer's normalization: a greedy reply can equal it exactly
+        assert normalize_answer(assistant["content"]) == assistant["content"] and " " not in assistant["content"]
+        assert len(assistant["content"]) <= 10 and len(user["content"]) <= 140
+        templates.add(re.sub(r"\{.*\}", "J", re.sub(r"\d+", "N", user["content"]))[:10])
+        answers.add(assistant["content"])
+    assert len(answers) >= 4  # not one constant reply
+    if task in TASKS:
+        assert len(templates) >= 3, templates  # varied phrasing, not one string
+
+
+def test_seeds_and_tasks_are_independent():
+    assert task_rows("json", seed=0, rows=50) == task_rows("json", seed=0, rows=50)
+    assert task_rows("json", seed=1, rows=50) != task_rows("json", seed=0, rows=50)
+    assert task_rows("label", seed=0, rows=10) == task_rows("label", seed=0, rows=1000)[:10]
+    assert task_rows("json-arith", seed=0, rows=5) != task_rows("arith", seed=0, rows=5)
+
+
+def test_rows_flag(tmp_path):
+    assert main(["--out", str(tmp_path), "--rows", "3", "--held-out-rows", "2", "--seed", "5"]) == 0
+    lines = (tmp_path / "chat.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == task_rows("chat", seed=5, rows=3)
+    assert len((tmp_path / HELD_OUT_DIR / "chat-arith.jsonl").read_text().splitlines()) == 2
+
+
+def test_recipe_uses_every_file_and_passes_check(capsys):
+    from loradem.cli import main as cli
+
+    recipe = load_recipe(RECIPE)
+    assert [s.name for s in recipe.sources] == list(TASKS)
+    assert [Path(s.data) for s in recipe.sources] == [COMMITTED / f"{t}.jsonl" for t in TASKS]
+    assert [(t.name, Path(t.data)) for t in recipe.eval.held_out] == [(t, COMMITTED / HELD_OUT_DIR / f"{t}.jsonl") for t in HELD_OUT]
+    assert recipe.regmean.enabled and recipe.learn.enabled and recipe.eval.retention.enabled and not recipe.variants
+    capsys.readouterr()
+    assert cli(["check", str(RECIPE), "--baseline", "mix"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("ok") and "held-out tasks: json-arith (60 rows), json-label (60 rows), chat-arith (60 rows)" in out
