@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain this source even if a finished adapter exists (repeatable)")
     p.add_argument("--baseline", choices=["mix"],
                    help="also train the data-mixing baseline (one adapter on all sources' rows, as many "
-                   "training tokens as the per-source adapters together) and add its row to the report")
+                   "training tokens as the per-source adapters together) and add its row to the report; with "
+                   "mix.proportions, one more mix per set and the row mix-tuned (the best on validation)")
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
