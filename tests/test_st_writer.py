@@ -267,3 +267,25 @@ def test_direct_failure_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
     assert path.read_bytes() == b"earlier"
     assert not list(tmp_path.glob(".m.safetensors.partial-*"))
+
+
+def test_a_refused_direct_write_drops_o_direct_and_keeps_the_bytes(tmp_path, monkeypatch):
+    import fcntl
+
+    if not takes_o_direct(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open")
+    real_write, refused = os.write, []
+
+    def picky(fd, data):  # a file system that opens with O_DIRECT but refuses O_DIRECT writes
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(st_writer, "DIRECT_STAGING", st_writer.DIRECT_ALIGN)
+    monkeypatch.setattr(os, "write", picky)
+    tensors = {**mixed_tensors(), "big": torch.randn(5000, generator=torch.Generator().manual_seed(2))}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    w = write_all(tmp_path / "mine.safetensors", tensors, direct=True)
+    assert len(refused) == 1 and not w.direct
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

@@ -36,6 +36,7 @@ Contract:
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -163,6 +164,7 @@ class DirectFile:
         self._size = 0
         self.closed = False
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self.direct = True  # False once a refused write made it fall back to the page cache
 
     def write(self, data) -> int:
         data = memoryview(data).cast("B")
@@ -181,7 +183,15 @@ class DirectFile:
         """Write the first `length` bytes of the staging buffer (a multiple of DIRECT_ALIGN)."""
         written = 0
         while written < length:
-            written += os.write(self._fd, self._view[written:length])
+            try:
+                written += os.write(self._fd, self._view[written:length])
+            except OSError as exc:
+                # some file systems open with O_DIRECT but refuse the writes (or want a larger alignment):
+                # Linux lets the flag be dropped on the open file, and the same bytes go through the page cache
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
         self._used = 0
 
     def close(self) -> None:
@@ -312,6 +322,7 @@ class SafetensorsWriter:
             missing = self.order[self._next].name
             raise ValueError(f"{self.path.name}: {len(self.order) - self._next} declared tensor(s) not written, first {missing}")
         self._file.close()
+        self.direct = self.direct and getattr(self._file, "direct", False)
         os.replace(self._partial, self.path)
         self._digest = self._hash.hexdigest()
         return self.path
