@@ -23,11 +23,12 @@ baseline. The parent then compares the outputs tensor by tensor (one tensor
 in memory at a time) and checks every target of the first and last layer
 against a float64 reference rounded once, bit for bit.
 
-loradem runs four times: ``--rehash`` (the base's sha256 for loradem.json read
-and hashed in full, as on a base folded for the first time), then with that
-hash cached (``$LORADEM_CACHE/fingerprints.json``, as on every later fold of the
-same base), then with 100 MB shards, then with ``--direct-io`` (O_DIRECT writes
-past the page cache; its shards must equal the cached run's byte for byte). ``cp`` is ``cp --reflink=never`` of the
+loradem runs four times: three through the page cache (``--no-direct-io``):
+``--rehash`` (the base's sha256 for loradem.json read and hashed in full, as on
+a base folded for the first time), then with that hash cached
+(``$LORADEM_CACHE/fingerprints.json``, as on every later fold of the same base),
+then with 100 MB shards; then as by default, cached, with O_DIRECT writes past
+the page cache (its shards must equal the buffered run's byte for byte). ``cp`` is ``cp --reflink=never`` of the
 base's safetensors files into a fresh folder (a real copy through the page
 cache, like every method's output; never a reflink).
 Each child also reports its CPU time after imports (user + sys, all threads);
@@ -317,10 +318,10 @@ def bench(base_spec: str, root: Path, log=print) -> dict:
     log(f"{base_spec}: {params / 1e9:.2f} B parameters, {size_mb:.0f} MB; measuring ...")
     rows = {"imports only": measure("imports", base, adapters, root / "none")}
     rows["peft cat+merge+save"] = measure("peft", base, adapters, root / "peft")
-    rows["loradem assemble --rehash"] = measure("loradem-rehash", base, adapters, root / "loradem-rehash")
-    rows["loradem assemble"] = measure("loradem", base, adapters, root / "loradem")
-    rows["loradem, 100 MB shards"] = measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100)
-    rows["loradem --direct-io"] = measure("loradem-direct", base, adapters, root / "loradem-direct")
+    rows["loradem --no-direct-io --rehash"] = measure("loradem-rehash", base, adapters, root / "loradem-rehash")
+    rows["loradem --no-direct-io"] = measure("loradem", base, adapters, root / "loradem")
+    rows["loradem --no-direct-io, 100 MB shards"] = measure("loradem-small", base, adapters, root / "loradem-small", shard_mb=100)
+    rows["loradem assemble (O_DIRECT, the default)"] = measure("loradem-direct", base, adapters, root / "loradem-direct")
     rows["cp"] = measure_cp(base, root / "cp")
     rows["sha256 of the base, one thread"] = measure_sha256(base)
     diff_peft, frac_peft, n = compare(root / "loradem", root / "peft")
@@ -354,7 +355,7 @@ def report(result: dict) -> str:
         cpu = f"{r['user_s']:.2f} + {r['sys_s']:.2f}" if "user_s" in r else "-"
         lines.append(f"| {name} | {r['wall_s']:.2f} | {cpu} | {r['process_s']:.2f} | {memory} | "
                      f"{peft['wall_s'] / r['wall_s']:.2f}x | {r['wall_s'] / cp:.2f}x | {r['load']:.1f} |")
-    for name in ("loradem assemble", "loradem assemble --rehash", "loradem --direct-io"):
+    for name in ("loradem assemble (O_DIRECT, the default)", "loradem --no-direct-io", "loradem --no-direct-io --rehash"):
         r = rows[name]
         lines.append(f"{name}: {peft['wall_s'] / r['wall_s']:.2f}x faster than peft (target >= 4x), "
                      f"{r['wall_s'] / cp:.2f}x cp (target <= 2x), extra memory {(r['peak_mb'] - baseline) / size:.2f}x "
@@ -362,7 +363,7 @@ def report(result: dict) -> str:
     lines.append(f"max |loradem - peft| over {result['tensors']} tensors: {result['diff_peft']:.3g} "
                  f"({result['frac_peft']:.2%} of elements differ; peft rounds the delta to the base dtype before adding); "
                  f"loradem 2000 MB vs 100 MB shards: {result['diff_shards']:.3g}; "
-                 f"--direct-io shards byte-identical: {result['same_direct']}; "
+                 f"O_DIRECT shards byte-identical to --no-direct-io's: {result['same_direct']}; "
                  f"float64 reference rounded once: {result['exact'][1]} of {result['exact'][0]} tensors (all targets of the "
                  f"first and last layer) equal bit for bit; torch's own float64 -> {result['dtype']} conversion would have "
                  f"rounded {result['exact'][2]} of their elements twice and wrongly")

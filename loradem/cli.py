@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold onto the base's original weights, or onto the NF4 round trip of its 4-bit layers "
                    "(what QLoRA adapters were trained against) (default: the recipe's assemble.fold_base, "
                    "else original)")
-    p.add_argument("--direct-io", action="store_true", default=None,
-                   help="write the weights with O_DIRECT, past the page cache (same bytes; less CPU where filling the "
-                   "page cache is slow, as on some VMs; the model is then read back from disk) (default: the recipe's "
-                   "assemble.direct_io, else off)")
+    p.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the weights with O_DIRECT, past the page cache: the same bytes with less CPU, and no "
+                   "eviction of other cached files; falls back to ordinary writes where the file system refuses it "
+                   "(default: the recipe's assemble.direct_io, else on)")
     p.add_argument("--allow-name-mismatch", action="store_true",
                    help="accept adapters whose recorded base name differs (shapes must still match; --adapter folds only)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -310,7 +310,8 @@ def _assemble(args: argparse.Namespace) -> None:
         raise LorademError("assemble: without a RECIPE, --base, at least one --adapter PATH=WEIGHT and --out are required")
     assemble(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
              max_shard_size_mb=args.max_shard_size_mb or 2000, allow_name_mismatch=args.allow_name_mismatch,
-             trust_pickle=args.trust_pickle, fold_base=args.fold_base or "original", direct_io=bool(args.direct_io))
+             trust_pickle=args.trust_pickle, fold_base=args.fold_base or "original",
+             direct_io=args.direct_io is not False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -299,7 +299,7 @@ class AssembleSettings(_Strict):
     fold_base: Literal["original", "dequantized"] = Field(
         "original", description="Which full-precision weights receive the deltas when adapters were trained on a 4-bit base: the original ones, or the de-quantized NF4 weights they were trained against."
     )
-    direct_io: bool = Field(False, description="Write the model's weights with O_DIRECT, past the page cache (same bytes): less CPU where filling the page cache is slow (some VMs) and no eviction of other cached files, but the next read of the model comes from the disk. Falls back to ordinary writes where the file system refuses it.")
+    direct_io: bool = Field(True, description="Write the model's weights with O_DIRECT, past the page cache (same bytes): less CPU (the fold measured 1.35-1.8x faster on 2 cores) and no eviction of other cached files; the next read of the model comes from the disk. Falls back to ordinary writes where the file system refuses it; false: always through the page cache.")
 
 
 class HeldOutTask(_Strict):

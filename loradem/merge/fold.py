@@ -497,7 +497,7 @@ def assemble(
     trust_pickle: bool = False,
     fold_base: str = "original",
     quant_dtype: str | None = None,
-    direct_io: bool = False,
+    direct_io: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`.
@@ -506,7 +506,8 @@ def assemble(
     keyed by the module's path in the base model). ``fold_base="dequantized"``
     folds onto the NF4 round trip of the 4-bit layers, cast first to `quant_dtype` (default: the
     dtype the adapters' training loaded the base in, from loradem-train.json, else the base's).
-    ``direct_io=True`` writes the weights with O_DIRECT (same bytes, no page cache; see `write_shards`).
+    ``direct_io`` writes the weights with O_DIRECT (same bytes, no page cache; see `write_shards`); False writes
+    through the page cache.
     """
     started = time.perf_counter()
     out = Path(out)
