@@ -962,3 +962,17 @@ def test_refuses_bad_module_weights(tiny_base, one, with_mts, tmp_path):
     lora_only = {m: 1.0 for m in weighted_modules(with_mts) if m != "lm_head"}
     refused(r"weight for adapter .*mts: no weight for module lm_head: per-module weights must name every LoRA module",
             out, tiny_base, [(with_mts, lora_only)])
+
+
+def test_o_direct_is_the_default_and_no_direct_io_opts_out(tiny_base, one, tmp_path, monkeypatch):
+    from loradem.cli import main
+    from loradem.merge import st_writer
+
+    asked: list[bool] = []
+    real = st_writer.open_for_writing
+    monkeypatch.setattr(st_writer, "open_for_writing", lambda path, direct: asked.append(direct) or real(path, direct))
+    for out, extra in (("default", ()), ("buffered", ("--no-direct-io",)), ("direct", ("--direct-io",))):
+        assert main(["assemble", "--base", str(tiny_base), "--adapter", f"{one}=0.5", "--out", str(tmp_path / out), *extra]) == 0
+    assert asked == [True, False, True]  # one shard each
+    same = {(tmp_path / o / "model.safetensors").read_bytes() for o in ("default", "buffered", "direct")}
+    assert len(same) == 1
