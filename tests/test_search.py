@@ -399,11 +399,11 @@ def test_bad_warm_start_is_refused(tiny_base, adapters, tmp_path, content, messa
 
 def test_journal_storage_shared_by_two_machines(tiny_base, adapters, tmp_path):
     """Another machine (another run folder) on the same journal file tops the same study up to its n_trials."""
-    journal = tmp_path / "shared" / "study.log"
+    journal = tmp_path / "common" / "study.log"
     a = search_weights(make_job(tmp_path / "a", n_trials=3, storage="sqlite:///ignored.db"), tiny_base, adapters,
                        VALIDATION, storage=str(journal), log=lambda s: None)
     assert journal.is_file() and not (tmp_path / "a" / "search.db").exists() and not Path("ignored.db").exists()
-    assert a["study"] == {"name": a["study"]["name"], "file": "../shared/study.log", "format": "journal"}  # beside the run
+    assert a["study"] == {"name": a["study"]["name"], "file": "../common/study.log", "format": "journal"}  # beside the run
     lines: list[str] = []
     b = search_weights(make_job(tmp_path / "b", n_trials=5, storage=str(journal)), tiny_base, adapters,
                        VALIDATION, log=lines.append)
@@ -438,7 +438,7 @@ def test_a_moved_run_still_opens_its_study(tiny_base, adapters, tmp_path):
         load_recorded_study(moved / "a" / "search" / "weights.json")
     assert not (moved / "a" / "search" / "search.db").exists()  # not created empty
 
-    outside = f"sqlite:///{tmp_path / 'shared.db'}"
+    outside = f"sqlite:///{tmp_path / 'common.db'}"
     shared = search_weights(make_job(moved / "c" / "search", n_trials=2), tiny_base, adapters, VALIDATION,
                             storage=outside, log=lambda s: None)
     assert shared["study"] == {"name": shared["study"]["name"], "storage": outside}
