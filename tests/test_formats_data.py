@@ -19,10 +19,10 @@ from loradem.data.formats import (
     NAMES,
     OBJECTS,
     PETS,
+    SUITE,
     TASKS,
     TOPICS,
     main,
-    task_rows,
 )
 from loradem.data.rows import read_rows
 from loradem.model.render import normalize_answer
@@ -117,16 +117,16 @@ def test_every_committed_answer_is_correct_and_exact_match_scorable(task):
 
 
 def test_seeds_and_tasks_are_independent():
-    assert task_rows("json", seed=0, rows=50) == task_rows("json", seed=0, rows=50)
-    assert task_rows("json", seed=1, rows=50) != task_rows("json", seed=0, rows=50)
-    assert task_rows("label", seed=0, rows=10) == task_rows("label", seed=0, rows=1000)[:10]
-    assert task_rows("json-arith", seed=0, rows=5) != task_rows("arith", seed=0, rows=5)
+    assert SUITE.rows("json", seed=0, rows=50) == SUITE.rows("json", seed=0, rows=50)
+    assert SUITE.rows("json", seed=1, rows=50) != SUITE.rows("json", seed=0, rows=50)
+    assert SUITE.rows("label", seed=0, rows=10) == SUITE.rows("label", seed=0, rows=1000)[:10]
+    assert SUITE.rows("json-arith", seed=0, rows=5) != SUITE.rows("arith", seed=0, rows=5)
 
 
 def test_rows_flag(tmp_path):
     assert main(["--out", str(tmp_path), "--rows", "3", "--held-out-rows", "2", "--seed", "5"]) == 0
     lines = (tmp_path / "chat.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == task_rows("chat", seed=5, rows=3)
+    assert [json.loads(line) for line in lines] == SUITE.rows("chat", seed=5, rows=3)
     assert len((tmp_path / HELD_OUT_DIR / "chat-arith.jsonl").read_text().splitlines()) == 2
 
 

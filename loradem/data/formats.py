@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from loradem.data.suite import HELD_OUT_DIR, Suite  # noqa: F401 - HELD_OUT_DIR: where the held-out files go
 
@@ -170,17 +169,6 @@ HELD_OUT: dict[str, Callable[[random.Random], Pairs]] = {
     "chat-arith": chat_arith,
 }
 SUITE = Suite("formats", TASKS, HELD_OUT, "recipes/data/formats")
-
-
-def task_rows(task: str, seed: int = 0, rows: int = 1000) -> list[dict]:
-    """`rows` messages rows of one task (a source's or, by its name, a held-out one), the same for the same
-    (task, seed); a longer run extends a shorter one."""
-    return SUITE.rows(task, seed, rows)
-
-
-def write_formats_data(out: str | Path, seed: int = 0, rows: int = 1000, held_out_rows: int = 60, log=print) -> list[Path]:
-    """Write one <task>.jsonl per source task into `out`, and one per held-out task into `out`/heldout/."""
-    return SUITE.write(out, seed, rows, held_out_rows, log)
 
 
 def main(argv: list[str] | None = None) -> int:
