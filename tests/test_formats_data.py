@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 
 from loradem.data.formats import (
+    ARITH_TEMPLATES,
+    CHAT_TEMPLATES,
     CITIES,
     COLORS,
     FRUITS,
     HELD_OUT,
     HELD_OUT_DIR,
     JOBS,
+    JSON_TEMPLATES,
+    LABEL_TEMPLATES,
     NAMES,
     OBJECTS,
     PETS,
@@ -25,6 +29,7 @@ from loradem.data.formats import (
     main,
 )
 from loradem.data.rows import read_rows
+from loradem.errors import LorademError
 from loradem.model.render import normalize_answer
 from loradem.recipe import load_recipe
 
@@ -76,23 +81,28 @@ def check_answer(task: str, question: str, answer: str) -> None:
         assert all(v in pools[k] if k in pools else isinstance(v, int) for k, v in record.items())
         assert answer == str(record[key])
     elif task in ("arith", "json-arith"):
+        assert len(re.findall(r"\b(?:plus|minus)\b", question)) == 1, question  # exactly one operation
         if task == "json-arith":
-            m = re.fullmatch(r"(\{.*\}) (\w+) plus (\w+) minus (\w+) equals", question)
+            m = re.fullmatch(r"(\{.*\}) (\w+) (plus|minus) (\w+) equals", question)
             record = json.loads(m.group(1))
-            assert list(record) == [m.group(2), m.group(3), m.group(4)] and set(record) <= set(FRUITS)
-            a, b, c = record.values()
+            assert len(record) == 3 and set(record) <= set(FRUITS) and m.group(2) != m.group(4)
+            a, op, b = record[m.group(2)], m.group(3), record[m.group(4)]
+            assert all(10 <= v <= 49 for v in record.values())
         else:
-            a, b, c = map(int, re.fullmatch(r"\D*(\d+) plus (\d+) minus (\d+)\D*", question).groups())
-        assert 2 <= a <= 49 and 2 <= b <= 49 and 1 <= c <= 49 and a + b - c >= 0
-        assert answer == str(a + b - c)
+            m = next(filter(None, (re.fullmatch(t.format(a=r"(\d+)", op="(plus|minus)", b=r"(\d+)").replace(".", r"\."), question)
+                                   for t in ARITH_TEMPLATES)))
+            a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        assert 10 <= a <= 49 and 10 <= b <= 49
+        assert answer == str(a + b if op == "plus" else a - b) and int(answer) >= 0
     elif task == "label":
         assert answer == _topic(question.split(": ", 1)[-1].split("? ", 1)[-1])
     elif task == "json-label":
-        record = json.loads(question.removeprefix("Topic: "))
+        record = json.loads(re.fullmatch(r'What is the topic of "text" in (\{.*\})\?', question).group(1))
         assert set(record) == {"id", "text"} and answer == _topic(record["text"])
     elif task == "chat-arith":
         name, a, fruit, b, fruit2, name2 = re.fullmatch(r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many (\w+) does (\w+) have\?", question).groups()
         assert (name, fruit) == (name2, fruit2) and name in NAMES and fruit in FRUITS
+        assert 10 <= int(a) <= 49 and 10 <= int(b) <= 49
         assert answer == f"{int(a) + int(b)}."
 
 
@@ -114,6 +124,41 @@ def test_every_committed_answer_is_correct_and_exact_match_scorable(task):
     assert len(answers) >= 4  # not one constant reply
     if task in TASKS:
         assert len(templates) >= 3, templates  # varied phrasing, not one string
+
+
+def _prompts(task: str) -> list[str]:
+    path = COMMITTED / (f"{task}.jsonl" if task in TASKS else f"{HELD_OUT_DIR}/{task}.jsonl")
+    return [row["messages"][0]["content"] for row in read_rows(str(path))[0]]
+
+
+@pytest.mark.parametrize("task", [*TASKS, *HELD_OUT])
+def test_no_file_repeats_a_prompt(task):
+    """A repeated prompt can land in a source's test split and its training rows at once."""
+    prompts = _prompts(task)
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_label_never_repeats_a_sentence():
+    """One sentence under two templates is a test row the adapter has trained on in other words."""
+    sentences = [re.sub(r"^(Topic: |Label the topic in one word: |Which topic is this\? )", "", p) for p in _prompts("label")]
+    assert len(set(sentences)) == len(sentences) == 1000
+
+
+def test_held_out_prompts_are_no_source_prompt_and_open_with_no_source_template():
+    """A held-out task in a source's own template is answered by that source's adapter alone."""
+    sources = {p for task in TASKS for p in _prompts(task)}
+    openings = {t.split("{")[0] for t in (*CHAT_TEMPLATES, *JSON_TEMPLATES, *ARITH_TEMPLATES, *LABEL_TEMPLATES)} - {""}
+    assert {"Topic: ", "Calculate ", "Work out ", 'What is "'} <= openings
+    for task in HELD_OUT:
+        for prompt in _prompts(task):
+            assert prompt not in sources, (task, prompt)
+            assert not any(prompt.startswith(o) for o in openings), (task, prompt)
+    assert not any(p.startswith("Topic") for p in _prompts("json-label"))
+
+
+def test_a_task_that_runs_out_of_distinct_prompts_raises():
+    with pytest.raises(LorademError, match=r"^formats: task 'label' drew 10000 repeats in a row after 2304 distinct rows; ask for fewer rows"):
+        SUITE.rows("label", seed=0, rows=2305)
 
 
 def test_seeds_and_tasks_are_independent():
