@@ -316,7 +316,7 @@ class HeldOutTask(_Strict):
 
 
 class RetentionSettings(_Strict):
-    enabled: bool = Field(True, description="Score every report row against the base on generic prompts: agreement (share of prompts whose greedy reply equals the base's) and KL(base || model) per token of the base's replies.")
+    enabled: bool = Field(True, description="Score every report row against the base on generic prompts: agreement (the share of the base's greedy reply that the model's greedy reply repeats before departing from it, averaged over prompts) and KL(base || model) per token of the base's replies.")
     prompts: str = Field("builtin", description="'builtin' (40 everyday instructions shipped with loradem, none of them an anchor prompt) or a .jsonl/.json/.csv/.parquet file of messages or prompt/completion rows (relative to the recipe); only the prompts are used. A prompt that is also an anchor prompt is refused.")
     max_new_tokens: int = Field(24, gt=0, description="Reply tokens compared: the first this many of each greedy reply (up to eos).")
 

@@ -9,8 +9,10 @@ A row is ``{"name": "dem", "per_source": {source: value}, "average": float,
 exact match}, "retention": {"agreement", "kl"}}`` (weights, benchmarks and the
 held-out measures optional; a per-source or held-out value may be None when
 not evaluated).
-Names in use: ``base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
+Names in use: ``base``, ``warm-base``, ``adapter:<source>``, ``uniform``, ``sum``, ``dem``,
 ``mix``, ``mix-tuned``, ``dem-<option>``, and ``<variant>:<any of these>`` for a recipe's variants.
+A row built on a warmed base has ``warmup_tokens`` and ``warmup_seconds`` in its cost too (already
+counted in its training tokens and seconds).
 
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the run
@@ -122,8 +124,9 @@ def held_out_lines(rows: list[dict], extra: dict) -> list[str]:
     if kept:
         r = extra.get("retention") or {}
         notes.append(f"Retention compares each model with the base on {r.get('n', '?')} generic prompts no source "
-                     f"trains on ({r.get('prompts', '?')}): agreement is the share of prompts whose greedy reply "
-                     f"(first {r.get('max_new_tokens', '?')} tokens) is the base's own, KL the mean KL(base ‖ model) "
+                     f"trains on ({r.get('prompts', '?')}): agreement is the share of the base's greedy reply "
+                     f"(first {r.get('max_new_tokens', '?')} tokens) that the model's greedy reply repeats before it "
+                     "first departs from it (mean over prompts; 100%: the base's replies), KL the mean KL(base ‖ model) "
                      "per token of the base's replies (0: the base's distribution; lower is closer).")
     head = [*tasks, *(["held-out average"] if tasks else []), *(["agreement", "KL"] if kept else [])]
     lines = ["", "## Held-out", "", " ".join(notes), "", "| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
@@ -188,6 +191,7 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             " + the learned weights" if mix.get("dem_row") == "dem-learned" else "")
         lines.append(f"- Data mixing vs DEM (`{mix.get('dem_row', 'dem')}`, the assembled model) cost: {_num(r.get('train_tokens'))}x the "
                      f"training tokens, {_num(r.get('seconds'))}x the seconds (DEM = {what}).")
+    lines += _warmup_lines(extra.get("warmup"), "")
     lines += _mix_grid_lines(extra.get("mix_grid"), rows, (mix or {}).get("dem_row", "dem"))
     lines += _increment_lines(extra.get("increment"))
     lines += _vector_lines(extra.get("vectors") or {})
@@ -201,7 +205,8 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             line += (f" and learned weights ({int(learned.get('learn_tokens') or 0):,} tokens, "
                      f"validation loss {_num(learned.get('initial_objective'))} -> {_num(learned.get('objective'))})")
         lines.append(line + f"; outputs in `{v.get('out_dir')}/`; its rows are scored on in-memory exact folds.")
-        lines += ["  " + x for x in _increment_lines(v.get("increment")) + _vector_lines(v.get("vectors") or {})]
+        lines += ["  " + x for x in _warmup_lines(v.get("warmup"), f"{name}:") + _increment_lines(v.get("increment"))
+                  + _vector_lines(v.get("vectors") or {})]
     return lines
 
 
@@ -227,6 +232,18 @@ def _mix_grid_lines(grid: Optional[dict], rows: list[dict], dem_row: str) -> lis
         cost_line += (f", next to DEM's (`{dem_row}`) {d['train_tokens']:,} tokens and {_seconds(d['total_seconds'])} s "
                       "(one training per source + the search" + (" + the learned weights)" if dem_row == "dem-learned" else ")"))
     return [line, cost_line + "."]
+
+
+def _warmup_lines(warm: Optional[dict], prefix: str) -> list[str]:
+    """The shared warm-up in one line: what it trained on, its cost, which rows it is charged to."""
+    if not warm:
+        return []
+    return [f"- Shared warm-up (`{prefix}warm-base`): adapter `{warm['adapter']['name']}`, {warm.get('steps')} steps on up to "
+            f"{warm.get('rows_per_source')} training rows each of {', '.join(warm.get('sources') or [])} "
+            f"({int(warm.get('train_tokens') or 0):,} tokens, {_seconds(float(warm.get('train_seconds') or 0))} s), "
+            f"folded exactly into the base; "
+            + (f"every `{prefix}...` row" if prefix else "every row but `base`, `mix` and `mix-tuned`")
+            + " is built on it and charged its cost."]
 
 
 def _increment_lines(inc: Optional[dict]) -> list[str]:

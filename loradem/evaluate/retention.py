@@ -8,13 +8,17 @@ prompts (`loradem.evaluate.heldout.retention_prompts`), both from one
 teacher-forced forward pass per batch over prompt + base reply (no
 generation for the model):
 
-- ``agreement``: the share of prompts whose greedy reply (the new tokens up to
-  and including eos, at most ``max_new_tokens``) is, token for token, the
-  base's. Greedy decoding takes the top token given the prefix so far, so the
-  model's reply is the base's exactly when its top token at every position of
-  the base's reply is the base's token, which is the base's own top token
-  there: that is what is checked, on the teacher-forced logits of both (a test
-  compares it with real generation).
+- ``agreement``: how much of the base's greedy reply (the new tokens up to and
+  including eos, at most ``max_new_tokens``) the model's own greedy reply
+  repeats before it first departs from it, as a share of the base's reply,
+  averaged over prompts: 1 when every reply is the base's, 0.5 when replies
+  follow the base for half their length. Greedy decoding takes the top token
+  given the prefix so far, so up to the first difference both replies share
+  their prefix, and the model keeps to the base's reply at a position exactly
+  when its top token there is the base's token, which is the base's own top
+  token: that is what is checked, on the teacher-forced logits of both (a test
+  compares it with real generation). A whole-reply match would be too strict
+  to rank merges: on 24-token replies every merged model of the demo scored 0.
 - ``kl``: KL(base ‖ model) = Σ_v p_base(v)·(log p_base(v) − log p_model(v)) at
   every position of the base's replies, averaged over all reply tokens;
   computed in float64 from the logits. 0 means the base's next-token
@@ -133,11 +137,18 @@ def base_reference(base_dir: Path, prompts: Sequence[Prompt], *, max_new_tokens:
 
 
 def retention_scores(model, tokenizer, ref: Reference) -> dict[str, float]:
-    """{"agreement": share of prompts answered exactly as the base did, "kl": mean KL(base ‖ model) per reply token}."""
+    """{"agreement": mean share of the base's reply that the model's greedy reply repeats before departing from it,
+    "kl": mean KL(base ‖ model) per reply token}."""
     logits = reply_logits(model, tokenizer, ref.prompts, ref.reply_ids, ref.batch_size)
     total = sum(kl_sum(p, q) for p, q in zip(ref.base_logits, logits))
     # the base's top tokens are its reply's tokens (greedy); taken from the same logits, a model equal to the base
     # agrees exactly even where generation and teacher forcing could round a near-tie differently
     same = torch.cat(logits).argmax(dim=-1) == torch.cat(ref.base_logits).argmax(dim=-1)
-    agreement = sum(bool(h.all()) for h in same.split([len(r) for r in ref.reply_ids])) / len(ref.reply_ids)
+    agreement = sum(kept_prefix(h) / len(h) for h in same.split([len(r) for r in ref.reply_ids])) / len(ref.reply_ids)
     return {"agreement": agreement, "kl": total / len(same)}
+
+
+def kept_prefix(same: torch.Tensor) -> int:
+    """How many leading positions of a reply agree (`same` is one bool per position)."""
+    differ = (~same).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(same)
