@@ -5,6 +5,8 @@
         --variants loradem,trl,trl-matched,trl-bf16,trl-grouped,trl-padding-free,trl-packed     # and TRL's batchings
     flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_train.py --threads 1 --steps 12 \
         --variants loradem,trl,trl-matched,trl-bf16,loradem-trl-loss,loradem-bf16               # what the loss saves
+    flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_train.py --threads 1 --steps 20 \
+        --variants trl,trl-validated,loradem                                                  # equal work
     .venv/bin/python benchmarks/bench_train.py --device cuda --steps 60                         # on a GPU
 
 Every variant trains the same rows (--source's training split of --recipe, the demo's addition rows by default)
@@ -23,6 +25,10 @@ a fresh process of its own, with the same torch thread count (--threads):
 - ``trl``: a minimal plain TRL script (`SFTTrainer(model=<base folder>, ...)`, conversational prompt/completion
   rows); every other setting is TRL's default: gradient checkpointing on, bf16 autocast (on a CPU too), fused
   AdamW. It logs every step (so the token count covers every step) and saves nothing.
+- ``trl-validated``: the plain TRL script doing the work loradem's trainer does besides training: validation loss
+  on the same validation rows at the same --eval-steps, a checkpoint at each, and the best one reloaded at the end
+  (``eval_strategy``/``save_strategy="steps"``, ``load_best_model_at_end``); TRL's defaults otherwise. Against
+  it, loradem is compared on equal work.
 - ``trl-matched``: the same script with loradem's remaining settings too (no gradient checkpointing, float32 on a
   CPU / bf16 weights on a GPU, the recipe's optimizer): loradem's computation without its evaluation and
   checkpoints.
@@ -60,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("loradem", "loradem-trl-loss", "loradem-bf16", "trl", "trl-matched", "trl-bf16", "trl-padding-free", "trl-packed", "trl-grouped")
+VARIANTS = ("loradem", "loradem-trl-loss", "loradem-bf16", "trl", "trl-validated", "trl-matched", "trl-bf16", "trl-padding-free", "trl-packed", "trl-grouped")
 DEFAULT_VARIANTS = "loradem,trl,trl-matched"
 
 
@@ -171,7 +177,8 @@ def _bf16_autocast(sft):
     return Float32Head()
 
 
-def run_trl(variant: str, recipe, source: str, base_dir: Path, steps: int, scratch: Path, cuda: bool) -> dict:
+def run_trl(variant: str, recipe, source: str, base_dir: Path, steps: int, eval_steps: int, scratch: Path,
+            cuda: bool) -> dict:
     """The plain TRL script: SFTTrainer on the base folder, TRL's defaults unless the variant says otherwise."""
     import torch
     from datasets import Dataset
@@ -182,15 +189,24 @@ def run_trl(variant: str, recipe, source: str, base_dir: Path, steps: int, scrat
     train, lora = recipe.train_for(recipe.source(source)), recipe.lora_for(recipe.source(source))
     splits = _splits(recipe, source)
     # what a TRL user writes for completion-only loss: conversational prompt/completion rows
-    rows = ([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in splits.train]
-            if splits.format == "messages" else splits.train)
+    def trl_rows(split):
+        return ([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in split]
+                if splits.format == "messages" else split)
+
+    rows = trl_rows(splits.train)
     settings: dict = {
         "output_dir": str(scratch / variant), "max_steps": steps, "per_device_train_batch_size": train.batch_size,
         "learning_rate": train.learning_rate, "lr_scheduler_type": train.lr_scheduler, "max_length": train.max_length,
         "completion_only_loss": True, "seed": recipe.seed, "logging_steps": 1, "save_strategy": "no",
         "report_to": "none", "disable_tqdm": True, "use_cpu": not cuda,
     }
-    if variant != "trl":  # loradem's remaining settings
+    validation = None
+    if variant == "trl-validated":
+        validation = Dataset.from_list(trl_rows(splits.validation))
+        settings.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps,
+                        save_only_model=True, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                        greater_is_better=False)
+    elif variant != "trl":  # loradem's remaining settings
         dtype = torch.bfloat16 if cuda else torch.float32
         settings.update(gradient_checkpointing=False, bf16=cuda or variant == "trl-bf16", optim=train.optimizer,
                         model_init_kwargs={"dtype": dtype})
@@ -204,7 +220,7 @@ def run_trl(variant: str, recipe, source: str, base_dir: Path, steps: int, scrat
                       use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
     timer = train_timer()
     trainer = SFTTrainer(model=str(base_dir), args=SFTConfig(**settings), train_dataset=Dataset.from_list(rows),
-                         peft_config=peft, callbacks=[timer])
+                         eval_dataset=validation, peft_config=peft, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # its per-step log lines; the summary below says what matters
     if variant == "trl-padding-free":
         longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -313,7 +329,7 @@ def run_one(args) -> dict:
     if args.child.startswith("loradem"):
         r = run_loradem(args.child, recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch)
     else:
-        r = run_trl(args.child, recipe, args.source, base_dir, args.steps, scratch, cuda)
+        r = run_trl(args.child, recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch, cuda)
     device = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores"
     return {**r, "device": device, "base": str(base_dir), "rows": len(_splits(recipe, args.source).train),
             "batch_size": recipe.train_for(recipe.source(args.source)).batch_size}

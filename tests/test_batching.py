@@ -167,7 +167,7 @@ def test_the_training_benchmark_compares_like_with_like(tiny_base, tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--base", str(tiny_base), "--steps", "2",
-         "--threads", "1", "--variants", "loradem,trl-matched,trl-padding-free", "--json", str(out)],
+         "--threads", "1", "--variants", "loradem,trl-matched,trl-padding-free,trl,trl-validated", "--json", str(out)],
         capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
@@ -175,4 +175,9 @@ def test_the_training_benchmark_compares_like_with_like(tiny_base, tmp_path):
     assert results["loradem"]["loss"] == pytest.approx(results["trl-matched"]["loss"], rel=1e-6)
     assert results["trl-padding-free"]["loss"] == pytest.approx(results["trl-matched"]["loss"], rel=1e-5)
     assert results["loradem"]["eval_save"] > 0 and results["trl-matched"]["eval_save"] == 0  # only loradem evaluates
+    # ... and the plain script that validates and checkpoints like loradem: same training, plus that work
+    assert results["trl-validated"]["tokens"] == results["trl"]["tokens"] == results["loradem"]["tokens"]
+    assert results["trl-validated"]["loss"] == results["trl"]["loss"]
+    assert results["trl-validated"]["eval_save"] > 0 and results["trl"]["eval_save"] == 0
+    assert results["trl-validated"]["per_run"][0]["steps_run"] == 2
     assert "| loradem | 8.0 |" in done.stdout
