@@ -346,32 +346,63 @@ def atomic_dir(final: str | Path, overwrite: bool = False, *, needed_bytes: int 
     what to do about a place that cannot be written); `needed_bytes` says how
     much the output takes.
     """
-    final = Path(final)
+    with _aside(Path(final), overwrite, needed_bytes, fix, folder=True) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path, overwrite: bool = False, *, needed_bytes: int | None = None,
+                fix: str = ANOTHER_FOLDER) -> Iterator[Path]:
+    """Yield an empty scratch file beside `final` (``.<name>.partial-<host>-<pid>``) that is renamed to `final` only
+    if the block finishes; for a writer that takes a path and writes one file over a while.
+
+        with atomic_file(run_dir / "model.gguf", overwrite=True, needed_bytes=size) as tmp:
+            writer.write_to(tmp)
+
+    On any exception, Ctrl-C included, the scratch file is removed and `final` is untouched. An existing `final` is
+    replaced only with overwrite=True. Errors are `atomic_dir`'s: a full or read-only disk, in the block too, is
+    `disk_error`'s one line about `final`.
+    """
+    with _aside(Path(final), overwrite, needed_bytes, fix, folder=False) as tmp:
+        yield tmp
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _aside(final: Path, overwrite: bool, needed_bytes: int | None, fix: str, *, folder: bool) -> Iterator[Path]:
+    """`atomic_dir` (folder=True) and `atomic_file`: a scratch folder or file beside `final`, renamed into place."""
     clean_partials(final.parent, final.name)  # first: it may put an interrupted replace's old folder back
     if final.exists() and not overwrite:
         raise LorademError(f"{final}: already exists (pass --overwrite to replace it)")
     tmp = _partial_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp.mkdir() if folder else tmp.touch(exist_ok=False)
     except OSError as exc:
         raise _cannot_write(final, exc, fix) from None
     try:
         yield tmp
     except Exception as exc:  # re-raised unless it is a disk error
-        written = None if needed_bytes else _tree_bytes(tmp)
+        written = None if needed_bytes else (_tree_bytes(tmp) if folder else _file_bytes(tmp))
         kept = "the partial output was removed" if written else "nothing was written"
         error = disk_error(final, exc, needed_bytes=needed_bytes, written_bytes=written, fix=fix, kept=kept)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if error is None or error is exc:
             raise
         raise error from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     old = None
     try:
-        if final.exists():
+        if folder and final.exists():  # a folder cannot be renamed over another: the old one goes aside first
             old = final.parent / f".{final.name}.old-{socket.gethostname()}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
@@ -379,10 +410,17 @@ def atomic_dir(final: str | Path, overwrite: bool = False, *, needed_bytes: int 
         if old is not None and not final.exists():
             with contextlib.suppress(OSError):
                 os.replace(old, final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise _cannot_write(final, exc, fix) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def atomic_write_files(files: dict[Path, bytes], *, fix: str = ANOTHER_FOLDER) -> None:

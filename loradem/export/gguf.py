@@ -49,10 +49,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -60,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from loradem.errors import LorademError, first_line
-from loradem.files import _partial_path, clean_partials, disk_error, read_json
+from loradem.files import atomic_file, read_json
 from loradem.progress import progress
 from loradem.vectors.checkpoint import ST_DTYPES, BaseCheckpoint, read_base
 
@@ -510,7 +509,7 @@ def export_gguf(
     total = sum(_nbytes(j) for j in jobs)
     log(f"exporting {folder} -> {out} ({out_type}, {len(jobs)} tensors, {total / 1e6:,.1f} MB, "
         f"{arch.gguf_arch.lower()}, pre-tokenizer {vocab.pre})")
-    with _aside(out, overwrite, total) as tmp:
+    with atomic_file(out, overwrite, needed_bytes=total, fix="choose another output") as tmp:
         write_tensors(writer, checkpoint, jobs, tmp)
     log(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB) in {time.perf_counter() - started:.1f} s")
     return out
@@ -574,30 +573,3 @@ def _check_output(out: Path, overwrite: bool) -> None:
     with open(out, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LorademError(f"{out}: --overwrite replaces only a GGUF file, and this is not one; choose another output")
-
-
-@contextmanager
-def _aside(final: Path, overwrite: bool, needed_bytes: int) -> Iterator[Path]:
-    """A scratch path beside `final` that replaces it only if the block finishes; removed on any failure."""
-    clean_partials(final.parent, final.name)
-    if final.exists() and not overwrite:
-        raise LorademError(f"{final}: already exists (pass --overwrite to replace it)")
-    tmp = _partial_path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp.touch()
-    except OSError as exc:
-        raise disk_error(final, exc) or LorademError(
-            f"{final}: cannot write there ({exc.strerror or exc}); choose another output") from None
-    try:
-        yield tmp
-    except Exception as exc:  # the one recognizer of full and read-only disks, library wordings included
-        tmp.unlink(missing_ok=True)
-        error = disk_error(final, exc, needed_bytes=needed_bytes)
-        if error is not None:
-            raise error from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)

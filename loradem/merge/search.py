@@ -17,6 +17,11 @@ fraction of a second, never a reload.
   `settings.max_rows_per_source` validation rows, tokenized once, and weighted by
   each source's importance (a source of importance 0 is not evaluated).
 - Search space, warm starts, samplers: `loradem.merge.space`.
+- A non-finite score (a NaN or Inf loss: NaN/Inf adapter weights, an overflow at
+  large weights) fails the trial: Optuna records it as FAIL, one log line names
+  the trial, its weights and the source, and the sources after it are not
+  evaluated. It counts against the trials run but never towards the finished
+  ones; when no trial completes, the stage stops with one line and writes nothing.
 - Pruning (`settings.pruning`): sources are evaluated one at a time and the
   partial weighted mean is reported after each; Optuna's MedianPruner stops a
   trial worse than the median of earlier trials at the same step. Pruned trials
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import time
 import warnings
@@ -125,6 +131,10 @@ def make_evaluators(model, tokenizer, used: dict[str, list[dict]], *, objective:
     return out
 
 
+class NonFiniteScore(Exception):
+    """A source scored NaN or Inf in a trial: Optuna fails that trial (`run_trials` catches this) and the search goes on."""
+
+
 def make_objective(model, evaluators: dict[str, Callable[[], float]], space: SearchSpace, importance: dict[str, float],
                    *, prune: bool, worker: int = 0) -> Callable:
     """The trial function: suggest, set the LoRA scales, score source by source (reporting partial means when pruning)."""
@@ -140,6 +150,9 @@ def make_objective(model, evaluators: dict[str, Callable[[], float]], space: Sea
         values: dict[str, float] = {}
         for i, s in enumerate(order):
             values[s] = evaluators[s]()
+            if not math.isfinite(values[s]):  # before any report: a pruner takes NaN for a reason to prune
+                trial.set_user_attr("non_finite", {"source": s, "value": repr(values[s])})
+                raise NonFiniteScore(f"source {s!r} scored {values[s]!r}")
             if prune and i < len(order) - 1:
                 trial.report(weighted_mean(values, importance), step=i)
                 if trial.should_prune():
@@ -158,9 +171,14 @@ def _log_trial(log: Log, space: SearchSpace, worker: Optional[int], on_trial: Op
     who = "" if worker is None else f"[worker {worker}] "
 
     def callback(study, trial) -> None:
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        failed = trial.user_attrs.get("non_finite") if trial.state == TrialState.FAIL else None
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED) and failed is None:
             return
         ws = " ".join(f"{s}={w:.3f}" for s, w in space.mean_weights(trial.params).items())
+        if failed is not None:
+            log(f"{who}trial {trial.number}: {ws} failed: source {failed['source']!r} scored {failed['value']} "
+                "(a non-finite score; the trial does not count)")
+            return
         try:
             best = study.best_trial
             tail = f"(best {best.value:.4f}, trial {best.number})"
@@ -217,7 +235,7 @@ def run_trials(job: TrialJob, log: Log = print, on_trial: Optional[Callable[[], 
         log(f"[worker {job.worker}] pid {os.getpid()}: model loaded, up to {job.n_trials} trials")
     objective = make_objective(model, evaluators, job.space, importance, prune=settings.pruning, worker=job.worker or 0)
     with job.storage.writes():  # a full or read-only disk under the study is one line, in a worker process too
-        study.optimize(objective, n_trials=job.n_trials, callbacks=[_log_trial(log, job.space, job.worker, on_trial), stop_at(job.target)])
+        study.optimize(objective, n_trials=job.n_trials, catch=(NonFiniteScore,), callbacks=[_log_trial(log, job.space, job.worker, on_trial), stop_at(job.target)])
 
 
 # ---- outputs ------------------------------------------------------------------------
@@ -418,6 +436,15 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _failures(failed: list, space: SearchSpace) -> str:
+    """What a study whose trials all failed on non-finite scores says about them, for the stage's one error line."""
+    last = failed[-1]
+    ws = " ".join(f"{s}={w:.3f}" for s, w in space.mean_weights(last.params).items())
+    return (f": {len(failed)} trials failed on a non-finite score (NaN or Inf), the last, trial {last.number} ({ws}), "
+            f"when source {last.user_attrs['non_finite']['source']!r} scored {last.user_attrs['non_finite']['value']}; "
+            "look for NaN or Inf in the adapters' or the base's weights, or search a narrower weight range")
+
+
 def search_weights(job: SearchJob, base_dir: Path, adapters: dict[str, Path], validation: dict[str, list[dict]], *,
                    storage: Optional[str] = None, workers: int = 1, log: Log = print) -> dict:
     """Run (or resume) the weight search; writes weights.json, trials.csv, search.png (importances.png) in job.out_dir
@@ -479,15 +506,17 @@ def search_weights(job: SearchJob, base_dir: Path, adapters: dict[str, Path], va
         study = open_study(store, name, sampler, direction=DIRECTION[settings.objective], create=False)
 
     trials, pruned = trials_in(study, "COMPLETE"), trials_in(study, "PRUNED")
+    failed = [t for t in trials_in(study, "FAIL") if "non_finite" in t.user_attrs]
     if not trials:
-        raise LorademError(f"search: study {name!r} has no completed trial")
+        raise LorademError(f"search: study {name!r} has no completed trial" + (_failures(failed, space) if failed else ""))
     importances = param_importances(study, space.param_names(), log)
     result = summarize(trials, pruned, space, job, store, name, importances)
     if previous_from:  # relative to weights.json's folder, like the study file: the run may move
         result["warm_start"] = os.path.relpath(Path(previous_from).resolve(), Path(out_dir).resolve())
     write_outputs(out_dir, result, study, space, sources, f"{job.name}: weight search ({settings.sampler})")
     log(f"search: best {settings.objective} {result['objective']:.4f} at trial {result['best_trial']} "
-        f"({len(trials)} complete, {len(pruned)} pruned): " + " ".join(f"{s}={w:.3f}" for s, w in result["weights"].items()))
+        f"({len(trials)} complete, {len(pruned)} pruned" + (f", {len(failed)} failed on a non-finite score" if failed else "")
+        + "): " + " ".join(f"{s}={w:.3f}" for s, w in result["weights"].items()))
     if importances:
         log("search: importances " + " ".join(f"{p}={v:.2f}" for p, v in importances["values"].items()))
     return result

@@ -92,6 +92,9 @@ class Storage:
         if spec.endswith(".log"):
             return cls("journal", str(Path(spec).expanduser().resolve()))
         if "://" in spec:
+            if _in_memory_sqlite(spec):
+                raise LorademError(f"{field}: {spec!r} is an in-memory SQLite database, which worker processes and later "
+                                   "runs cannot open; give a file (sqlite:///path/search.db) or a journal file (.log)")
             return cls("rdb", spec)
         raise LorademError(
             f"{field}: expected an RDB URL (sqlite:///path.db, postgresql://user@host/db, ...), journal:PATH "
@@ -169,6 +172,14 @@ class Storage:
         if sqlite:
             _serialize_sqlite(storage.engine)
         return storage
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL fails in open(), with its own message
+        return False
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def _serialize_sqlite(engine) -> None:
