@@ -5,6 +5,8 @@
     runs/<name>/
       recipe.json         the validated recipe, as run (its files named relative to this folder)
       adapters.json       source -> finished adapter folder, with its training cost   (train)
+                          (with warmup.enabled, first the shared warm-up folded into a warmed base that
+                          every stage of that recipe or variant then takes as its base: `recipe_base`)
       vectors.json        norms and pairwise similarities of the deltas; similarity.png (vectors)
       search/             search.db (Optuna), weights.json, trials.csv, search.png        (search)
       regmean/            the RegMean merge as one PEFT adapter + regmean.json   (with regmean.enabled)
@@ -49,6 +51,17 @@ def _splits(recipe: Recipe) -> dict:
     return {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
 
 
+def recipe_base(recipe: Recipe, base_dir: Path, splits: dict, *, train: bool = False) -> Path:
+    """The base `recipe` (the recipe or a variant) trains its adapters from and folds them into: `base_dir`, or with
+    warmup.enabled its warmed base (`loradem.train.warmup.warm_base`: trained only when `train`; the later stages
+    fold a finished warm-up adapter again if its folder left the cache, and otherwise name the command to run)."""
+    if not recipe.warmup.enabled:
+        return base_dir
+    from loradem.train.warmup import warm_base
+
+    return warm_base(recipe, base_dir, splits, log=_log("warmup"), train=train)
+
+
 # ---- check ---------------------------------------------------------------
 
 def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
@@ -57,6 +70,7 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
     print what a run would use. The base is not loaded: what its tokenizer refuses shows at `loradem train`,
     before the first adapter trains."""
     from loradem.train.mix import check_mix
+    from loradem.train.warmup import warmup_sources
 
     recipe = load_recipe(recipe_path)
     splits = _splits(recipe)
@@ -74,6 +88,13 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
     for v in recipe.variants:
         print(f"variant {v.name!r}: {format_overrides(v.overrides())} (outputs in {recipe.variant(v.name).out_dir}/)")
+    for label, r in (("", recipe), *variant_recipes(recipe).items()):
+        if r.warmup.enabled:
+            w = r.warmup
+            print(f"{'variant ' + repr(label) + ': ' if label else ''}shared warm-up: {w.steps} steps of "
+                  f"{r.train.batch_size * r.train.grad_accum} rows, lr {w.learning_rate or r.train.learning_rate:.2g}, "
+                  f"on up to {w.rows_per_source} training rows each of {', '.join(warmup_sources(r))}; "
+                  "its adapters train from the warmed base")
     if recipe.mix.proportions:
         print(f"mix proportions (with --baseline mix): the natural shares + {len(recipe.mix.proportions)} set(s), "
               "each one more mix at the same tokens; mix-tuned = the lowest validation loss")
@@ -104,15 +125,18 @@ def _train_stage(recipe: Recipe, base_dir: Path, splits: dict, *, only: list[str
     job is checked first (unless the caller already ran `_check_training`), so a bad source or variant fails
     before the first adapter trains."""
     from loradem.train.sft import train_all
+    from loradem.train.warmup import with_base_name
 
     if not checked:
         _check_training(recipe, splits, only=only, baseline=baseline, base_dir=base_dir)
     force = [n for n in force if only is None or n in only]  # --force outside --only trains nothing
     adapters: dict[str, Path] = {}
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
-        trained = train_all(train_jobs(r, splits, only=only), base_dir, force=force, log=_log("train"))
+        base = recipe_base(r, base_dir, splits, train=True)  # its warm-up first, when it has one
+        jobs = with_base_name(train_jobs(r, splits, only=only), base, base_dir)
+        trained = train_all(jobs, base, force=force, log=_log("train"))
         adapters = adapters if label else trained
-        _write_adapters_json(r, base_dir, splits)
+        _write_adapters_json(r, base, splits)
     if baseline == "mix":
         _train_mix(recipe, base_dir, splits)
     return adapters
@@ -121,14 +145,17 @@ def _train_stage(recipe: Recipe, base_dir: Path, splits: dict, *, only: list[str
 def _check_training(recipe: Recipe, splits: dict, *, only: list[str] | None = None, baseline: str | None = None,
                     base_dir: Path | None = None) -> None:
     """What the train stage would refuse on the data and settings, for the recipe and each variant (the error
-    names the variant), with baseline="mix" the mix too; given `base_dir`, also what the base's tokenizer
-    and TRL's config refuse (imports the ML libraries, so `check` leaves it out)."""
+    names the variant; a warm-up's job first), with baseline="mix" the mix too; given `base_dir`, also what the
+    base's tokenizer and TRL's config refuse (imports the ML libraries, so `check` leaves it out)."""
     from loradem.train.mix import check_mix
     from loradem.train.sft import check_jobs, check_trainable
+    from loradem.train.warmup import warmup_job
 
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
         jobs = train_jobs(r, splits, only=only)
         try:
+            if r.warmup.enabled:
+                jobs = [warmup_job(r, splits), *jobs]
             check_jobs(jobs)
             if base_dir is not None:
                 check_trainable(jobs, base_dir)
@@ -181,17 +208,19 @@ def variant_recipes(recipe: Recipe) -> dict[str, Recipe]:
 
 
 def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> list[Path]:
-    """The natural mix, then one per `mix.proportions` set (their folders, natural first)."""
+    """The natural mix, then one per `mix.proportions` set (their folders, natural first): trained from the original
+    base `base_dir` even when the recipe warms its own (the mix is what the warm-up is compared with)."""
     from loradem.train.mix import train_mix_grid
 
     splits = splits or _splits(recipe)
-    return train_mix_grid(mix_job(recipe, splits), base_dir, finished_adapters(recipe, base_dir, splits), log=_log("mix"))
+    adapters = finished_adapters(recipe, recipe_base(recipe, base_dir, splits), splits)  # their tokens: the budget
+    return train_mix_grid(mix_job(recipe, splits), base_dir, adapters, log=_log("mix"))
 
 
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True,
                       only: list[str] | None = None) -> dict[str, Path]:
     """The finished adapter folder of every source (those in `only`, when given), found by its key; raise if one
-    is missing.
+    is missing. `base_dir` is the recipe's own base (`recipe_base`: its warmed base when it has a warm-up).
 
     A source with a ready `vector:` gets its imported copy (`loradem.vectors.card.import_vector`: checked
     against its card and this base, copied once into adapters_dir) instead of a trained adapter.
@@ -304,7 +333,8 @@ def shared_adapter(given: str, recipe_path: str | None) -> Path:
     recipe = load_recipe(recipe_path)
     recipe.source(given)  # an unknown name fails naming the recipe's sources, before the base is resolved
     recipe, base_dir = _prepare(recipe_path)
-    return finished_adapters(recipe, base_dir, only=[given])[given]
+    splits = _splits(recipe)
+    return finished_adapters(recipe, recipe_base(recipe, base_dir, splits), splits, only=[given])[given]
 
 
 # ---- search ------------------------------------------------------------------
@@ -314,9 +344,9 @@ def search(recipe_path: str | Path, *, storage: str | None = None, workers: int 
     wins over the recipe's (variants keep their own study in runs/<name>/variants/<variant>/search/)."""
     recipe, base_dir = _prepare(recipe_path)
     splits = _splits(recipe)
-    result = _search(recipe, base_dir, splits, storage=storage, workers=workers)
+    result = _search(recipe, recipe_base(recipe, base_dir, splits), splits, storage=storage, workers=workers)
     for name, variant in variant_recipes(recipe).items():  # each variant's own study, in its own folder
-        _search(variant, base_dir, splits, workers=workers, label=f"search {name}")
+        _search(variant, recipe_base(variant, base_dir, splits), splits, workers=workers, label=f"search {name}")
     return result
 
 
@@ -339,7 +369,7 @@ def learn(recipe_path: str | Path) -> dict:
     if not learning:
         raise LorademError(f"{recipe_path}: learn.enabled is false; set `learn: {{enabled: true}}` to learn per-module weights")
     splits = _splits(recipe)
-    results = [_learn(r, base_dir, splits) for r in learning]
+    results = [_learn(r, recipe_base(r, base_dir, splits), splits) for r in learning]
     return results[0]
 
 
@@ -361,7 +391,8 @@ def regmean(recipe_path: str | Path) -> dict:
     recipe, base_dir = _prepare(recipe_path)
     if not recipe.regmean.enabled:
         raise LorademError(f"{recipe_path}: regmean.enabled is false; set `regmean: {{enabled: true}}` to merge by RegMean")
-    return _regmean(recipe, base_dir)
+    splits = _splits(recipe)
+    return _regmean(recipe, recipe_base(recipe, base_dir, splits), splits)
 
 
 def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
@@ -433,24 +464,31 @@ def _assemble(recipe: Recipe, base_dir: Path, *, out: str | None = None, dtype: 
               fold_base: str | None = None, max_shard_size_mb: float | None = None,
               direct_io: bool | None = None) -> Path:
     """Fold the searched weights (per layer group when the search found `layer_weights`), the learned
-    per-module ones (assemble.weights: learned), or the RegMean adapter (assemble.weights: regmean) into the base."""
+    per-module ones (assemble.weights: learned), or the RegMean adapter (assemble.weights: regmean) into the
+    recipe's base (`base_dir`, or its warmed base: then loradem.json and the card also name the warm-up)."""
     from loradem.merge.fold import assemble
+    from loradem.train.warmup import warmup_record
 
+    splits = _splits(recipe)
+    base = recipe_base(recipe, base_dir, splits)
     if recipe.assemble.weights == "regmean":  # one adapter, already the merge: folded at weight 1
         inputs = [(regmean_adapter(recipe), 1.0)]
     else:
         weights = model_weights(recipe)
-        adapters = finished_adapters(recipe, base_dir)
+        adapters = finished_adapters(recipe, base, splits)
         inputs = [(adapters[n], weights[n]) for n in adapters]
     target = Path(out) if out else recipe.out_dir / "model"
     # the run's own model folder is loradem's to replace; a user-given --out is not
     replace = overwrite or out is None
     dt = dtype or (None if recipe.assemble.dtype == "auto" else recipe.assemble.dtype)
-    # the base as the recipe names it (it resolves to base_dir again): the model card names it by hub id or alias
+    # the base as the recipe names it (it resolves to base_dir again): the model card names it by hub id or alias;
+    # a warmed base by its folder, with the original base and the warm-up adapter beside it
+    warm = base != base_dir
     return assemble(
-        recipe.base, inputs, target, dtype=dt, overwrite=replace,
+        str(base) if warm else recipe.base, inputs, target, dtype=dt, overwrite=replace,
         max_shard_size_mb=max_shard_size_mb or recipe.assemble.max_shard_size_mb, fold_base=fold_base or recipe.assemble.fold_base,
         direct_io=recipe.assemble.direct_io if direct_io is None else direct_io, log=_log("assemble"),
+        warm_up=warmup_record(recipe, base, target) if warm else None,
     )
 
 
@@ -481,10 +519,12 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
     then write the model's card again, with the scores."""
     from loradem.evaluate.compare import EvalPlan, EvalSource, RetentionPlan, VariantPlan, compare_models
     from loradem.merge.model_card import add_scores
+    from loradem.train.warmup import warmup_record
 
     splits = _splits(recipe)
     held_out, prompts = eval_inputs(recipe)
-    adapters = finished_adapters(recipe, base_dir, splits)
+    base = recipe_base(recipe, base_dir, splits)  # the recipe's adapters' base; `base` and `mix` rows: base_dir
+    adapters = finished_adapters(recipe, base, splits)
     search_record = searched_weights(recipe)
     model_dir = recipe.out_dir / "model"
     if not (model_dir / "loradem.json").is_file():
@@ -495,10 +535,13 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
     for v in recipe.variants:  # each variant's adapters and weights must exist: `loradem run` makes them
         vr = recipe.variant(v.name)
         try:
+            vbase = recipe_base(vr, base_dir, splits)
             variants.append(VariantPlan(
-                name=v.name, adapters=finished_adapters(vr, base_dir, splits), search=searched_weights(vr),
+                name=v.name, adapters=finished_adapters(vr, vbase, splits), search=searched_weights(vr),
                 out_dir=vr.out_dir, learned=learned_weights(vr) if vr.learn.enabled else None,
-                description=v.description, overrides=v.overrides()))
+                description=v.description, overrides=v.overrides(),
+                warm_dir=vbase if vbase != base_dir else None,
+                warmup=warmup_record(vr, vbase, recipe.out_dir) if vbase != base_dir else None))
         except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
             raise LorademError(f"variant {v.name!r}: {exc}") from None
     mix_dir = find_mix(recipe, base_dir, adapters, splits)
@@ -512,6 +555,8 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         sources=tuple(EvalSource(s.name, s.metric, splits[s.name].test) for s in recipe.sources),
         settings=recipe.eval, max_length=recipe.train.max_length, base_dir=base_dir, adapters=adapters,
         search=search_record, model_dir=model_dir, out_dir=recipe.out_dir, assembled_weights=recipe.assemble.weights,
+        warm_dir=base if base != base_dir else None,
+        warmup=warmup_record(recipe, base, recipe.out_dir) if base != base_dir else None,
         learned=learned, regmean_dir=regmean_dir, mix_dir=mix_dir, mix_grid=tuple(mix_grid or ()),
         variants=tuple(variants), recipe_path=recipe_path,
         held_out=tuple(EvalSource(name, "exact_match", rows) for name, rows in held_out),
@@ -579,12 +624,13 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
         r.out_dir.mkdir(parents=True, exist_ok=True)
         if label:
             atomic_write_json(r.out_dir / "recipe.json", recipe_record(r))
-        analyse_vectors(r, base_dir, finished_adapters(r, base_dir, splits), log=_log(f"vectors {label}".strip()))
-        _search(r, base_dir, splits, label=f"search {label}".strip())
+        base = recipe_base(r, base_dir, splits)  # its warmed base, when it has a warm-up
+        analyse_vectors(r, base, finished_adapters(r, base, splits), log=_log(f"vectors {label}".strip()))
+        _search(r, base, splits, label=f"search {label}".strip())
         if r.learn.enabled:
-            _learn(r, base_dir, splits)
+            _learn(r, base, splits)
     if recipe.regmean.enabled:  # the recipe's own adapters only: the report has no variant RegMean rows
-        _regmean(recipe, base_dir, splits)
+        _regmean(recipe, recipe_base(recipe, base_dir, splits), splits)
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path))

@@ -65,6 +65,15 @@ class LoraSettings(_Strict):
         "all-linear", description="'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
     )
     use_rslora: bool = Field(False, description="rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+    subspace: Literal["none", "lori"] = Field("none", description="'lori': LoRI-style adapters that overlap less when merged: every LoRA A is a frozen random projection shared by all sources (seeded by the recipe's seed and the module), and each source trains only a random `density` share of its B (docs/stages.md, 'Subspace adapters (LoRI-style)'; measured effect in benchmarks/RESULTS.md). 'none': ordinary LoRA.")
+    density: float = Field(0.1, gt=0, le=1, description="With subspace: lori, the share of each B's entries a source trains (a random choice per source and module, seeded; two sources share about density² of them). Ignored otherwise.")
+
+    @model_serializer(mode="wrap")
+    def _subspace_fields_only_when_used(self, handler):
+        # adapter and mix keys hash this dump: without subspace adapters, these fields stay out of it when at
+        # their defaults, so adapters cached before the fields existed keep their keys
+        return {k: v for k, v in handler(self).items() if k not in ("subspace", "density")
+                or self.subspace != "none" or v != type(self).model_fields[k].default}
 
 
 class TrainSettings(_Strict):
@@ -245,7 +254,16 @@ class AnchorSettings(_Strict):
         return str(path.resolve())
 
 
+class WarmupSettings(_Strict):
+    enabled: bool = Field(False, description="Train one short shared adapter on a small seeded sample of every source's training rows (never validation or test rows), fold it exactly into the base (a warmed base, cached under the loradem cache's bases/), and train every source's adapter from that warmed base; every later stage treats it as the base, so the model is the warmed base + Σ wᵢΔWᵢ. Adds the report row 'warm-base' and charges its training to every row built on it (docs/stages.md, 'Shared warm-up'). The data-mixing baseline still trains from the original base.")
+    steps: int = Field(20, gt=0, description="Optimizer steps of the warm-up adapter, each of train.batch_size × train.grad_accum rows; the adapter after the last step is kept (validation loss is recorded once, at the end).")
+    rows_per_source: int = Field(64, gt=0, description="Training rows per source in the warm-up's sample (seeded by the recipe's seed; all of a source's training rows when it has fewer).")
+    learning_rate: Optional[float] = Field(None, gt=0, description="The warm-up's peak learning rate (null: train.learning_rate). Its other training settings are the recipe's `train:` block, its LoRA settings the recipe's `lora:` block.")
+    sources: Optional[list[str]] = Field(None, description="Sources whose rows the warm-up samples (null: every source of the recipe). Pin the list to keep the same warmed base when sources are added later: then only the new sources' adapters train.")
+
+
 AnchorOverride = _partial(AnchorSettings)
+WarmupOverride = _partial(WarmupSettings)
 LearnOverride = _partial(LearnSettings)
 SearchOverride = _partial(SearchSettings)
 
@@ -260,6 +278,7 @@ class Variant(_Strict):
     anchor: AnchorOverride = Field(default_factory=AnchorOverride, description="Overrides of the recipe's `anchor:` (e.g. {enabled: true}).")  # type: ignore[valid-type]
     search: SearchOverride = Field(default_factory=SearchOverride, description="Overrides of the recipe's `search:` (e.g. its own warm_start).")  # type: ignore[valid-type]
     learn: LearnOverride = Field(default_factory=LearnOverride, description="Overrides of the recipe's `learn:`.")  # type: ignore[valid-type]
+    warmup: WarmupOverride = Field(default_factory=WarmupOverride, description="Overrides of the recipe's `warmup:` (e.g. {enabled: true}: this variant's adapters train from a warmed base).")  # type: ignore[valid-type]
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -276,7 +295,7 @@ class Variant(_Strict):
         return {b: v for b, v in blocks.items() if v}
 
 
-VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn")
+VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn", "warmup")
 
 
 def set_fields(override: BaseModel) -> dict:
@@ -388,6 +407,7 @@ class Recipe(_Strict):
     learn: LearnSettings = Field(default_factory=LearnSettings, description="Learned per-module weights (see `learn`).")
     anchor: AnchorSettings = Field(default_factory=AnchorSettings, description="Anchored training of the adapters (see `anchor`).")
     regmean: RegMeanSettings = Field(default_factory=RegMeanSettings, description="RegMean merge of the adapters on their training rows' layer inputs (see `regmean`).")
+    warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="A shared format warm-up folded into the base before the adapters train (see `warmup`).")
     variants: list[Variant] = Field(
         default_factory=list, description="Other adapter sets to compare in the same run and report, each the recipe with some blocks overridden (see `variants[]`); e.g. [{name: anchored, anchor: {enabled: true}}]. Each trains its own adapters (cached by key like any other), searches and learns its own weights; its rows are scored on in-memory exact folds, and the assembled model stays the recipe's own."
     )
@@ -442,6 +462,19 @@ class Recipe(_Strict):
             missing = [n for n in names if n not in shares]
             if missing:
                 raise ValueError(f"mix.proportions[{i}]: no share for source {missing[0]!r}; expected a share for each of {', '.join(names)}")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_sources_known(self) -> "Recipe":
+        names = [s.name for s in self.sources]
+        for name in self.warmup.sources or []:
+            if name not in names:
+                raise ValueError(f"warmup.sources: unknown source {name!r}; expected names of the recipe's sources ({', '.join(names)})")
+        if self.warmup.sources is not None and not self.warmup.sources:
+            raise ValueError("warmup.sources: expected at least one source name, or null for every source")
+        twice = sorted({n for n in self.warmup.sources or [] if self.warmup.sources.count(n) > 1})
+        if twice:
+            raise ValueError(f"warmup.sources: {twice[0]!r} appears twice")
         return self
 
     @model_validator(mode="after")
@@ -607,7 +640,7 @@ def reference_markdown() -> str:
     """The recipe reference as markdown tables, one per block (the README embeds it)."""
     blocks = [
         ("top level", Recipe), ("sources[]", Source), ("lora", LoraSettings), ("train", TrainSettings),
-        ("search", SearchSettings), ("learn", LearnSettings), ("regmean", RegMeanSettings), ("anchor", AnchorSettings), ("variants[]", Variant), ("assemble", AssembleSettings),
+        ("search", SearchSettings), ("learn", LearnSettings), ("regmean", RegMeanSettings), ("anchor", AnchorSettings), ("warmup", WarmupSettings), ("variants[]", Variant), ("assemble", AssembleSettings),
         ("eval", EvalSettings), ("eval.held_out[]", HeldOutTask), ("eval.retention", RetentionSettings), ("mix", MixSettings),
     ]
     out = []

@@ -137,7 +137,10 @@ def test_docs_recipe_reference_is_current():
 def test_reference_renders_types_as_users_read_them():
     from loradem.recipe import reference_markdown
 
-    rows = {line.split("|")[1].strip(): line for line in reference_markdown().splitlines() if line.startswith("| `")}
+    rows: dict[str, str] = {}
+    for line in reference_markdown().splitlines():  # a key's first table (`sources` is also warmup.sources)
+        if line.startswith("| `"):
+            rows.setdefault(line.split("|")[1].strip(), line)
     cell = lambda key: [c.strip() for c in rows[key].split(" | ")][1]  # noqa: E731
     assert cell("`tokens`") == "'match' \\| int"
     assert cell("`max_steps`") == "int \\| None"

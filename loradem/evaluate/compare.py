@@ -13,7 +13,9 @@ records, the assembled model folder, the finished mix adapter if any, and each
 variant's own adapters and weights.
 
 Rows (names fixed by report.json's contract):
-- ``base``              all weights 0
+- ``base``              all weights 0 (the original base, also when the recipe warms its own)
+- ``warm-base``         the warmed base alone (`loradem.train.warmup`), when the recipe has a warm-up: every
+                        other row but ``base``, ``mix`` and ``mix-tuned`` is built on it and charged its training
 - ``adapter:<source>``  that source's adapter alone (weight 1, the others 0)
 - ``mix``               the data-mixing adapter alone (`loradem.train.mix`), when the plan has a finished one
                         for the current adapters; report.json's ``mix`` gives its cost over DEM's
@@ -26,7 +28,8 @@ Rows (names fixed by report.json's contract):
 - ``dem-regmean``       the RegMean adapter at weight 1 (`loradem.merge.regmean`, when the plan has one); its
                         cost adds the Gram matrices' and the solve's seconds; report.json's ``regmean`` its record
 - ``<variant>:<row>``   for each variant, its own adapters alone, uniform, sum,
-                        dem and dem-learned, scored on an in-memory exact fold of its adapters;
+                        dem and dem-learned (and warm-base, with its warm-up), scored on an in-memory exact fold
+                        of its adapters into its own base (its warmed base, with a warm-up);
                         report.json's ``variants`` gives what each overrides, its search and learning
 
 Of ``dem``, ``dem-learned`` and ``dem-regmean``, the row whose weights the assembled model
@@ -104,6 +107,8 @@ class VariantPlan:
     learned: Optional[dict] = None  # its learn/weights.json, when it learns per-module weights
     description: str = ""
     overrides: dict = field(default_factory=dict)
+    warm_dir: Optional[Path] = None  # its warmed base, when it has a warm-up (its adapters' base; None: the plan's)
+    warmup: Optional[dict] = None  # `loradem.train.warmup.warmup_record` of that warmed base
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ class EvalPlan:
     assembled_weights: Literal["search", "learned", "regmean"] = "search"  # which weights model_dir folds
     learned: Optional[dict] = None  # learn/weights.json, when the run learns per-module weights
     regmean_dir: Optional[Path] = None  # the RegMean adapter folder (regmean.json inside), when the run merges by RegMean
+    warm_dir: Optional[Path] = None  # the recipe's warmed base (its adapters' base), when it has a warm-up
+    warmup: Optional[dict] = None  # `loradem.train.warmup.warmup_record` of that warmed base
     mix_dir: Optional[Path] = None  # the finished data-mixing adapter for these adapters
     mix_grid: tuple[Path, ...] = ()  # the mix at natural proportions, then at each tuned set (all finished), or ()
     variants: tuple[VariantPlan, ...] = ()
@@ -131,16 +138,24 @@ class EvalPlan:
     reproduce: Optional[str] = None  # the command report.md gives to reproduce the run
 
 
-def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0) -> dict:
+def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0, warmup: Optional[dict] = None) -> dict:
     """Training tokens and seconds of the `used` adapters. An anchored adapter's seconds add the base's generation
-    of the anchor rows when its training generated them (the first source to need them; later ones read the cache)."""
+    of the anchor rows when its training generated them (the first source to need them; later ones read the cache).
+    With `warmup` (the row is built on a warmed base), the warm-up's training counts too, and is also shown apart."""
     tokens = sum(int(records[n].get("train_tokens") or 0) for n in used)
     seconds = sum(float(records[n].get("train_seconds") or 0.0) + _anchor_seconds(records[n]) for n in used)
+    warm = {}
+    if warmup is not None:
+        warm = {"warmup_tokens": int(warmup.get("train_tokens") or 0),
+                "warmup_seconds": round(float(warmup.get("train_seconds") or 0.0), 1)}
+        tokens += warm["warmup_tokens"]
+        seconds += float(warmup.get("train_seconds") or 0.0)
     return {
         "train_tokens": tokens,
         "train_seconds": round(seconds, 1),
         "search_seconds": round(search_seconds, 1),
         "total_seconds": round(seconds + search_seconds, 1),
+        **warm,
     }
 
 
@@ -217,24 +232,32 @@ def _learn_summary(learned: dict | None) -> dict | None:
 
 def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
-    learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly."""
+    learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly; with a warm-up,
+    ':warm-base' first and every row on (and charged) its warmed base."""
     records = _records(v.adapters, names)
     search_seconds = float(v.search.get("search_seconds") or 0.0)
-    plan = _fixed_plan(names, records)
+    plan = _fixed_plan(names, records, v.warmup)
     plan.append(("dem", fold_weights(v.search), {k: float(v.search["weights"][k]) for k in names},
-                 _cost(records, names, search_seconds)))
+                 _cost(records, names, search_seconds, v.warmup)))
     if v.learned is not None:
         plan.append(("dem-learned", v.learned["module_weights"], {k: float(w) for k, w in v.learned["weights"].items()},
-                     _add_learning(_cost(records, names, search_seconds), v.learned)))
-    return _score_plan(plan, v.name + ":", base_dir, v.adapters, names, metrics, score)
+                     _add_learning(_cost(records, names, search_seconds, v.warmup), v.learned)))
+    if v.warm_dir is not None:
+        plan.insert(0, _warm_row(names, v.warmup))
+    return _score_plan(plan, v.name + ":", v.warm_dir or base_dir, v.adapters, names, metrics, score)
 
 
-def _fixed_plan(names: list[str], records: dict[str, dict]) -> list[tuple]:
+def _warm_row(names: list[str], warmup: Optional[dict]) -> tuple:
+    """The warmed base alone (every adapter at 0 on it), charged the warm-up's training."""
+    return ("warm-base", {k: 0.0 for k in names}, None, _cost({}, [], warmup=warmup))
+
+
+def _fixed_plan(names: list[str], records: dict[str, dict], warmup: Optional[dict] = None) -> list[tuple]:
     """(row, weights set, weights shown (None: the same), cost) of each adapter alone, uniform and sum."""
     n = len(names)
-    plan = [(f"adapter:{k}", {j: float(j == k) for j in names}, None, _cost(records, [k])) for k in names]
-    return plan + [("uniform", {k: 1.0 / n for k in names}, None, _cost(records, names)),
-                   ("sum", {k: 1.0 for k in names}, None, _cost(records, names))]
+    plan = [(f"adapter:{k}", {j: float(j == k) for j in names}, None, _cost(records, [k], warmup=warmup)) for k in names]
+    return plan + [("uniform", {k: 1.0 / n for k in names}, None, _cost(records, names, warmup=warmup)),
+                   ("sum", {k: 1.0 for k in names}, None, _cost(records, names, warmup=warmup))]
 
 
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
@@ -261,8 +284,8 @@ def model_count(plan: EvalPlan) -> int:
     """How many models `compare_models` scores: the length of its progress bar."""
     n = len(plan.sources)
     count = 1 + n + 2 + (plan.mix_dir is not None) + bool(plan.mix_grid) + 1 + (plan.learned is not None)
-    count += plan.regmean_dir is not None
-    return count + sum(n + 3 + (v.learned is not None) for v in plan.variants)
+    count += (plan.regmean_dir is not None) + (plan.warm_dir is not None)
+    return count + sum(n + 3 + (v.learned is not None) + (v.warm_dir is not None) for v in plan.variants)
 
 
 class _Scorer:
@@ -370,9 +393,20 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     metrics = {s.name: s.metric for s in plan.sources}
     base_dir, adapters, search_record, learned = plan.base_dir, plan.adapters, plan.search, plan.learned
     records = _records(adapters, names)
+    warmup = plan.warmup if plan.warm_dir is not None else None
+    own_base = plan.warm_dir or base_dir  # the adapters' base: every row but base and the mix is folded into it
 
-    fixed = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records)]
-    rows = _score_plan(fixed, "", base_dir, adapters, names, metrics, score)  # a row = one exact fold, plain-speed forward
+    fixed = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records, warmup)]
+    if plan.warm_dir is not None:  # the original base alone, then the warmed base and the rest on it
+        model = load_base(base_dir)
+        rows = [{"name": "base", "per_source": (per := score(model, load_tokenizer(base_dir), "base")),
+                 "average": _average(per, metrics), "cost": _cost(records, []), "weights": {k: 0.0 for k in names}}]
+        del model
+        fixed[0] = _warm_row(names, warmup)
+        rows += _score_plan(fixed, "", own_base, adapters, names, metrics, score)
+    else:
+        rows = _score_plan(fixed, "", base_dir, adapters, names, metrics, score)  # a row = one exact fold, plain-speed forward
+    first_after = len(rows) - 2  # where the mix rows go: after base (warm-base) and each adapter alone, before uniform
 
     mix_dir = plan.mix_dir
     if mix_dir is not None:  # the data-mixing adapter alone (weight 1), after the per-source rows
@@ -383,7 +417,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         mix_record = read_json(mix_dir / "loradem-train.json")
         mix_row = {"name": "mix", "per_source": per_source, "average": _average(per_source, metrics),
                    "cost": _cost({"mix": mix_record}, ["mix"])}
-        rows.insert(1 + len(names), mix_row)
+        rows.insert(first_after, mix_row)
     mix_grid = grid_record(plan.mix_grid, plan.out_dir) if plan.mix_grid else None
     if mix_grid is not None:  # the chosen set alone, charged every set's training, right after `mix`
         chosen = plan.mix_grid[mix_grid["chosen"]]
@@ -392,7 +426,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         per_source = score(tuned_model, tuned_tokenizer, "mix-tuned")
         del tuned_model
         grid_records = {f"mix {i}": read_json(f / "loradem-train.json") for i, f in enumerate(plan.mix_grid)}
-        rows.insert(1 + len(names) + (mix_dir is not None), {
+        rows.insert(first_after + (mix_dir is not None), {
             "name": "mix-tuned", "per_source": per_source, "average": _average(per_source, metrics),
             "cost": _cost(grid_records, list(grid_records))})
 
@@ -404,33 +438,34 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     del merged
     others = [r for r in ("dem", "dem-learned") if r != assembled and (r == "dem" or learned is not None)]
     if others:  # the others are scored on the exact in-memory fold
-        model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
+        model, tokenizer = load_multi(own_base, {k: adapters[k] for k in names}, fold=True)
         for other in others:
             set_weights(model, learned["module_weights"] if other == "dem-learned" else fold_weights(search_record))
             scores[other] = score(model, tokenizer, other)
         del model
     regmean = read_json(plan.regmean_dir / "regmean.json") if plan.regmean_dir is not None else None
     if regmean is not None and assembled != "dem-regmean":
-        model, tokenizer = load_multi(base_dir, {"regmean": plan.regmean_dir}, fold=True)
+        model, tokenizer = load_multi(own_base, {"regmean": plan.regmean_dir}, fold=True)
         scores["dem-regmean"] = score(model, tokenizer, "dem-regmean")
         del model
     rows.append({"name": "dem", "per_source": scores["dem"], "average": _average(scores["dem"], metrics),
-                 "cost": _cost(records, names, search_seconds), "weights": dem_weights})
+                 "cost": _cost(records, names, search_seconds, warmup), "weights": dem_weights})
     if learned is not None:
         rows.append({"name": "dem-learned", "per_source": scores["dem-learned"],
                      "average": _average(scores["dem-learned"], metrics),
-                     "cost": _add_learning(_cost(records, names, search_seconds), learned),
+                     "cost": _add_learning(_cost(records, names, search_seconds, warmup), learned),
                      "weights": {k: float(v) for k, v in learned["weights"].items()}})
     if regmean is not None:
         rows.append({"name": "dem-regmean", "per_source": scores["dem-regmean"],
-                     "average": _average(scores["dem-regmean"], metrics), "cost": _add_regmean(_cost(records, names), regmean)})
+                     "average": _average(scores["dem-regmean"], metrics),
+                     "cost": _add_regmean(_cost(records, names, warmup=warmup), regmean)})
 
     variant_extra = {}
     for v in plan.variants:  # each variant's own adapter set, scored on in-memory exact folds, after the run's rows
         rows += _variant_rows(v, base_dir, names, metrics, score)
         variant_extra[v.name] = {
             "description": v.description, "overrides": v.overrides, "out_dir": os.path.relpath(v.out_dir, plan.out_dir),
-            "search": _search_summary(v.search), "learn": _learn_summary(v.learned),
+            "search": _search_summary(v.search), "learn": _learn_summary(v.learned), "warmup": v.warmup,
             "vectors": _read_if_file(v.out_dir / "vectors.json"),
             "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.out_dir, v.learned),
         }
@@ -439,6 +474,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         **({"recipe_path": plan.recipe_path} if plan.recipe_path else {}),
         "search": _search_summary(search_record),
         "learn": _learn_summary(learned),
+        **({"warmup": warmup} if warmup is not None else {}),
         **({"regmean": {k: v for k, v in regmean.items() if k != "identity"}} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
         "model": os.path.relpath(plan.model_dir, plan.out_dir),  # relative to report.json, as the mix's adapter

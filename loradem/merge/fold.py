@@ -498,6 +498,7 @@ def assemble(
     fold_base: str = "original",
     quant_dtype: str | None = None,
     direct_io: bool = True,
+    warm_up: Mapping | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write base + Σ wᵢ·ΔWᵢ to `out` as a Hugging Face model folder; returns `out`.
@@ -507,7 +508,8 @@ def assemble(
     folds onto the NF4 round trip of the 4-bit layers, cast first to `quant_dtype` (default: the
     dtype the adapters' training loaded the base in, from loradem-train.json, else the base's).
     ``direct_io`` writes the weights with O_DIRECT (same bytes, no page cache; see `write_shards`); False writes
-    through the page cache.
+    through the page cache. ``warm_up``: `base` is a warmed base (`loradem.train.warmup.warmup_record`: the
+    original base and the warm-up adapter folded into it), kept in loradem.json as ``warm_up`` and named by the card.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -568,6 +570,8 @@ def assemble(
         base_sha256, adapter_sha256 = inputs_sha256.result()
         record = provenance(spec, checkpoint, loaded, weights, dtype, plan, hashes, base_sha256, adapter_sha256)
         record["fold_base"] = fold_base
+        if warm_up is not None:
+            record["warm_up"] = dict(warm_up)
         if quantized:
             record["dequantized"] = {**_nf4_settings(), "load_dtype": _dtype_name(qdtype) or "the base's",
                                      "tensors": sum(1 for j in plan.jobs if j.dequantize)}

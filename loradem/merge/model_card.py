@@ -113,6 +113,18 @@ def _base_lines(base: Mapping, name: str) -> list[str]:
     return [what + (f" sha256 fingerprint of its weights: `{sha}`." if sha else "")]
 
 
+def _warm_lines(warm: Mapping | None, record: Mapping) -> list[str]:
+    """How a warmed base was made from the base (none when the adapters trained on the base itself)."""
+    if not warm:
+        return []
+    adapter, folded = warm["adapter"], record["base"]
+    return ["", (f"Shared warm-up: the adapters were trained on, and folded into, a warmed base (`{folded['name']}`, "
+                 f"sha256 fingerprint `{folded.get('sha256')}`): this base with the warm-up adapter `{adapter['name']}` "
+                 f"(sha256 `{adapter['sha256'][:12]}`, trained {warm.get('steps')} steps on a sample of the sources' "
+                 "training rows) folded in first at weight 1, exactly (float64, one rounding). "
+                 "The warm-up is recorded in `loradem.json` (`warm_up`).")]
+
+
 def _license_lines(license_id: str | None, name: str) -> list[str]:
     if license_id:
         return [(f"`{license_id}`, inherited from the base `{name}`. The data the adapters were trained on may "
@@ -148,7 +160,9 @@ def _score_lines(report: Mapping, row: str) -> list[str]:
 def model_card(record: Mapping, report: Mapping | None = None, row: str | None = None) -> str:
     """README.md with Hugging Face YAML metadata, the sources and weights, the base and its license; with a
     `report` (report.json of the run that assembled it), the test scores, `row` being this model's."""
-    base = record["base"]
+    warm = record.get("warm_up")
+    # a warmed base is the original base with the warm-up adapter folded in: the card's base is the original
+    base = warm["base"] if warm else record["base"]
     base_name = portable_base(base["name"])  # a record of an older loradem may name an alias or a path
     hub = bool(_HUB_ID.fullmatch(base_name))
     license_id = base.get("license") or (LICENSES.get(base_name) if hub else None)
@@ -170,8 +184,9 @@ def model_card(record: Mapping, report: Mapping | None = None, row: str | None =
         "layers (`fold_base: dequantized`), the weights the adapters were trained against.\n"
         if record.get("dequantized") else ""
     )
+    onto = " (warmed by a shared adapter first: see Base)" if warm else ""
     scores = _score_lines(report, row) if report is not None and row else []
-    body = "\n".join(["## Base", "", *_base_lines(base, base_name), "", "## License", "",
+    body = "\n".join(["## Base", "", *_base_lines(base, base_name), *_warm_lines(warm, record), "", "## License", "",
                       *_license_lines(license_id, base_name), *scores])
     return f"""---
 {meta}pipeline_tag: text-generation
@@ -183,7 +198,7 @@ tags: [loradem, dem, lora, merge]
 
 Assembled by loradem {record['loradem_version']} as θ = θ₀ + Σ wᵢ·ΔWᵢ
 ([DEM, arXiv 2406.15570](https://arxiv.org/abs/2406.15570)): each adapter's
-LoRA delta sᵢ·BᵢAᵢ was added to the base `{base_name}` with weight wᵢ,
+LoRA delta sᵢ·BᵢAᵢ was added to the base `{base_name}`{onto} with weight wᵢ,
 exactly (float64 accumulation, one rounding to {dtype}).
 
 ## Sources

@@ -48,6 +48,11 @@ EarlyStoppingCallback stops after N evaluations without a lower validation
 loss; the record says ``stopped_early`` and the real ``steps``; the kept
 adapter is still the best evaluated checkpoint.
 
+Subspace adapters: with ``lora.subspace: lori`` `loradem.train.subspace` sets
+every LoRA A to a frozen projection shared by all sources and trains each
+source's B only under its own sparse random mask; the saved adapter is an
+ordinary PEFT LoRA.
+
 Progress: one bar per source in optimizer steps (rate and ETA), and a line per
 evaluation ("step 20/80: train loss ..., val loss ...") through `log`, which
 prints above the bar.
@@ -483,6 +488,10 @@ def fit(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if lora.subspace == "lori":  # A frozen and shared, B sparse per source (train/subspace.py)
+        from loradem.train.subspace import KeepMasked, constrain
+
+        trainer.add_callback(KeepMasked(constrain(trainer.model, lora, seed=seed, source=name)))
     rows, n_val = len(trainer.train_dataset), len(trainer.eval_dataset)
     dropped = len(train_rows) + len(val_rows) - rows - n_val
     if not rows or not n_val:
@@ -491,7 +500,8 @@ def fit(
             f"within max_length={train.max_length}; raise `train.max_length`"
         )
     log(f"{name}: training on {rows} rows, validating on {n_val} "
-        f"({'NF4 base' if train.quantization == 'nf4' else 'full-precision base'}, r={lora.r})"
+        f"({'NF4 base' if train.quantization == 'nf4' else 'full-precision base'}, r={lora.r}"
+        + (f", LoRI: shared frozen A, B density {lora.density:g}" if lora.subspace == "lori" else "") + ")"
         + (f"; TRL dropped {dropped} row(s) with no completion tokens left after truncation" if dropped else ""))
     extra = prepare(trainer) if prepare else {}
     start = time.perf_counter()
