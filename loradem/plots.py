@@ -1,16 +1,24 @@
 """Every figure loradem draws: one style, written atomically as PNG.
 
-    fig = figure(6.4, 3.6)          # a matplotlib Figure, no pyplot state, Agg
-    ax = fig.subplots()
-    ...
-    save_png(fig, run_dir / "search.png")
+    @styled
+    def plot_something(values, path):
+        fig = figure(6.4, 3.6)      # a matplotlib Figure, no pyplot state, Agg
+        ax = fig.subplots()
+        ...
+        save_png(fig, path)
 
 Drawing through `Figure` (not pyplot) keeps no global state, so a long run or
-a test that draws many plots leaks no figures and needs no display.
+a test that draws many plots leaks no figures and needs no display. The style
+is matplotlib settings (rcParams), which it reads when axes, ticks and legends
+are made and when a figure is rendered: a drawing function runs under `styled`
+(and rendering always does), so loradem's style applies while it draws and
+the settings of a program that plots on its own are put back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 from pathlib import Path
 
@@ -29,18 +37,35 @@ STYLE = {
 DPI = 120
 
 
-def figure(width: float = 6.4, height: float = 4.0):
-    """A new Figure in loradem's style (the style is applied to the axes created from it)."""
+@contextlib.contextmanager
+def style():
+    """STYLE as matplotlib's settings inside the block; the caller's are put back after it."""
     import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def styled(draw):
+    """`draw` run inside `style()`: what it creates is drawn in loradem's style."""
+    @functools.wraps(draw)
+    def call(*args, **kwargs):
+        with style():
+            return draw(*args, **kwargs)
+    return call
+
+
+def figure(width: float = 6.4, height: float = 4.0):
+    """A new Figure (call it under `styled` / `style()` for loradem's style)."""
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams.update(STYLE)
     return Figure(figsize=(width, height), layout="constrained")
 
 
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    with style():
+        fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 

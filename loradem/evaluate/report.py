@@ -35,7 +35,7 @@ from typing import Optional
 
 from loradem.errors import LorademError
 from loradem.files import atomic_write_files, json_text
-from loradem.plots import figure, png_bytes
+from loradem.plots import figure, png_bytes, styled
 from loradem.recipe import format_overrides
 
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
@@ -313,6 +313,7 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
 
 # ---- figures --------------------------------------------------------------------
 
+@styled
 def per_source_figure(metrics: dict[str, str], rows: list[dict]):
     """Grouped bars, one panel per metric kind present: x = source, one bar per model."""
     kinds = [k for k in ("exact_match", "loss") if k in metrics.values()]
@@ -339,6 +340,7 @@ def _is_single_adapter(name: str) -> bool:
     return name.startswith("adapter:") or ":adapter:" in name
 
 
+@styled
 def cost_vs_score_figure(metrics: dict[str, str], rows: list[dict]):
     avg_kind = average_metric(metrics)
     scale = 100.0 if avg_kind == "exact_match" else 1.0

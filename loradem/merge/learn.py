@@ -37,7 +37,7 @@ from loradem.model import soup
 from loradem.model.generate import collate_right, mean_loss, scored_logits
 from loradem.model.layers import canonical_module, layer_index
 from loradem.model.render import encode_for_loss
-from loradem.plots import figure, save_png
+from loradem.plots import figure, save_png, styled
 from loradem.progress import progress
 from loradem.recipe import LearnSettings
 
@@ -258,6 +258,7 @@ def learn_weights(job: LearnJob, base_dir: Path, adapters: dict[str, Path], trai
     return result
 
 
+@styled
 def plot_learning(result: dict, path: Path, title: str) -> None:
     """Left: training and validation loss by step. Right: each source's mean learned weight per decoder layer."""
     fig = figure(11, 4)

@@ -102,7 +102,7 @@ from loradem.data.rows import Splits
 from loradem.errors import LorademError, first_line
 from loradem.files import atomic_dir, atomic_write_json, fingerprint_weights, sha256_file, stable_hash
 from loradem.model.base import BASE_ALIASES, portable_name
-from loradem.plots import figure, save_png
+from loradem.plots import figure, save_png, styled
 from loradem.recipe import AnchorSettings, LoraSettings, TrainSettings
 
 TRAIN_RECORD = "loradem-train.json"
@@ -637,6 +637,7 @@ def history(log_history: list[dict]) -> list[dict]:
     return out
 
 
+@styled
 def plot_curve(hist: list[dict], path: Path, title: str = "", best_step: int | None = None) -> None:
     """Train and validation loss by step, as a PNG (a dashed line marks the kept step)."""
     fig = figure(6, 3.5)

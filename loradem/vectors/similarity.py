@@ -28,7 +28,7 @@ import torch
 
 from loradem.errors import LorademError
 from loradem.model.base import resolve_base
-from loradem.plots import figure, save_png
+from loradem.plots import figure, save_png, styled
 from loradem.vectors.checkpoint import read_base, tied_pairs
 from loradem.vectors.lora import LoadedAdapter, load_adapter
 
@@ -203,6 +203,7 @@ def format_similarity(names: Sequence[str], cosine: np.ndarray, distance: np.nda
     return format_table(names, cosine, title="cosine similarity") + "\n\n" + format_table(names, distance, title="distance ||di - dj||")
 
 
+@styled
 def save_heatmap(names: Sequence[str], matrix: np.ndarray, path: str | Path, title: str) -> Path:
     """Write an annotated heatmap PNG in loradem's plot style; the file appears only when complete."""
     values = np.asarray(matrix, dtype=float)
