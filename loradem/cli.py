@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arg(p)
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: an RDB URL (sqlite:///search.db, postgresql://user@host/db) or a "
-                   "journal file path ending in .log (default: the recipe's search.storage, else "
-                   "runs/<name>/search/search.db)")
+                   "journal file (a path ending in .log, or journal:PATH for any file name) (default: the "
+                   "recipe's search.storage, else runs/<name>/search/search.db)")
     p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                    help="worker processes on this machine, each with its own copy of the model "
                    "(default: %(default)s)")
@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "source's training rows, keeping the weights with the best validation loss. Writes "
                        "runs/<name>/learn/weights.json and learn.png; `loradem eval` adds the row 'dem-learned', and "
                        "assemble.weights: learned folds them into the model.")
+    _recipe_arg(p)
+
+    p = sub.add_parser("regmean", help="merge the adapters by RegMean on their layers' inputs, as one exact LoRA",
+                       description="For every LoRA module, solve RegMean's least squares over the sources' layer "
+                       "inputs (Gram matrices of the base's activations on a sample of each source's training "
+                       "rows, recipe `regmean:`) and write the merge as one PEFT adapter of rank Σ rᵢ to "
+                       "runs/<name>/regmean/ with regmean.json; `loradem eval` adds the row 'dem-regmean', and "
+                       "assemble.weights: regmean folds it into the model (needs regmean.enabled: true).")
     _recipe_arg(p)
 
     p = sub.add_parser("assemble", help="fold weighted adapter deltas into the base, exactly",
@@ -268,6 +276,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline.search(args.recipe, storage=args.storage, workers=args.workers)
     elif args.command == "learn":
         pipeline.learn(args.recipe)
+    elif args.command == "regmean":
+        pipeline.regmean(args.recipe)
     elif args.command == "assemble":
         _assemble(args)
     elif args.command == "eval":

@@ -198,7 +198,7 @@ class SearchSettings(_Strict):
     layer_groups: int = Field(4, gt=0, description="Number of layer groups when granularity is 'layer-groups'.")
     global_scale: bool = Field(False, description="Also search one scale shared by all weights.")
     storage: Optional[str] = Field(
-        None, description="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file path ending in .log (default: runs/<name>/search/search.db)."
+        None, description="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file (a path ending in .log, or journal:PATH for any file name) (default: runs/<name>/search/search.db)."
     )
     warm_start: Optional[str] = Field(
         None, description="A previous run's weights.json (relative to the working directory) whose best weights seed this study; new sources start at 0."

@@ -121,7 +121,7 @@ def test_bad_recipe_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices  # noqa: SLF001
-    assert set(subs) >= {"run", "demo", "check", "train", "search", "assemble", "eval", "vectors"}
+    assert set(subs) >= {"run", "demo", "check", "train", "search", "learn", "regmean", "assemble", "eval", "vectors"}
     for name in subs:
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])

@@ -297,7 +297,7 @@ def test_a_singular_gram_is_solved_with_a_ridge_and_said(tiny_base, adapters, tm
 # ---- the pipeline: assembled and reported -----------------------------------------------------
 
 @pytest.mark.slow
-def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base):
+def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, capsys):
     from loradem.cli import main
 
     data = yaml.safe_load(tiny_recipe.read_text())
@@ -322,3 +322,12 @@ def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base):
     for k, v in merged.items():
         torch.testing.assert_close(v.double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
     assert "`dem-regmean`" in (run / "report.md").read_text()
+
+    # the stage alone, from the command line: up to date, so nothing is rewritten
+    written = (run / "regmean" / "regmean.json").stat().st_mtime_ns
+    assert main(["regmean", str(tiny_recipe)]) == 0
+    assert (run / "regmean" / "regmean.json").stat().st_mtime_ns == written
+    data["regmean"]["enabled"], data["assemble"] = False, {"weights": "search"}
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    assert main(["regmean", str(tiny_recipe)]) == 2
+    assert "regmean.enabled is false" in capsys.readouterr().err
