@@ -327,3 +327,8 @@ def test_increment_finds_the_warm_start_after_the_run_moved(tmp_path):
     absolute = str(run / "old" / "weights.json")
     assert _increment({"warm_start": absolute}, ["a", "b"], records, rows, run)["new_sources"] == ["b"]
     assert _increment({"warm_start": "../nowhere.json"}, ["a", "b"], records, rows, run) is None
+    assert inc["mix_retrain_cost"] == {"train_tokens": 30} and inc["mix_retrain_row"] == "mix"
+    # with a proportion grid, retraining the mix retrains the whole grid: mix-tuned's cost
+    grid = [*rows, {"name": "mix-tuned", "cost": {"train_tokens": 90}}]
+    inc = _increment({"warm_start": "../old/weights.json"}, ["a", "b"], records, grid, run)
+    assert inc["mix_retrain_cost"] == {"train_tokens": 90} and inc["mix_retrain_row"] == "mix-tuned"

@@ -108,6 +108,8 @@ def test_summary_states_what_an_added_source_cost_including_relearned_weights():
                      "from runs/demo/search/weights.json); retraining the mixing baseline on all sources: 132,524 tokens, 1375 s."]
     relearned = summary_lines([], {"increment": {**inc, "relearned": True}})
     assert relearned[0].replace(" + relearning the per-module weights", "") == plain[0] and "+ relearning" in relearned[0]
+    grid = summary_lines([], {"increment": {**inc, "mix_retrain_row": "mix-tuned"}})
+    assert grid[0] == plain[0].replace("mixing baseline on", "mixing baseline (every set of its proportion grid) on")
 
 
 def test_cost_vs_score_labels_every_composition_and_greys_single_adapters():

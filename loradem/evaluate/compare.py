@@ -210,8 +210,10 @@ def _increment(search_record: dict, names: list[str], records: dict[str, dict], 
     dem = _cost(records, new, float(search_record.get("search_seconds") or 0.0))
     if learned is not None:
         _add_learning(dem, learned)
-    mix = next((r["cost"] for r in rows if r["name"] == "mix"), None)
-    return {"previous": os.path.relpath(previous_from.resolve(), Path(run_dir).resolve()), "new_sources": new, "dem_cost": dem, "mix_retrain_cost": mix,
+    # with a proportion grid, retraining the mix means retraining every set of it: mix-tuned's cost is the grid's
+    mix_row = next((r for name in ("mix-tuned", "mix") for r in rows if r["name"] == name), None)
+    return {"previous": os.path.relpath(previous_from.resolve(), Path(run_dir).resolve()), "new_sources": new, "dem_cost": dem,
+            "mix_retrain_cost": mix_row["cost"] if mix_row else None, "mix_retrain_row": mix_row["name"] if mix_row else None,
             "relearned": learned is not None}
 
 

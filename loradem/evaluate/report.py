@@ -254,7 +254,8 @@ def _increment_lines(inc: Optional[dict]) -> list[str]:
             f"{_seconds(d['total_seconds'])} s (the new adapter(s) + a search warm-started from {inc['previous']}"
             + (" + relearning the per-module weights" if inc.get("relearned") else "") + ")")
     if m:
-        line += f"; retraining the mixing baseline on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
+        grid = " (every set of its proportion grid)" if inc.get("mix_retrain_row") == "mix-tuned" else ""
+        line += f"; retraining the mixing baseline{grid} on all sources: {m['train_tokens']:,} tokens, {_seconds(m['total_seconds'])} s"
     return [line + "."]
 
 
