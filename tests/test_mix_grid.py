@@ -17,6 +17,7 @@ import yaml
 from loradem import pipeline
 from loradem.cli import main
 from loradem.data.demo import task_rows
+from loradem.train import mix
 from loradem.errors import LorademError
 from loradem.recipe import MixSettings, Recipe, load_recipe
 from loradem.train.mix import choose_mix, grid_jobs, plan_grid, plan_mix
@@ -183,3 +184,15 @@ def test_run_trains_the_grid_reports_mix_tuned_at_the_grids_cost_and_reuses_it(t
     assert [sha(f / "adapter_model.safetensors") for f in folders] == before
     assert pipeline.find_mix_grid(r, tiny_base, pipeline.finished_adapters(r, tiny_base), pipeline._splits(r)) == [
         Path("adapters") / f.name for f in folders]
+
+    # when the natural set wins, mix-tuned is the `mix` row's own adapter: its measures, not a second scoring
+    monkeypatch.setattr(mix, "choose_mix", lambda records: 0)
+    assert main(["eval", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mix-tuned            the same adapter as mix: its scores" in out and out.count("mix-tuned") >= 1
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert report["mix_grid"]["chosen"] == 0
+    for key in ("per_source", "held_out", "retention"):
+        assert rows["mix-tuned"].get(key) == rows["mix"].get(key), key
+    assert report["predictions"]["mix-tuned"] == report["predictions"]["mix"]

@@ -302,6 +302,7 @@ class _Scorer:
         self.retention: dict[str, dict[str, float]] = {}
         self.seconds: dict[str, dict[str, float]] = {}
         self.benchmarks: dict[str, dict[str, dict[str, float]]] = {}
+        self.test_scores: dict[str, dict[str, float]] = {}  # each row's test scores, by row name
 
     def _scores(self, model, tokenizer, sources: Sequence[EvalSource], predictions: dict, row_name: str) -> dict[str, float]:
         """Each source's metric on its rows; exact match's predictions go to predictions[row_name][source]."""
@@ -331,6 +332,7 @@ class _Scorer:
             seconds["retention"] = time.perf_counter() - t0
             line += f"  | agreement={kept['agreement']:.3f} kl={kept['kl']:.4f}"
         self.seconds[row_name] = {k: round(v, 2) for k, v in seconds.items()}
+        self.test_scores[row_name] = out
         self.log(line)
         if settings.lm_eval_tasks:
             self.benchmarks[row_name] = run_lm_eval(
@@ -338,6 +340,15 @@ class _Scorer:
                 batch_size=settings.batch_size, log=lambda m: self.log(f"{row_name:<20} {m}"))
         self.bar.update(1)
         return out
+
+    def same_as(self, row_name: str, scored: str) -> dict[str, float]:
+        """`row_name` is the very model already scored as `scored`: its measures, without scoring it again."""
+        for kept in (self.predictions, self.held_out_predictions, self.held_out, self.retention, self.seconds, self.benchmarks):
+            if scored in kept:
+                kept[row_name] = kept[scored]
+        self.log(f"{row_name:<20} the same adapter as {scored}: its scores")
+        self.bar.update(1)
+        return self.test_scores[scored]
 
 
 def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
@@ -423,10 +434,13 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     mix_grid = grid_record(plan.mix_grid, plan.out_dir) if plan.mix_grid else None
     if mix_grid is not None:  # the chosen set alone, charged every set's training, right after `mix`
         chosen = plan.mix_grid[mix_grid["chosen"]]
-        tuned_model, tuned_tokenizer = load_multi(base_dir, {"mix": chosen})
-        set_weights(tuned_model, {"mix": 1.0})
-        per_source = score(tuned_model, tuned_tokenizer, "mix-tuned")
-        del tuned_model
+        if mix_dir is not None and Path(chosen).resolve() == Path(mix_dir).resolve():
+            per_source = score.same_as("mix-tuned", "mix")  # the natural set won: the `mix` row's own adapter
+        else:
+            tuned_model, tuned_tokenizer = load_multi(base_dir, {"mix": chosen})
+            set_weights(tuned_model, {"mix": 1.0})
+            per_source = score(tuned_model, tuned_tokenizer, "mix-tuned")
+            del tuned_model
         grid_records = {f"mix {i}": read_json(f / "loradem-train.json") for i, f in enumerate(plan.mix_grid)}
         rows.insert(first_after + (mix_dir is not None), {
             "name": "mix-tuned", "per_source": per_source, "average": _average(per_source, metrics),
