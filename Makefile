@@ -34,12 +34,16 @@ test: setup
 # (natural and tuned proportions) and every option side by side (demo-options:
 # searched, learned and RegMean weights, the anchored and short variants), the
 # same plus a fourth source added later, the second suite (formats: four
-# sources that differ in format and domain), then the assembler and
+# sources that differ in format and domain), both suites with the shared warm-up,
+# the demo with LoRI-style adapters, then the assembler and
 # search-trial benchmarks against PEFT. Reports in runs/.
 bench: setup
 	$(BIN)/loradem run recipes/demo-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/formats.yaml --baseline mix
+	$(BIN)/loradem run recipes/demo-warmup.yaml --baseline mix
+	$(BIN)/loradem run recipes/formats-warmup.yaml --baseline mix
+	$(BIN)/loradem run recipes/demo-lori.yaml
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(MAKE) gguf-check GGUF_MODEL=runs/demo-options/model
