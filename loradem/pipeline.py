@@ -64,6 +64,11 @@ def recipe_base(recipe: Recipe, base_dir: Path, splits: dict, *, train: bool = F
 
 # ---- check ---------------------------------------------------------------
 
+def _baseline(recipe: Recipe, asked: str | None) -> str | None:
+    """The baseline a command trains: the one asked for on the command line, else the recipe's (mix.enabled)."""
+    return asked or ("mix" if recipe.mix.enabled else None)
+
+
 def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
     """Validate the recipe, every data row and the splits, and refuse what `loradem train` would refuse on them
     (the train stage's own checks, for the recipe and each variant; with baseline="mix", the mix's too);
@@ -73,9 +78,10 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
     from loradem.train.warmup import warmup_sources
 
     recipe = load_recipe(recipe_path)
+    baseline = _baseline(recipe, baseline)
     splits = _splits(recipe)
     _check_training(recipe, splits, baseline=baseline)
-    if baseline != "mix":
+    if baseline != "mix":  # neither asked for nor enabled: a refusal is only a note
         try:
             check_mix(mix_job(recipe, splits))
         except LorademError as exc:
@@ -114,6 +120,7 @@ def train(recipe_path: str | Path, *, only: list[str] | None = None, force: list
           baseline: str | None = None) -> dict[str, Path]:
     """Train the missing per-source adapters (returned); with baseline="mix", then the data-mixing adapter."""
     recipe, base_dir = _prepare(recipe_path)
+    baseline = _baseline(recipe, baseline)
     for name in [*(only or []), *force]:
         recipe.source(name)  # unknown names fail before any work
     return _train_stage(recipe, base_dir, _splits(recipe), only=only, force=force, baseline=baseline)
@@ -562,7 +569,7 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         held_out=tuple(EvalSource(name, "exact_match", rows) for name, rows in held_out),
         retention=None if prompts is None else RetentionPlan(tuple(prompts), recipe.eval.retention.max_new_tokens,
                                                              recipe.eval.retention.prompts),
-        reproduce=f"loradem run {recipe_path or '<recipe.yaml>'}" + (" --baseline mix" if mix_dir is not None else ""),
+        reproduce=f"loradem run {recipe_path or '<recipe.yaml>'}" + (" --baseline mix" if mix_dir is not None and not recipe.mix.enabled else ""),
     )
     rows = compare_models(plan, log=_log("eval"))
     # the row scored on the assembled folder (a row the report lacks: the card gets no scores)
@@ -608,6 +615,7 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
     row in the report); returns the run folder (report.md is inside)."""
     t0 = time.time()
     recipe, base_dir = _prepare(recipe_path)
+    baseline = _baseline(recipe, baseline)
     for name in force:
         recipe.source(name)
     splits = _splits(recipe)

@@ -382,6 +382,7 @@ class EvalSettings(_Strict):
 
 
 class MixSettings(_Strict):
+    enabled: bool = Field(False, description="Train the data-mixing baseline in `loradem run` and `loradem train` without being asked (as `--baseline mix` does), so the report always has its `mix` row: the comparison that says whether merging beats mixing on this data.")
     tokens: Union[Literal["match"], Annotated[int, Field(gt=0)]] = Field(
         "match", description="Training tokens of the data-mixing baseline: 'match' = the sum of the per-source adapters' tokens (equal compute), or a number."
     )
@@ -403,7 +404,7 @@ class Recipe(_Strict):
     search: SearchSettings = Field(default_factory=SearchSettings, description="Weight search (see `search`).")
     assemble: AssembleSettings = Field(default_factory=AssembleSettings, description="Folding into the base (see `assemble`).")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation on held-out test rows (see `eval`).")
-    mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained by `loradem train --baseline mix` (see `mix`).")
+    mix: MixSettings = Field(default_factory=MixSettings, description="The data-mixing baseline, trained when mix.enabled or with `--baseline mix` (see `mix`).")
     learn: LearnSettings = Field(default_factory=LearnSettings, description="Learned per-module weights (see `learn`).")
     anchor: AnchorSettings = Field(default_factory=AnchorSettings, description="Anchored training of the adapters (see `anchor`).")
     regmean: RegMeanSettings = Field(default_factory=RegMeanSettings, description="RegMean merge of the adapters on their training rows' layer inputs (see `regmean`).")

@@ -257,3 +257,10 @@ def test_run_with_the_mix_baseline_reports_a_mix_row_and_the_cost_ratio(tmp_path
     assert main(["train", str(path), "--baseline", "mix"]) == 0
     out = capsys.readouterr().out
     assert f"mix: skipped (finished adapter {mix_dir})" in out and "trained ->" not in out
+
+    # a recipe with mix.enabled reaches the mix stage without --baseline (and without it, does not)
+    assert main(["train", str(path)]) == 0
+    assert "mix:" not in capsys.readouterr().out
+    path.write_text(yaml.safe_dump({**recipe, "mix": {"enabled": True}}))
+    assert main(["train", str(path)]) == 0
+    assert f"mix: skipped (finished adapter {mix_dir})" in capsys.readouterr().out

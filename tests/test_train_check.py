@@ -89,6 +89,13 @@ def test_the_mix_baseline_of_sources_in_different_formats(tmp_path, capsys):
     assert out.rstrip().endswith("ok")
 
 
+def test_a_recipe_that_enables_the_mix_is_checked_as_with_baseline_mix(tmp_path, capsys):
+    path = recipe_file(tmp_path, [chat_source(tmp_path), pc_source(tmp_path)], mix={"enabled": True})
+    with pytest.raises(LorademError, match=r"mix: the sources' rows have different formats \(addition: messages, pc: prompt_completion\)"):
+        pipeline.check(path)
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_the_mix_baseline_with_proportions_for_some_sources_only(tmp_path):
     path = recipe_file(tmp_path, [chat_source(tmp_path, mix_proportion=2.0), chat_source(tmp_path, "other")])
     with pytest.raises(LorademError, match=r"mix: sources\[\].mix_proportion: set for addition but not for other"):
