@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loradem.data.rows import load_splits, read_rows
+from loradem.data.rows import load_splits, read_rows, sample
 from loradem.errors import LorademError
 from loradem.model.render import eval_pair, normalize_answer
 from loradem.recipe import Source
@@ -261,3 +261,15 @@ def test_chat_template_refuses_text_rows(tmp_path):
     path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
     with pytest.raises(LorademError, match=r"source 'src': chat_template: true needs prompt/completion or messages rows"):
         load_splits(source(path, chat_template=True), seed=0)
+
+
+def test_stage_samples_are_seeded_per_stage_and_source_and_never_repeat_a_row():
+    rows = [{"text": str(i)} for i in range(50)]
+    draw = sample(rows, 10, seed=3, stage="regmean", source="a")
+    assert draw == sample(list(rows), 10, seed=3, stage="regmean", source="a")  # the same draw every time
+    assert len({r["text"] for r in draw}) == 10 and all(r in rows for r in draw)
+    assert draw != sample(rows, 10, seed=3, stage="learn", source="a")  # each stage and source draws its own
+    assert draw != sample(rows, 10, seed=3, stage="regmean", source="b")
+    assert draw != sample(rows, 10, seed=4, stage="regmean", source="a")
+    # fewer rows than asked: all of them, each once
+    assert sorted(r["text"] for r in sample(rows[:4], 10, seed=3, stage="warmup", source="a")) == ["0", "1", "2", "3"]

@@ -87,6 +87,12 @@ def load_splits(source: Source, seed: int) -> Splits:
     return Splits(source.name, fmt, train, validation, test, data_fingerprint(source, seed, fmt))
 
 
+def sample(rows: list[Row], n: int, *, seed: int, stage: str, source: str) -> list[Row]:
+    """A seeded sample of `n` of `rows` (all of them, reordered, when fewer), the same for the same (seed, stage,
+    source) whatever else the recipe holds: the warm-up, RegMean and learned weights each draw their own."""
+    return random.Random(f"{seed}:{stage}:{source}").sample(rows, min(n, len(rows)))
+
+
 def as_chat(row: Row) -> Row:
     """A prompt/completion row as one user turn and one assistant turn, for the base's chat template."""
     return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from loradem.data.rows import sample
 from loradem.errors import LorademError
 from loradem.files import atomic_write_json, fingerprint_weights, make_dir, read_json, stable_hash
 from loradem.merge.search import weighted_mean
@@ -84,8 +85,7 @@ def fit_rows(job: LearnJob, train: dict[str, list[dict]]) -> dict[str, list[dict
         rows = list(train.get(s) or [])
         if not rows:
             raise LorademError(f"learn: source {s!r}: no training rows to fit the weights on")
-        rng = random.Random(f"{job.seed}:learn:{s}")
-        out[s] = rng.sample(rows, min(job.settings.rows_per_source, len(rows)))
+        out[s] = sample(rows, job.settings.rows_per_source, seed=job.seed, stage="learn", source=s)
     return out
 
 

@@ -39,7 +39,6 @@ regmean.json (settings, token counts, cost, the identity of its inputs); a finis
 from __future__ import annotations
 
 import json
-import random
 import re
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from loradem.data.rows import sample
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights, read_json, stable_hash
 from loradem.model import soup
@@ -111,8 +111,7 @@ def sample_rows(job: RegMeanJob, sources: list[str], train: dict[str, list[dict]
         rows = list(train.get(s) or [])
         if not rows:
             raise LorademError(f"regmean: source {s!r}: no training rows to take the Gram matrices from")
-        rng = random.Random(f"{job.seed}:regmean:{s}")
-        out[s] = rng.sample(rows, min(job.settings.rows_per_source, len(rows)))
+        out[s] = sample(rows, job.settings.rows_per_source, seed=job.seed, stage="regmean", source=s)
     return out
 
 

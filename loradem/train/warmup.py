@@ -42,13 +42,12 @@ model card say about a warmed base.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loradem.data.rows import Splits
+from loradem.data.rows import Splits, sample
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json, stable_hash, weights_sha256
 from loradem.model.base import cache_root
@@ -90,12 +89,8 @@ def check_warmup(recipe: Recipe, splits: dict[str, Splits]) -> None:
 
 def sample_rows(recipe: Recipe, splits: dict[str, Splits]) -> dict[str, list[dict]]:
     """A seeded sample of each warm-up source's training rows (rows_per_source, or all of them when fewer)."""
-    out = {}
-    for name in warmup_sources(recipe):
-        rows = splits[name].train
-        rng = random.Random(f"{recipe.seed}:warmup:{name}")
-        out[name] = rng.sample(rows, min(recipe.warmup.rows_per_source, len(rows)))
-    return out
+    return {name: sample(splits[name].train, recipe.warmup.rows_per_source, seed=recipe.seed, stage="warmup",
+                         source=name) for name in warmup_sources(recipe)}
 
 
 def warmup_job(recipe: Recipe, splits: dict[str, Splits]) -> TrainJob:
