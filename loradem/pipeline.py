@@ -393,23 +393,27 @@ def _learn(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
                          log=_log("learn"))
 
 
-def regmean(recipe_path: str | Path) -> dict:
-    """Merge the adapters by RegMean (recipe `regmean:`) into runs/<name>/regmean/, a PEFT adapter."""
+def regmean(recipe_path: str | Path) -> dict[str, dict]:
+    """Merge the adapters by RegMean (recipe `regmean:`) into runs/<name>/regmean/, a PEFT adapter, and each
+    variant's that merges into its own runs/<name>/variants/<variant>/regmean/; returns {label: record}, the
+    recipe's own under ""."""
     recipe, base_dir = _prepare(recipe_path)
-    if not recipe.regmean.enabled:
+    merging = [(label, r) for label, r in (("", recipe), *variant_recipes(recipe).items()) if r.regmean.enabled]
+    if not merging:
         raise LorademError(f"{recipe_path}: regmean.enabled is false; set `regmean: {{enabled: true}}` to merge by RegMean")
     splits = _splits(recipe)
-    return _regmean(recipe, recipe_base(recipe, base_dir, splits), splits)
+    return {label: _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip())
+            for label, r in merging}
 
 
-def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> dict:
+def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, label: str = "regmean") -> dict:
     from loradem.merge.regmean import RegMeanJob, regmean_merge
 
     splits = splits or _splits(recipe)
     adapters = finished_adapters(recipe, base_dir, splits)
     job = RegMeanJob(name=recipe.name, settings=recipe.regmean, out_dir=recipe.out_dir / "regmean", seed=recipe.seed,
                      max_length=recipe.train.max_length, batch_size=recipe.search.batch_size)
-    return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, log=_log("regmean"))
+    return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, log=_log(label))
 
 
 def regmean_adapter(recipe: Recipe) -> Path:
@@ -548,6 +552,7 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
                 out_dir=vr.out_dir, learned=learned_weights(vr) if vr.learn.enabled else None,
                 description=v.description, overrides=v.overrides(),
                 warm_dir=vbase if vbase != base_dir else None,
+                regmean_dir=regmean_adapter(vr) if vr.regmean.enabled else None,
                 warmup=warmup_record(vr, vbase, recipe.out_dir) if vbase != base_dir else None))
         except LorademError as exc:  # its message names the stage to run (train, search and learn cover variants)
             raise LorademError(f"variant {v.name!r}: {exc}") from None
@@ -637,8 +642,9 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
         _search(r, base, splits, label=f"search {label}".strip())
         if r.learn.enabled:
             _learn(r, base, splits)
-    if recipe.regmean.enabled:  # the recipe's own adapters only: the report has no variant RegMean rows
-        _regmean(recipe, recipe_base(recipe, base_dir, splits), splits)
+    for label, r in (("", recipe), *variants.items()):
+        if r.regmean.enabled:
+            _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip())
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path))

@@ -266,12 +266,13 @@ AnchorOverride = _partial(AnchorSettings)
 WarmupOverride = _partial(WarmupSettings)
 LearnOverride = _partial(LearnSettings)
 SearchOverride = _partial(SearchSettings)
+RegMeanOverride = _partial(RegMeanSettings)
 
 
 class Variant(_Strict):
     """A second set of adapters compared in the same run and report: the recipe with some blocks overridden."""
 
-    name: str = Field(description=f"Variant name ({SAFE_NAME_HELP}); its report rows are '<name>:adapter:<source>', '<name>:uniform', '<name>:sum', '<name>:dem' (and '<name>:dem-learned'); its outputs go to runs/<recipe>/variants/<name>/.")
+    name: str = Field(description=f"Variant name ({SAFE_NAME_HELP}); its report rows are '<name>:adapter:<source>', '<name>:uniform', '<name>:sum', '<name>:dem' (and '<name>:dem-learned', '<name>:dem-regmean', '<name>:warm-base' when it learns, merges by RegMean or warms its base); its outputs go to runs/<recipe>/variants/<name>/.")
     description: str = Field("", description="Free text, shown in the report.")
     lora: LoraOverride = Field(default_factory=LoraOverride, description="Overrides of the recipe's `lora:`.")  # type: ignore[valid-type]
     train: TrainOverride = Field(default_factory=TrainOverride, description="Overrides of the recipe's `train:`.")  # type: ignore[valid-type]
@@ -279,6 +280,7 @@ class Variant(_Strict):
     search: SearchOverride = Field(default_factory=SearchOverride, description="Overrides of the recipe's `search:` (e.g. its own warm_start).")  # type: ignore[valid-type]
     learn: LearnOverride = Field(default_factory=LearnOverride, description="Overrides of the recipe's `learn:`.")  # type: ignore[valid-type]
     warmup: WarmupOverride = Field(default_factory=WarmupOverride, description="Overrides of the recipe's `warmup:` (e.g. {enabled: true}: this variant's adapters train from a warmed base).")  # type: ignore[valid-type]
+    regmean: RegMeanOverride = Field(default_factory=RegMeanOverride, description="Overrides of the recipe's `regmean:` (e.g. {alpha: 0.5}, or {enabled: false}: no RegMean merge of this variant's adapters).")  # type: ignore[valid-type]
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
@@ -295,7 +297,7 @@ class Variant(_Strict):
         return {b: v for b, v in blocks.items() if v}
 
 
-VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn", "warmup")
+VARIANT_BLOCKS = ("lora", "train", "anchor", "search", "learn", "warmup", "regmean")
 
 
 def set_fields(override: BaseModel) -> dict:
@@ -410,7 +412,7 @@ class Recipe(_Strict):
     regmean: RegMeanSettings = Field(default_factory=RegMeanSettings, description="RegMean merge of the adapters on their training rows' layer inputs (see `regmean`).")
     warmup: WarmupSettings = Field(default_factory=WarmupSettings, description="A shared format warm-up folded into the base before the adapters train (see `warmup`).")
     variants: list[Variant] = Field(
-        default_factory=list, description="Other adapter sets to compare in the same run and report, each the recipe with some blocks overridden (see `variants[]`); e.g. [{name: anchored, anchor: {enabled: true}}]. Each trains its own adapters (cached by key like any other), searches and learns its own weights; its rows are scored on in-memory exact folds, and the assembled model stays the recipe's own."
+        default_factory=list, description="Other adapter sets to compare in the same run and report, each the recipe with some blocks overridden (see `variants[]`); e.g. [{name: anchored, anchor: {enabled: true}}]. Each trains its own adapters (cached by key like any other), searches, learns and RegMean-merges its own weights; its rows are scored on in-memory exact folds, and the assembled model stays the recipe's own."
     )
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))

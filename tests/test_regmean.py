@@ -331,3 +331,43 @@ def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, ca
     tiny_recipe.write_text(yaml.safe_dump(data))
     assert main(["regmean", str(tiny_recipe)]) == 2
     assert "regmean.enabled is false" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_recipe, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loradem.cli import main
+    from loradem.data.rows import load_splits
+    from loradem.model.generate import evaluate_source
+    from loradem.recipe import load_recipe
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["regmean"] = {"enabled": True, "rows_per_source": 8, "alpha": 0.9}
+    data["variants"] = [{"name": "diag", "regmean": {"alpha": 0.0}}]  # the same adapters, the diagonal-only merge
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_recipe)]) == 0
+    report = json.loads(Path("runs/tiny/report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows)[-1] == "diag:dem-regmean" and "dem-regmean" in rows
+    folder = Path("runs/tiny/variants/diag/regmean")
+    record = json.loads((folder / "regmean.json").read_text())
+    assert record["settings"]["alpha"] == 0.0 and report["variants"]["diag"]["regmean"]["settings"]["alpha"] == 0.0
+    assert json.loads(Path("runs/tiny/regmean/regmean.json").read_text())["settings"]["alpha"] == 0.9
+    assert rows["diag:dem-regmean"]["cost"]["regmean_seconds"] == round(record["regmean_seconds"], 1)
+
+    # the row answers like PEFT's base + the variant's RegMean adapter
+    recipe = load_recipe(str(tiny_recipe))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(folder)).eval()
+    tokenizer = load_tokenizer(tiny_base)
+    for source in recipe.sources:
+        with torch.no_grad():
+            expected = evaluate_source(model, tokenizer, load_splits(source, recipe.seed).test, "exact_match",
+                                       recipe.eval, 64, log=lambda m: None)
+        assert report["predictions"]["diag:dem-regmean"][source.name] == expected["predictions"], source.name
+
+    # the stage alone merges both again (up to date: nothing rewritten)
+    written = (folder / "regmean.json").stat().st_mtime_ns
+    assert main(["regmean", str(tiny_recipe)]) == 0
+    assert (folder / "regmean.json").stat().st_mtime_ns == written

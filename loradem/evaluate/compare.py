@@ -28,8 +28,9 @@ Rows (names fixed by report.json's contract):
 - ``dem-regmean``       the RegMean adapter at weight 1 (`loradem.merge.regmean`, when the plan has one); its
                         cost adds the Gram matrices' and the solve's seconds; report.json's ``regmean`` its record
 - ``<variant>:<row>``   for each variant, its own adapters alone, uniform, sum,
-                        dem and dem-learned (and warm-base, with its warm-up), scored on an in-memory exact fold
-                        of its adapters into its own base (its warmed base, with a warm-up);
+                        dem and dem-learned (and warm-base, with its warm-up; dem-regmean, when it merges by
+                        RegMean), scored on an in-memory exact fold of its adapters (or its RegMean adapter)
+                        into its own base (its warmed base, with a warm-up);
                         report.json's ``variants`` gives what each overrides, its search and learning
 
 Of ``dem``, ``dem-learned`` and ``dem-regmean``, the row whose weights the assembled model
@@ -109,6 +110,7 @@ class VariantPlan:
     overrides: dict = field(default_factory=dict)
     warm_dir: Optional[Path] = None  # its warmed base, when it has a warm-up (its adapters' base; None: the plan's)
     warmup: Optional[dict] = None  # `loradem.train.warmup.warmup_record` of that warmed base
+    regmean_dir: Optional[Path] = None  # its RegMean adapter folder, when it merges by RegMean
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,8 @@ def _learn_summary(learned: dict | None) -> dict | None:
 def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Rows '<variant>:adapter:<source>', ':uniform', ':sum', ':dem' (the searched weights) and, when the variant
     learns, ':dem-learned', all on one resident base with the variant's adapters folded exactly; with a warm-up,
-    ':warm-base' first and every row on (and charged) its warmed base."""
+    ':warm-base' first and every row on (and charged) its warmed base; when it merges by RegMean, ':dem-regmean'
+    last, its RegMean adapter folded exactly into that base."""
     records = _records(v.adapters, names)
     search_seconds = float(v.search.get("search_seconds") or 0.0)
     plan = _fixed_plan(names, records, v.warmup)
@@ -246,7 +249,20 @@ def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dic
                      _add_learning(_cost(records, names, search_seconds, v.warmup), v.learned)))
     if v.warm_dir is not None:
         plan.insert(0, _warm_row(names, v.warmup))
-    return _score_plan(plan, v.name + ":", v.warm_dir or base_dir, v.adapters, names, metrics, score)
+    rows = _score_plan(plan, v.name + ":", v.warm_dir or base_dir, v.adapters, names, metrics, score)
+    if v.regmean_dir is not None:
+        name = f"{v.name}:dem-regmean"
+        model, tokenizer = load_multi(v.warm_dir or base_dir, {"regmean": v.regmean_dir}, fold=True)
+        per_source = score(model, tokenizer, name)
+        del model
+        rows.append({"name": name, "per_source": per_source, "average": _average(per_source, metrics),
+                     "cost": _add_regmean(_cost(records, names, warmup=v.warmup), read_json(v.regmean_dir / "regmean.json"))})
+    return rows
+
+
+def _regmean_summary(folder: Path) -> dict:
+    """report.json's record of a RegMean merge: its regmean.json without the identity hashes."""
+    return {k: v for k, v in read_json(folder / "regmean.json").items() if k != "identity"}
 
 
 def _warm_row(names: list[str], warmup: Optional[dict]) -> tuple:
@@ -287,7 +303,8 @@ def model_count(plan: EvalPlan) -> int:
     n = len(plan.sources)
     count = 1 + n + 2 + (plan.mix_dir is not None) + bool(plan.mix_grid) + 1 + (plan.learned is not None)
     count += (plan.regmean_dir is not None) + (plan.warm_dir is not None)
-    return count + sum(n + 3 + (v.learned is not None) + (v.warm_dir is not None) for v in plan.variants)
+    return count + sum(n + 3 + (v.learned is not None) + (v.warm_dir is not None) + (v.regmean_dir is not None)
+                       for v in plan.variants)
 
 
 class _Scorer:
@@ -482,6 +499,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         variant_extra[v.name] = {
             "description": v.description, "overrides": v.overrides, "out_dir": os.path.relpath(v.out_dir, plan.out_dir),
             "search": _search_summary(v.search), "learn": _learn_summary(v.learned), "warmup": v.warmup,
+            **({"regmean": _regmean_summary(v.regmean_dir)} if v.regmean_dir is not None else {}),
             "vectors": _read_if_file(v.out_dir / "vectors.json"),
             "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.out_dir, v.learned),
         }
@@ -491,7 +509,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         "search": _search_summary(search_record),
         "learn": _learn_summary(learned),
         **({"warmup": warmup} if warmup is not None else {}),
-        **({"regmean": {k: v for k, v in regmean.items() if k != "identity"}} if regmean is not None else {}),
+        **({"regmean": _regmean_summary(plan.regmean_dir)} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
         "model": os.path.relpath(plan.model_dir, plan.out_dir),  # relative to report.json, as the mix's adapter
         "predictions": score.predictions,
