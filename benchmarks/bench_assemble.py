@@ -375,7 +375,9 @@ def main(bases: list[str]) -> None:
     for spec in bases:
         with tempfile.TemporaryDirectory(prefix="bench-assemble-") as tmp:
             results.append(bench(spec, Path(tmp)))
-    print(f"\nbench_assemble {dt.datetime.now().isoformat(timespec='minutes')}, {os.cpu_count()} CPU cores\n")
+    from loradem.machine import summary
+
+    print(f"\nbench_assemble {dt.datetime.now().isoformat(timespec='minutes')}, {summary()}\n")
     for r in results:
         print(report(r) + "\n")
 

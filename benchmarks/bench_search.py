@@ -30,6 +30,7 @@ from search_overhead import format_overhead, measure_overhead  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from loradem.data.rows import load_splits  # noqa: E402
+from loradem.machine import summary as machine_summary  # noqa: E402
 from loradem.model.base import resolve_base  # noqa: E402
 from loradem.pipeline import finished_adapters  # noqa: E402
 from loradem.recipe import load_recipe  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = measure_overhead(base, adapters, rows, points, max_length=data_recipe.train.max_length,
                                   batch_size=args.batch_size, log=lambda m: print(m, flush=True))
     print(f"bench_search {dt.date.today().isoformat()}: base {args.recipe and data_recipe.base or args.base}, {kind}, "
-          f"{len(adapters)} sources x {args.rows} validation rows, batch {args.batch_size}, {torch.get_num_threads()} torch threads")
+          f"{len(adapters)} sources x {args.rows} validation rows, batch {args.batch_size}; {machine_summary()}")
     print(format_overhead(result))
     return result
 

@@ -313,6 +313,7 @@ def run_one(args) -> dict:
     import torch
     import transformers
 
+    from loradem.machine import summary as machine_summary
     from loradem.model.base import resolve_base
     from loradem.recipe import load_recipe
 
@@ -330,7 +331,7 @@ def run_one(args) -> dict:
         r = run_loradem(args.child, recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch)
     else:
         r = run_trl(args.child, recipe, args.source, base_dir, args.steps, args.eval_steps or args.steps, scratch, cuda)
-    device = torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores"
+    device = machine_summary()  # the CPU's instruction set decides what bf16 autocast costs
     return {**r, "device": device, "base": str(base_dir), "rows": len(_splits(recipe, args.source).train),
             "batch_size": recipe.train_for(recipe.source(args.source)).batch_size}
 

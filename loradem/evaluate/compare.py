@@ -65,6 +65,7 @@ from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, r
 from loradem.evaluate.report import write_report
 from loradem.evaluate.retention import Reference, base_reference, retention_scores
 from loradem.files import read_json
+from loradem.machine import describe
 from loradem.merge.search import fold_weights
 from loradem.model.generate import evaluate_source
 from loradem.model.render import Prompt
@@ -511,6 +512,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         **({"warmup": warmup} if warmup is not None else {}),
         **({"regmean": _regmean_summary(plan.regmean_dir)} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
+        "machine": describe(),  # what the evaluation ran on; each adapter's record says where it trained
         "model": os.path.relpath(plan.model_dir, plan.out_dir),  # relative to report.json, as the mix's adapter
         "predictions": score.predictions,
     }

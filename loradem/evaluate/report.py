@@ -35,6 +35,7 @@ from typing import Optional
 
 from loradem.errors import LorademError
 from loradem.files import atomic_write_files, json_text
+from loradem.machine import summary as machine_summary
 from loradem.plots import figure, png_bytes, styled
 from loradem.recipe import format_overrides
 
@@ -285,7 +286,8 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
         f"# {run_name}: results",
         "",
         "Each source is scored on its held-out test rows: exact match (higher is better) or loss (lower is better). "
-        "Costs are wall-clock seconds on the machine that ran them.",
+        "Costs are wall-clock seconds on the machine that ran them"
+        + (f"; this report was scored on {machine_summary(extra['machine'])}." if extra.get("machine") else "."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" + "---:|" * (len(head) - 1),
