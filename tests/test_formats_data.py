@@ -161,6 +161,15 @@ def test_a_task_that_runs_out_of_distinct_prompts_raises():
         SUITE.rows("label", seed=0, rows=2305)
 
 
+def test_a_failed_generation_leaves_the_earlier_files_whole(tmp_path):
+    assert main(["--out", str(tmp_path), "--rows", "3", "--held-out-rows", "2"]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")}
+    with pytest.raises(LorademError, match=r"task 'label' drew 10000 repeats in a row"):
+        SUITE.write(tmp_path, seed=1, rows=2305, log=lambda _: None)  # chat, json and arith generate, label cannot
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")} == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".jsonl") == []
+
+
 def test_seeds_and_tasks_are_independent():
     assert SUITE.rows("json", seed=0, rows=50) == SUITE.rows("json", seed=0, rows=50)
     assert SUITE.rows("json", seed=1, rows=50) != SUITE.rows("json", seed=0, rows=50)

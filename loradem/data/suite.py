@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from loradem.files import atomic_write_text
+from loradem.files import atomic_write_files
 
 Pairs = Iterator[tuple[str, str]]
 Task = Callable[[random.Random], Pairs]
@@ -48,16 +48,16 @@ class Suite:
         ]
 
     def write(self, out: str | Path, seed: int = 0, rows: int = 1000, held_out_rows: int = 60, log=print) -> list[Path]:
-        """One <task>.jsonl per source task into `out`, one per held-out task into `out`/heldout/ (each written
-        aside, then renamed)."""
+        """One <task>.jsonl per source task into `out`, one per held-out task into `out`/heldout/: every file is
+        generated first, then all are written aside and renamed, so a task that cannot be generated (or a full
+        disk) leaves the earlier set whole: source and held-out files always come from one generation."""
         jobs = [*((t, rows, Path(out)) for t in self.tasks), *((t, held_out_rows, Path(out) / HELD_OUT_DIR) for t in self.held_out)]
-        paths = []
-        for task, n, folder in jobs:
-            path = folder / f"{task}.jsonl"
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows(task, seed, n)))
+        files = {folder / f"{task}.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows(task, seed, n))
+                 for task, n, folder in jobs}
+        atomic_write_files({path: text.encode("utf-8") for path, text in files.items()})
+        for (_, n, _), path in zip(jobs, files):
             log(f"wrote {path} ({n} rows)")
-            paths.append(path)
-        return paths
+        return list(files)
 
     def main(self, argv: list[str] | None = None, description: str = "") -> int:
         parser = argparse.ArgumentParser(prog=f"python -m loradem.data.{self.name}", description=description)
