@@ -332,3 +332,16 @@ def test_increment_finds_the_warm_start_after_the_run_moved(tmp_path):
     grid = [*rows, {"name": "mix-tuned", "cost": {"train_tokens": 90}}]
     inc = _increment({"warm_start": "../old/weights.json"}, ["a", "b"], records, grid, run)
     assert inc["mix_retrain_cost"] == {"train_tokens": 90} and inc["mix_retrain_row"] == "mix-tuned"
+
+
+def test_model_identity_is_the_base_the_used_adapters_and_their_weights(tmp_path):
+    from loradem.evaluate.compare import model_identity
+
+    a, b, base = tmp_path / "a", tmp_path / "b", tmp_path / "base"
+    two = {"x": a, "y": b}
+    assert model_identity(base, two, {"x": 1.0, "y": 0.0}) == model_identity(base, {"x": a}, {"x": 1.0})
+    assert model_identity(base, two, {"x": 1.0, "y": 0.0}) != model_identity(base, two, {"x": 1.0, "y": 1e-9})
+    assert model_identity(base, two, {"x": 0.5, "y": 0.5}) != model_identity(tmp_path / "other", two, {"x": 0.5, "y": 0.5})
+    assert model_identity(base, two, {"x": 0.5, "y": 0.5}) != model_identity(base, {"x": a, "y": a}, {"x": 0.5, "y": 0.5})
+    layered = {"x": {"0": 1.0, "1": 0.5}, "y": {"0": 0.0, "1": 0.0}}  # per layer group: kept whole
+    assert model_identity(base, two, layered) != model_identity(base, {"x": a}, {"x": layered["x"]})

@@ -189,7 +189,7 @@ def test_run_trains_the_grid_reports_mix_tuned_at_the_grids_cost_and_reuses_it(t
     monkeypatch.setattr(mix, "choose_mix", lambda records: 0)
     assert main(["eval", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "mix-tuned            the same adapter as mix: its scores" in out and out.count("mix-tuned") >= 1
+    assert "mix-tuned            the same model as mix: its scores" in out and out.count("mix-tuned") >= 1
     report = json.loads((run / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert report["mix_grid"]["chosen"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -334,7 +335,7 @@ def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, ca
 
 
 @pytest.mark.slow
-def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_recipe, tiny_base):
+def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_recipe, tiny_base, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -356,6 +357,13 @@ def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_reci
     assert record["settings"]["alpha"] == 0.0 and report["variants"]["diag"]["regmean"]["settings"]["alpha"] == 0.0
     assert json.loads(Path("runs/tiny/regmean/regmean.json").read_text())["settings"]["alpha"] == 0.9
     assert rows["diag:dem-regmean"]["cost"]["regmean_seconds"] == round(record["regmean_seconds"], 1)
+    # its adapters are the recipe's: those rows are the same models, taken over without scoring them again
+    out = capsys.readouterr().out
+    for row in ("adapter:addition", "adapter:sort", "uniform", "sum"):
+        assert f"diag:{row}" in out and re.search(rf"diag:{row} +the same model as {row}: its scores", out), row
+        assert report["predictions"][f"diag:{row}"] == report["predictions"][row]
+        assert rows[f"diag:{row}"]["per_source"] == rows[row]["per_source"]
+    assert "the same model as dem-regmean" not in out  # alpha 0 is another merge: scored
 
     # the row answers like PEFT's base + the variant's RegMean adapter
     recipe = load_recipe(str(tiny_recipe))

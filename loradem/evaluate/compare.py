@@ -54,6 +54,7 @@ record, and ``eval_seconds`` what each measure took per row.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -253,12 +254,19 @@ def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dic
     rows = _score_plan(plan, v.name + ":", v.warm_dir or base_dir, v.adapters, names, metrics, score)
     if v.regmean_dir is not None:
         name = f"{v.name}:dem-regmean"
+        record = read_json(v.regmean_dir / "regmean.json")
         model, tokenizer = load_multi(v.warm_dir or base_dir, {"regmean": v.regmean_dir}, fold=True)
-        per_source = score(model, tokenizer, name)
+        per_source = score(model, tokenizer, name, identity=_regmean_identity(v.warm_dir or base_dir, record))
         del model
         rows.append({"name": name, "per_source": per_source, "average": _average(per_source, metrics),
-                     "cost": _add_regmean(_cost(records, names, warmup=v.warmup), read_json(v.regmean_dir / "regmean.json"))})
+                     "cost": _add_regmean(_cost(records, names, warmup=v.warmup), record)})
     return rows
+
+
+def _regmean_identity(base_dir: Path, record: dict) -> str:
+    """A RegMean adapter's model: the base it is folded into and what decided the merge (regmean.json's identity:
+    the adapters, their base, the rows and the settings)."""
+    return json.dumps({"base": str(Path(base_dir).resolve()), "regmean": record["identity"]}, sort_keys=True)
 
 
 def _regmean_summary(folder: Path) -> dict:
@@ -279,14 +287,28 @@ def _fixed_plan(names: list[str], records: dict[str, dict], warmup: Optional[dic
                    ("sum", {k: 1.0 for k in names}, None, _cost(records, names, warmup=warmup))]
 
 
+def model_identity(base_dir: Path, adapters: dict[str, Path], weights: dict) -> str:
+    """What decides an in-memory fold's every weight: the base, each adapter with a non-zero weight, and the
+    weights (per source, per source and layer group, or per module). Two rows with the same identity are the
+    same model, bit for bit."""
+    def used(name: str) -> bool:
+        w = weights.get(name)
+        return not (isinstance(w, (int, float)) and w == 0)
+
+    return json.dumps({"base": str(Path(base_dir).resolve()),
+                       "adapters": {k: str(Path(v).resolve()) for k, v in sorted(adapters.items()) if used(k)},
+                       "weights": {k: w for k, w in weights.items() if used(k)}}, sort_keys=True)
+
+
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
                 metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Score each planned row on one resident base with `adapters` folded exactly (a row only changes weights)."""
     model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
     rows = []
+    resident = {k: adapters[k] for k in names}
     for name, weights, shown, cost in plan:
         set_weights(model, weights)
-        per_source = score(model, tokenizer, prefix + name)
+        per_source = score(model, tokenizer, prefix + name, identity=model_identity(base_dir, resident, weights))
         rows.append({"name": prefix + name, "per_source": per_source, "average": _average(per_source, metrics),
                      "cost": cost, "weights": shown if shown is not None else weights})
     del model
@@ -321,6 +343,7 @@ class _Scorer:
         self.seconds: dict[str, dict[str, float]] = {}
         self.benchmarks: dict[str, dict[str, dict[str, float]]] = {}
         self.test_scores: dict[str, dict[str, float]] = {}  # each row's test scores, by row name
+        self.models: dict[str, str] = {}  # a model's identity -> the row that scored it
 
     def _scores(self, model, tokenizer, sources: Sequence[EvalSource], predictions: dict, row_name: str) -> dict[str, float]:
         """Each source's metric on its rows; exact match's predictions go to predictions[row_name][source]."""
@@ -332,7 +355,14 @@ class _Scorer:
                 predictions.setdefault(row_name, {})[s.name] = res["predictions"]
         return out
 
-    def __call__(self, model, tokenizer, row_name: str) -> dict[str, float]:
+    def __call__(self, model, tokenizer, row_name: str, identity: Optional[str] = None) -> dict[str, float]:
+        """Score `model` as `row_name`; a model whose `identity` (`model_identity`) an earlier row already has is
+        not scored again: it takes that row's measures (a variant that changes only its merge reuses the recipe's
+        adapter, uniform, sum and searched rows)."""
+        if identity is not None:
+            if identity in self.models:
+                return self.same_as(row_name, self.models[identity])
+            self.models[identity] = row_name
         settings = self.plan.settings
         t0 = time.perf_counter()
         out = self._scores(model, tokenizer, self.plan.sources, self.predictions, row_name)
@@ -364,7 +394,7 @@ class _Scorer:
         for kept in (self.predictions, self.held_out_predictions, self.held_out, self.retention, self.seconds, self.benchmarks):
             if scored in kept:
                 kept[row_name] = kept[scored]
-        self.log(f"{row_name:<20} the same adapter as {scored}: its scores")
+        self.log(f"{row_name:<20} the same model as {scored}: its scores")
         self.bar.update(1)
         return self.test_scores[scored]
 
@@ -474,13 +504,15 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     if others:  # the others are scored on the exact in-memory fold
         model, tokenizer = load_multi(own_base, {k: adapters[k] for k in names}, fold=True)
         for other in others:
-            set_weights(model, learned["module_weights"] if other == "dem-learned" else fold_weights(search_record))
-            scores[other] = score(model, tokenizer, other)
+            weights = learned["module_weights"] if other == "dem-learned" else fold_weights(search_record)
+            set_weights(model, weights)
+            scores[other] = score(model, tokenizer, other,
+                                  identity=model_identity(own_base, {k: adapters[k] for k in names}, weights))
         del model
     regmean = read_json(plan.regmean_dir / "regmean.json") if plan.regmean_dir is not None else None
     if regmean is not None and assembled != "dem-regmean":
         model, tokenizer = load_multi(own_base, {"regmean": plan.regmean_dir}, fold=True)
-        scores["dem-regmean"] = score(model, tokenizer, "dem-regmean")
+        scores["dem-regmean"] = score(model, tokenizer, "dem-regmean", identity=_regmean_identity(own_base, regmean))
         del model
     rows.append({"name": "dem", "per_source": scores["dem"], "average": _average(scores["dem"], metrics),
                  "cost": _cost(records, names, search_seconds, warmup), "weights": dem_weights})
