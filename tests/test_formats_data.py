@@ -97,8 +97,10 @@ def check_answer(task: str, question: str, answer: str) -> None:
     elif task == "label":
         assert answer == _topic(question.split(": ", 1)[-1].split("? ", 1)[-1])
     elif task == "json-label":
-        record = json.loads(re.fullmatch(r'What is the topic of "text" in (\{.*\})\?', question).group(1))
-        assert set(record) == {"id", "text"} and answer == _topic(record["text"])
+        key, record = re.fullmatch(r'What is the topic of "(\w+)" in (\{.*\})\?', question).groups()
+        record = json.loads(record)
+        assert list(record) == ["note", "title", "text"] and answer == _topic(record[key])
+        assert len({_topic(text) for text in record.values()}) == 3  # a topic of the record is right 1 time in 3
     elif task == "chat-arith":
         name, a, fruit, b, fruit2, name2 = re.fullmatch(r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many (\w+) does (\w+) have\?", question).groups()
         assert (name, fruit) == (name2, fruit2) and name in NAMES and fruit in FRUITS
@@ -118,7 +120,8 @@ def test_every_committed_answer_is_correct_and_exact_match_scorable(task):
         check_answer(task, user["content"], assistant["content"])
         # one short token run, unchanged by the scorer's normalization: a greedy reply can equal it exactly
         assert normalize_answer(assistant["content"]) == assistant["content"] and " " not in assistant["content"]
-        assert len(assistant["content"]) <= 10 and len(user["content"]) <= 140
+        # short prompts, as training cost grows with tokens; json-label (scored, never trained) holds three texts
+        assert len(assistant["content"]) <= 10 and len(user["content"]) <= (240 if task == "json-label" else 140)
         templates.add(re.sub(r"\{.*\}", "J", re.sub(r"\d+", "N", user["content"]))[:10])
         answers.add(assistant["content"])
     assert len(answers) >= 4  # not one constant reply

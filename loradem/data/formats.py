@@ -21,8 +21,10 @@ source's format (`eval.held_out` in recipes/formats.yaml); none starts with a so
 
 - json-arith: '{"apples": 12, "pears": 27, "plums": 31} apples plus pears equals' -> "39"
               (json's reading, arith's operation and format: one operation on two of the record's fields)
-- json-label: 'What is the topic of "text" in {"id": 412, "text": "The goalkeeper saved a penalty."}?'
-              -> "sports" (json's question format and reading, label's answer)
+- json-label: 'What is the topic of "title" in {"note": "The storm promised snow.", "title": "The goalkeeper
+              saved a penalty.", "text": "Our cook sliced the onions."}?' -> "sports" (json's question format and
+              its reading of one field of three, label's answer: three texts of three topics, so naming a
+              topic of the record without reading the key is right one time in three)
 - chat-arith: "Tom has 12 apples and gets 17 more. How many apples does Tom have?" -> "29."
               (arith's plus, chat's reply format)
 
@@ -32,9 +34,9 @@ of each other. A draw that repeats an earlier prompt of its file is skipped (lab
 sentence under any template), so the test and validation rows the recipe splits off never occur among
 the training rows; label has 2,304 sentences, so --rows near or above that runs out of them (a
 LorademError, not an endless loop). The committed files under recipes/data/formats/ are this
-generator's output with the defaults (a test regenerates them and compares bytes). Prompts are short
-(9-31 tokens on average per task under SmolLM2's tokenizer, before the chat template's system turn)
-because training cost grows with tokens.
+generator's output with the defaults (a test regenerates them and compares bytes). Source prompts are
+short (9-31 tokens on average per task under SmolLM2's tokenizer, before the chat template's system turn)
+because training cost grows with tokens; json-label's three texts make it about 49.
 """
 
 from __future__ import annotations
@@ -183,12 +185,21 @@ def json_arith(rng: random.Random) -> Pairs:
         yield f"{json.dumps(record)} {x} {op} {y} equals", str(OPERATIONS[op](record[x], record[y]))
 
 
+JSON_LABEL_KEYS = ("note", "title", "text")
+
+
 def json_label(rng: random.Random) -> Pairs:
+    # three texts of three different topics: the label adapter alone names some topic of the record, right one
+    # time in three at best; the key must be read, as json's rows read one field of three
     sentences = _sentences(rng)
     while True:
-        sentence, topic = next(sentences)
-        record = {"id": rng.randint(100, 999), "text": sentence}
-        yield f'What is the topic of "text" in {json.dumps(record)}?', topic
+        texts: dict[str, str] = {}  # topic -> its sentence, in the order drawn
+        while len(texts) < len(JSON_LABEL_KEYS):
+            sentence, topic = next(sentences)
+            texts.setdefault(topic, sentence)
+        (topics, chosen) = list(texts), rng.randrange(len(JSON_LABEL_KEYS))
+        record = dict(zip(JSON_LABEL_KEYS, texts.values()))
+        yield f'What is the topic of "{JSON_LABEL_KEYS[chosen]}" in {json.dumps(record)}?', topics[chosen]
 
 
 def chat_arith(rng: random.Random) -> Pairs:
