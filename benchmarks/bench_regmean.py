@@ -1,4 +1,4 @@
-"""RegMean on the demo's adapters: exact match on the test rows for each activations choice and alpha.
+"""RegMean on the demo's adapters: exact match on the test rows and validation loss for each activations choice and alpha.
 
     flock /tmp/loradem-heavy.lock .venv/bin/python benchmarks/bench_regmean.py     # ~15 minutes on 2 busy CPU cores
 
@@ -6,7 +6,10 @@ The adapters are the finished demo run's (runs/demo/adapters.json), the rows the
 RegMean takes rows_per_source training rows per source, the scores are on every source's test rows. For
 each `activations` ('base', 'own') the Gram matrices are collected once and solved for every alpha; each
 result is written as a PEFT adapter under --out and scored on an exact in-memory fold (the evaluation's
-own code: `loradem.model.soup` + `evaluate_source`). The plain sum of the adapters is scored first, as a
+own code: `loradem.model.soup` + `evaluate_source`), into the base the adapters trained from (the warmed
+base when the recipe has a warm-up). Each alpha's validation loss is the one `regmean.alpha: [...]` chooses
+by (`loradem.merge.regmean.validation_losses`, on the search's validation rows), so the table shows whether
+that choice picks the alpha the test rows favour. The plain sum of the adapters is scored first, as a
 check that this evaluation reproduces the demo report's row. Prints a markdown table; --json keeps it all.
 """
 
@@ -29,8 +32,10 @@ from loradem.merge.regmean import (  # noqa: E402
     read_factors,
     sample_rows,
     solve_factors,
+    validation_losses,
     write_adapter,
 )
+from loradem.pipeline import recipe_base  # noqa: E402
 from loradem.model.base import resolve_base  # noqa: E402
 from loradem.model.generate import evaluate_source  # noqa: E402
 from loradem.model.soup import load_multi, set_weights  # noqa: E402
@@ -55,10 +60,11 @@ def main() -> None:
 
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     recipe = load_recipe(args.recipe)
-    base_dir = resolve_base(recipe.base, log=lambda m: None)
     listing = Path(args.adapters_json)
     adapters = {s: (listing.parent / p["path"]).resolve() for s, p in json.loads(listing.read_text()).items()}
     splits = {s.name: load_splits(s, recipe.seed) for s in recipe.sources}
+    base_dir = recipe_base(recipe, resolve_base(recipe.base, log=lambda m: None), splits)  # the adapters' own base
+    validation = {s.name: splits[s.name].validation[: recipe.search.max_rows_per_source] for s in recipe.sources}
     names = [s.name for s in recipe.sources]
     results: dict = {"recipe": args.recipe, "adapters": {s: str(p) for s, p in adapters.items()}, "load_before": load,
                      "test_rows": {n: len(splits[n].test) for n in names}, "rows": []}
@@ -80,33 +86,42 @@ def main() -> None:
         rows = sample_rows(job, names, {n: splits[n].train for n in names})
         stats = collect_statistics(base_dir, adapters, rows, activations=activations, max_length=job.max_length,
                                    batch_size=job.batch_size, factors=factors, log=print)
+        gram_seconds, tokens = stats.seconds, stats.tokens
+        solved = {}
         for alpha in alphas:
             t0 = time.time()
-            merged, ridged = solve_factors(stats, factors, alpha)
-            solve_seconds = time.time() - t0
+            solved[alpha] = (*solve_factors(stats, factors, alpha), time.time() - t0)
+        del stats
+        t0 = time.time()
+        losses = validation_losses(base_dir, {a: m for a, (m, _, _) in solved.items()}, validation,
+                                   max_length=job.max_length, batch_size=job.batch_size)
+        print(f"validation losses ({time.time() - t0:.1f} s): {losses}", flush=True)
+        for alpha, (merged, ridged, solve_seconds) in solved.items():
             folder = Path(args.out) / f"{activations}-alpha{alpha:g}"
-            record = {"settings": {**settings.model_dump(), "alpha": alpha}, "tokens": stats.tokens,
-                      "gram_seconds": round(stats.seconds, 1), "solve_seconds": round(solve_seconds, 1), "ridged_modules": ridged}
+            record = {"settings": {**settings.model_dump(), "alpha": alpha}, "tokens": tokens,
+                      "gram_seconds": round(gram_seconds, 1), "solve_seconds": round(solve_seconds, 1), "ridged_modules": ridged}
             write_adapter(folder, merged, json.loads((adapters[names[0]] / "adapter_config.json").read_text()), record)
             t0 = time.time()
             model, tok = load_multi(base_dir, {"regmean": folder}, fold=True)
             per_source = score(model, tok, recipe, splits)
             del model
-            row = {"activations": activations, "alpha": alpha, "per_source": per_source,
-                   "average": sum(per_source.values()) / len(per_source), "gram_seconds": round(stats.seconds, 1),
-                   "solve_seconds": round(solve_seconds, 1), "ridged_modules": len(ridged), "tokens": stats.tokens,
+            row = {"activations": activations, "alpha": alpha, "per_source": per_source, "val_loss": losses[alpha],
+                   "chosen_on_validation": alpha == min(losses, key=lambda a: (losses[a], a)),
+                   "average": sum(per_source.values()) / len(per_source), "gram_seconds": round(gram_seconds, 1),
+                   "solve_seconds": round(solve_seconds, 1), "ridged_modules": len(ridged), "tokens": tokens,
                    "eval_seconds": round(time.time() - t0, 1)}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-        del stats
 
     results["load_after"] = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"\nload before: {load}\nload after:  {results['load_after']}\n")
-    print("| activations | alpha | " + " | ".join(names) + " | average | Gram s | solve s | ridged layers |")
-    print("|---|---:|" + "---:|" * (len(names) + 4))
+    print("| activations | alpha | " + " | ".join(names) + " | average | validation loss | Gram s | solve s | ridged layers |")
+    print("|---|---:|" + "---:|" * (len(names) + 5))
     for r in results["rows"]:
+        chosen = " (chosen)" if r["chosen_on_validation"] else ""
         print(f"| {r['activations']} | {r['alpha']:g} | " + " | ".join(f"{100 * r['per_source'][n]:.1f}" for n in names)
-              + f" | {100 * r['average']:.1f} | {r['gram_seconds']} | {r['solve_seconds']} | {r['ridged_modules']} |")
+              + f" | {100 * r['average']:.1f} | {r['val_loss']:.4f}{chosen} | {r['gram_seconds']} | {r['solve_seconds']} "
+              f"| {r['ridged_modules']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -413,7 +413,9 @@ def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, labe
     adapters = finished_adapters(recipe, base_dir, splits)
     job = RegMeanJob(name=recipe.name, settings=recipe.regmean, out_dir=recipe.out_dir / "regmean", seed=recipe.seed,
                      max_length=recipe.train.max_length, batch_size=recipe.search.batch_size)
-    return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, log=_log(label))
+    validation = {n: splits[n].validation[: recipe.search.max_rows_per_source] for n in adapters}  # the search's rows
+    return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, validation=validation,
+                         log=_log(label))
 
 
 def regmean_adapter(recipe: Recipe) -> Path:

@@ -229,11 +229,21 @@ class LearnSettings(_Strict):
 
 class RegMeanSettings(_Strict):
     enabled: bool = Field(False, description="Merge the adapters by RegMean (arXiv 2212.09849) on their LoRA deltas: per LoRA module, the delta that best reproduces every adapter's own delta on that source's layer inputs (least squares over the Gram matrices of the inputs), written as one exact LoRA adapter of rank Σrᵢ to runs/<name>/regmean/; adds the row 'dem-regmean' to the report (docs/stages.md).")
-    alpha: float = Field(0.9, ge=0, le=1, description="Scale of each Gram matrix's off-diagonal entries: 1 is plain least squares, 0 keeps only the diagonal (a per-input-feature weighted average of the deltas).")
+    alpha: Union[Annotated[float, Field(ge=0, le=1)], Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)]] = Field(
+        0.9, description="Scale of each Gram matrix's off-diagonal entries: 1 is plain least squares, 0 keeps only the diagonal (a per-input-feature weighted average of the deltas). A list is a set of candidates, each solved from the one collection of Gram matrices, and the one whose merge has the lowest validation loss (the search's validation rows: `search.max_rows_per_source` per source, never test rows) is kept; regmean.json records every candidate's loss."
+    )
     rows_per_source: int = Field(64, gt=0, description="Training rows per source (a seeded sample; never validation or test rows) whose non-padding tokens give the Gram matrices.")
     activations: Literal["base", "own"] = Field(
         "base", description="Whose layer inputs the Gram matrices are taken from: the base model's ('base'), or each source's rows through base + that source's own adapter ('own', as RegMean does with fine-tuned models)."
     )
+
+
+    @field_validator("alpha")
+    @classmethod
+    def _distinct_alphas(cls, value):
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"expected distinct alphas, got {value}")
+        return value
 
 
 class AnchorSettings(_Strict):

@@ -295,6 +295,50 @@ def test_a_singular_gram_is_solved_with_a_ridge_and_said(tiny_base, adapters, tm
         assert torch.isfinite(delta).all(), m
 
 
+def test_alpha_candidates_keep_the_lowest_validation_loss_and_equal_that_single_merge(tiny_base, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loradem.model.generate import mean_loss
+
+    validation = {s: _rows(s, 5) for s in SOURCES}
+    record = regmean_merge(make_job(tmp_path / "auto", alpha=[0.0, 0.5, 0.9]), tiny_base, adapters, TRAIN,
+                           validation=validation, log=lambda _: None)
+    losses = record["validation_loss_by_alpha"]
+    assert set(losses) == {"0", "0.5", "0.9"} and record["settings"]["alpha"] == [0.0, 0.5, 0.9]
+    assert record["alpha"] == min((0.0, 0.5, 0.9), key=lambda a: losses[f"{a:g}"])
+    assert record["regmean_seconds"] >= record["gram_seconds"] + record["choose_seconds"] - 1e-3
+
+    tok = load_tokenizer(tiny_base)
+    for alpha in (0.0, 0.5, 0.9):
+        single = tmp_path / f"single-{alpha}"
+        regmean_merge(make_job(single, alpha=alpha), tiny_base, adapters, TRAIN, log=lambda _: None)
+        # each candidate's loss is that merge's, folded by the assembler and read back as a plain model
+        assemble(tiny_base, [(single, 1.0)], tmp_path / f"model-{alpha}")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"model-{alpha}").eval()
+        with torch.no_grad():
+            expected = sum(mean_loss(model, encode_for_loss(r, tok, MAX_LENGTH)) for r in validation.values()) / 3
+        assert losses[f"{alpha:g}"] == pytest.approx(expected, rel=1e-5), alpha
+        if alpha == record["alpha"]:  # the kept adapter is that single merge, tensor for tensor
+            kept, alone = load_file(tmp_path / "auto" / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+            assert kept.keys() == alone.keys() and all(torch.equal(kept[k], alone[k]) for k in kept)
+
+
+def test_alpha_candidates_without_validation_rows_are_refused(tiny_base, adapters, tmp_path):
+    with pytest.raises(LorademError, match=r"regmean.alpha: several candidates are chosen between on validation rows, and no source has any"):
+        regmean_merge(make_job(tmp_path / "auto", alpha=[0.5, 0.9]), tiny_base, adapters, TRAIN,
+                      validation={s: [] for s in SOURCES}, log=lambda _: None)
+    assert not (tmp_path / "auto").exists()
+
+
+@pytest.mark.parametrize("alpha, problem", [([0.5, 0.5], "expected distinct alphas"), ([0.5, 1.5], "less than or equal to 1"),
+                                            ([], "at least 1 item")])
+def test_bad_alpha_lists_are_refused_by_the_schema(alpha, problem):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=problem):
+        RegMeanSettings(enabled=True, alpha=alpha)
+
+
 # ---- the pipeline: assembled and reported -----------------------------------------------------
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Optional
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from loradem.data.rows import sample
 from loradem.errors import LorademError
 from loradem.files import atomic_dir, fingerprint_weights, read_json, stable_hash
 from loradem.model import soup
-from loradem.model.generate import collate_right
+from loradem.model.generate import collate_right, mean_loss
 from loradem.model.layers import PEFT_PREFIX, canonical_module
 from loradem.model.render import encode_for_loss
 from loradem.progress import progress
@@ -269,6 +270,39 @@ def _cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return chol, bool(pivots.min() <= SINGULAR * float(matrix.diagonal().max()))
 
 
+def alphas(settings: RegMeanSettings) -> list[float]:
+    """The candidate alphas: the one given, or the list's."""
+    return [float(a) for a in settings.alpha] if isinstance(settings.alpha, list) else [float(settings.alpha)]
+
+
+@torch.no_grad()
+def validation_losses(base_dir: Path, candidates: dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                      validation: dict[str, list[dict]], *, max_length: int, batch_size: int,
+                      log: Callable[[str], None] = print) -> dict[float, float]:
+    """Each candidate merge's validation loss, the mean over sources of each source's token-weighted loss on its
+    rows (the search's objective with equal importance): the base is loaded once, and each candidate's deltas are
+    folded into the merged layers exactly as the assembler folds them (float64 sum, rounded once), then undone."""
+    model = soup.load_base(base_dir).eval()
+    tokenizer = soup.load_tokenizer(base_dir)
+    encoded = {s: encode_for_loss(rows, tokenizer, max_length) for s, rows in validation.items()}
+    modules = sorted({m for merged in candidates.values() for m in merged})
+    originals = {m: model.get_submodule(m).weight.detach().clone() for m in modules}
+    out = {}
+    with progress(len(candidates), "regmean alphas", unit="alpha") as bar:
+        for alpha, merged in candidates.items():
+            for m, weight in originals.items():
+                target = model.get_submodule(m).weight
+                if m in merged:
+                    a, b = merged[m]
+                    target.copy_((weight.double() + b.double() @ a.double()).to(target.dtype))
+                else:
+                    target.copy_(weight)
+            out[alpha] = sum(mean_loss(model, e, batch_size=batch_size) for e in encoded.values()) / len(encoded)
+            bar.update(1)
+    del model
+    return out
+
+
 # ---- the adapter --------------------------------------------------------------------
 
 def write_adapter(folder: Path, merged: dict[str, tuple[torch.Tensor, torch.Tensor]], template: dict, record: dict) -> None:
@@ -296,8 +330,10 @@ def write_adapter(folder: Path, merged: dict[str, tuple[torch.Tensor, torch.Tens
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _identity(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]]) -> str:
+def _identity(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]],
+              validation: Optional[dict[str, list[dict]]] = None) -> str:
     return stable_hash({
+        **({"validation": {s: stable_hash(r, 64) for s, r in validation.items()}} if validation else {}),
         "adapters": {s: fingerprint_weights(adapters[s]) for s in adapters},  # in order: the order of B̃'s blocks
         "base": fingerprint_weights(base_dir),
         "rows": {s: stable_hash(r, 64) for s, r in rows.items()},
@@ -309,14 +345,22 @@ def _identity(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], rows: 
 
 
 def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], train: dict[str, list[dict]], *,
-                  log: Callable[[str], None] = print) -> dict:
-    """Collect the Gram matrices on a seeded sample of `train` rows, solve, and write job.out_dir as a PEFT adapter;
-    returns regmean.json's content (reused when its identity is unchanged)."""
+                  validation: Optional[dict[str, list[dict]]] = None, log: Callable[[str], None] = print) -> dict:
+    """Collect the Gram matrices on a seeded sample of `train` rows, solve (for each candidate alpha, keeping the one
+    with the lowest loss on `validation`'s rows), and write job.out_dir as a PEFT adapter; returns regmean.json's
+    content (reused when its identity is unchanged)."""
     if not adapters:
         raise LorademError("regmean: expected at least one adapter")
     sources = list(adapters)
+    if len(alphas(job.settings)) > 1:
+        validation = {s: list(r) for s, r in (validation or {}).items() if s in adapters and r}
+        if not validation:
+            raise LorademError("regmean.alpha: several candidates are chosen between on validation rows, and no "
+                               "source has any; give one alpha")
+    else:
+        validation = None
     rows = sample_rows(job, sources, train)
-    identity = _identity(job, base_dir, adapters, rows)
+    identity = _identity(job, base_dir, adapters, rows, validation)
     done = job.out_dir / RECORD_FILE
     if done.is_file() and (job.out_dir / SAFETENSORS_FILE).is_file():
         try:
@@ -332,8 +376,20 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
     stats = collect_statistics(base_dir, adapters, rows, activations=settings.activations, max_length=job.max_length,
                                batch_size=job.batch_size, factors=factors, log=log)
     t0 = time.time()
-    merged, ridged = solve_factors(stats, factors, settings.alpha)
+    candidates = {}
+    for alpha in alphas(settings):
+        candidates[alpha] = solve_factors(stats, factors, alpha)
     solve_seconds = time.time() - t0
+    chosen, losses, choose_seconds = alphas(settings)[0], None, 0.0
+    if len(candidates) > 1:
+        t0 = time.time()
+        losses = validation_losses(base_dir, {a: merged for a, (merged, _) in candidates.items()}, validation,
+                                   max_length=job.max_length, batch_size=job.batch_size, log=log)
+        chosen = min(losses, key=lambda a: (losses[a], a))  # the lowest loss; a tie goes to the smaller alpha
+        choose_seconds = time.time() - t0
+        log("regmean: validation loss by alpha: " + ", ".join(f"{a:g} {v:.4f}" for a, v in losses.items())
+            + f" -> alpha {chosen:g}")
+    merged, ridged = candidates[chosen]
     if ridged:
         log(f"regmean: {len(ridged)} layer(s) had a singular Gram matrix and were solved with a ridge of "
             f"{RIDGE:g} × their mean diagonal (e.g. {ridged[0]})")
@@ -346,14 +402,17 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
         "modules": len(merged),
         "ranks": sorted({a.shape[0] for a, _ in merged.values()}),  # Σrᵢ over the sources with a LoRA on each layer
         "ridged_modules": ridged,
+        "alpha": chosen,
+        **({"validation_loss_by_alpha": {f"{a:g}": round(v, 6) for a, v in losses.items()}} if losses else {}),
         "gram_seconds": round(stats.seconds, 3),
         "solve_seconds": round(solve_seconds, 3),
-        "regmean_seconds": round(stats.seconds + solve_seconds, 3),
+        **({"choose_seconds": round(choose_seconds, 3)} if losses else {}),
+        "regmean_seconds": round(stats.seconds + solve_seconds + choose_seconds, 3),
         "identity": identity,
     }
     template = read_json(Path(adapters[sources[0]]) / CONFIG_FILE)
     write_adapter(job.out_dir, merged, template, record)
-    log(f"regmean: wrote {job.out_dir} (rank {'/'.join(map(str, record['ranks']))}, alpha {settings.alpha}, {settings.activations} activations; "
+    log(f"regmean: wrote {job.out_dir} (rank {'/'.join(map(str, record['ranks']))}, alpha {chosen:g}, {settings.activations} activations; "
         f"Gram {stats.seconds:.1f} s, solve {solve_seconds:.1f} s)")
     return record
 
