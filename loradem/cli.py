@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
-                       "exact-match tasks on the embedded SmolLM2-135M-Instruct; measured 27 min on 2 CPU cores).")
+                       "exact-match tasks on the embedded SmolLM2-135M-Instruct, with the data-mixing baseline; measured 69 min on "
+                       "2 CPU cores).")
     p.add_argument("--recipe", default=DEMO_RECIPE, help="demo recipe (default: %(default)s, from the working directory "
                    "or else the loradem checkout; outputs go to ./runs/ and ./adapters/)")
 
