@@ -101,6 +101,9 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
                   f"{r.train.batch_size * r.train.grad_accum} rows, lr {w.learning_rate or r.train.learning_rate:.2g}, "
                   f"on up to {w.rows_per_source} training rows each of {', '.join(warmup_sources(r))}; "
                   "its adapters train from the warmed base")
+    if baseline == "mix":
+        budget = "as many training tokens as the adapters together" if recipe.mix.tokens == "match" else f"{recipe.mix.tokens:,} training tokens"
+        print(f"data-mixing baseline: one adapter on every source's rows, {budget}; its row `mix` in the report")
     if recipe.mix.proportions:
         print(f"mix proportions (with --baseline mix): the natural shares + {len(recipe.mix.proportions)} set(s), "
               "each one more mix at the same tokens; mix-tuned = the lowest validation loss")

@@ -42,6 +42,13 @@ def test_a_trainable_recipe_passes(tmp_path, capsys):
                    baseline="mix")
     out = capsys.readouterr().out
     assert out.rstrip().endswith("ok") and "note:" not in out
+    assert "data-mixing baseline: one adapter on every source's rows, as many training tokens as the adapters together" in out
+    pipeline.check(recipe_file(tmp_path, [chat_source(tmp_path), chat_source(tmp_path, "other")], mix={"tokens": 5000}))
+    out = capsys.readouterr().out
+    assert "data-mixing baseline" not in out  # neither asked for nor enabled
+    pipeline.check(recipe_file(tmp_path, [chat_source(tmp_path), chat_source(tmp_path, "other")],
+                               mix={"enabled": True, "tokens": 5000}))
+    assert "data-mixing baseline: one adapter on every source's rows, 5,000 training tokens;" in capsys.readouterr().out
 
 
 def test_a_source_without_validation_rows(tmp_path):
