@@ -95,7 +95,7 @@ class TrainSettings(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (consumer GPUs).")
     optimizer: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit.")
-    completion_only_loss: bool = Field(True, description="Loss on completions / assistant turns only.")
+    completion_only_loss: bool = Field(True, description="Training loss on completions / assistant turns only (false: on every token). The search, learned weights, RegMean's alpha choice and `metric: loss` score the completions only either way: they judge a merge by its answers.")
 
 
 class _Override(_Strict):
