@@ -68,6 +68,10 @@ def test_run_end_to_end(tiny_recipe, tiny_base, capsys):
     md = (run / "report.md").read_text()
     for name in names:
         assert name in md
+    # where it was scored: what torch reports on this machine, also in report.md's cost line
+    assert report["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["threads"] == torch.get_num_threads()
+    assert f"this report was scored on {report['machine']['device']}: {report['machine']['cpu']} (" in md
     for png in ("per_source.png", "cost_vs_score.png", "similarity.png", "search/search.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
