@@ -525,7 +525,8 @@ class Recipe(_Strict):
 
     def variant(self, name: str) -> "Recipe":
         """The recipe as variant `name` runs it: its blocks overridden field by field, outputs in
-        <out_dir>/variants/<name>/, the same sources, adapters folder and mixing baseline."""
+        <out_dir>/variants/<name>/, the same sources, adapters folder and mixing baseline; a variant that does not
+        override `search:` keeps its Optuna studies in the recipe's search.db."""
         v = next((v for v in self.variants if v.name == name), None)
         if v is None:
             have = ", ".join(x.name for x in self.variants) or "none"
@@ -534,6 +535,11 @@ class Recipe(_Strict):
         for block, changes in v.overrides().items():
             raw[block] = {**raw.get(block, {}), **changes}
         raw.update(variants=[], output_dir=str(self.out_dir / "variants" / v.name))
+        if "search" not in v.overrides() and self.search.storage is None:
+            # the recipe's study storage: a study is named by everything that defines its objective, so a variant
+            # with the recipe's adapters reuses the recipe's finished study, and any other gets a study of its own
+            # (named as the recipe's out_dir is: relative to the working directory unless written absolute)
+            raw.setdefault("search", {})["storage"] = f"sqlite:///{self.out_dir / 'search' / 'search.db'}"
         try:  # every path in `raw` is already resolved, so no root is needed
             return Recipe.model_validate(raw)
         except ValidationError as err:

@@ -408,6 +408,9 @@ def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_reci
         assert report["predictions"][f"diag:{row}"] == report["predictions"][row]
         assert rows[f"diag:{row}"]["per_source"] == rows[row]["per_source"]
     assert "the same model as dem-regmean" not in out  # alpha 0 is another merge: scored
+    # and its search is the recipe's finished study (the same adapters and search settings), not a second one
+    assert re.search(r"search diag\].*: 4 trials done, 0 to run", out), out
+    assert rows["diag:dem"]["weights"] == rows["dem"]["weights"]
 
     # the row answers like PEFT's base + the variant's RegMean adapter
     recipe = load_recipe(str(tiny_recipe))
