@@ -269,9 +269,9 @@ def _regmean_identity(base_dir: Path, record: dict) -> str:
     return json.dumps({"base": str(Path(base_dir).resolve()), "regmean": record["identity"]}, sort_keys=True)
 
 
-def _regmean_summary(folder: Path) -> dict:
+def _regmean_summary(record: dict) -> dict:
     """report.json's record of a RegMean merge: its regmean.json without the identity hashes."""
-    return {k: v for k, v in read_json(folder / "regmean.json").items() if k != "identity"}
+    return {k: v for k, v in record.items() if k != "identity"}
 
 
 def _warm_row(names: list[str], warmup: Optional[dict]) -> tuple:
@@ -303,9 +303,9 @@ def model_identity(base_dir: Path, adapters: dict[str, Path], weights: dict) -> 
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
                 metrics: dict[str, str], score: _Scorer) -> list[dict]:
     """Score each planned row on one resident base with `adapters` folded exactly (a row only changes weights)."""
-    model, tokenizer = load_multi(base_dir, {k: adapters[k] for k in names}, fold=True)
-    rows = []
     resident = {k: adapters[k] for k in names}
+    model, tokenizer = load_multi(base_dir, resident, fold=True)
+    rows = []
     for name, weights, shown, cost in plan:
         set_weights(model, weights)
         per_source = score(model, tokenizer, prefix + name, identity=model_identity(base_dir, resident, weights))
@@ -502,12 +502,12 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     del merged
     others = [r for r in ("dem", "dem-learned") if r != assembled and (r == "dem" or learned is not None)]
     if others:  # the others are scored on the exact in-memory fold
-        model, tokenizer = load_multi(own_base, {k: adapters[k] for k in names}, fold=True)
+        resident = {k: adapters[k] for k in names}
+        model, tokenizer = load_multi(own_base, resident, fold=True)
         for other in others:
             weights = learned["module_weights"] if other == "dem-learned" else fold_weights(search_record)
             set_weights(model, weights)
-            scores[other] = score(model, tokenizer, other,
-                                  identity=model_identity(own_base, {k: adapters[k] for k in names}, weights))
+            scores[other] = score(model, tokenizer, other, identity=model_identity(own_base, resident, weights))
         del model
     regmean = read_json(plan.regmean_dir / "regmean.json") if plan.regmean_dir is not None else None
     if regmean is not None and assembled != "dem-regmean":
@@ -532,7 +532,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         variant_extra[v.name] = {
             "description": v.description, "overrides": v.overrides, "out_dir": os.path.relpath(v.out_dir, plan.out_dir),
             "search": _search_summary(v.search), "learn": _learn_summary(v.learned), "warmup": v.warmup,
-            **({"regmean": _regmean_summary(v.regmean_dir)} if v.regmean_dir is not None else {}),
+            **({"regmean": _regmean_summary(read_json(v.regmean_dir / "regmean.json"))} if v.regmean_dir is not None else {}),
             "vectors": _read_if_file(v.out_dir / "vectors.json"),
             "increment": _increment(v.search, names, _records(v.adapters, names), rows, v.out_dir, v.learned),
         }
@@ -542,7 +542,7 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         "search": _search_summary(search_record),
         "learn": _learn_summary(learned),
         **({"warmup": warmup} if warmup is not None else {}),
-        **({"regmean": _regmean_summary(plan.regmean_dir)} if regmean is not None else {}),
+        **({"regmean": _regmean_summary(regmean)} if regmean is not None else {}),
         "test_rows": {s.name: len(s.test) for s in plan.sources},
         "machine": describe(),  # what the evaluation ran on; each adapter's record says where it trained
         "model": os.path.relpath(plan.model_dir, plan.out_dir),  # relative to report.json, as the mix's adapter

@@ -277,8 +277,7 @@ def alphas(settings: RegMeanSettings) -> list[float]:
 
 @torch.no_grad()
 def validation_losses(base_dir: Path, candidates: dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]],
-                      validation: dict[str, list[dict]], *, max_length: int, batch_size: int,
-                      log: Callable[[str], None] = print) -> dict[float, float]:
+                      validation: dict[str, list[dict]], *, max_length: int, batch_size: int) -> dict[float, float]:
     """Each candidate merge's validation loss, the mean over sources of each source's token-weighted loss on its
     rows (the search's objective with equal importance): the base is loaded once, and each candidate's deltas are
     folded into the merged layers exactly as the assembler folds them (float64 sum, rounded once), then undone."""
@@ -384,7 +383,7 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
     if len(candidates) > 1:
         t0 = time.time()
         losses = validation_losses(base_dir, {a: merged for a, (merged, _) in candidates.items()}, validation,
-                                   max_length=job.max_length, batch_size=job.batch_size, log=log)
+                                   max_length=job.max_length, batch_size=job.batch_size)
         chosen = min(losses, key=lambda a: (losses[a], a))  # the lowest loss; a tie goes to the smaller alpha
         choose_seconds = time.time() - t0
         log("regmean: validation loss by alpha: " + ", ".join(f"{a:g} {v:.4f}" for a, v in losses.items())
