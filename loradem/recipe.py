@@ -233,8 +233,8 @@ class RegMeanSettings(_Strict):
         0.9, description="Scale of each Gram matrix's off-diagonal entries: 1 is plain least squares, 0 keeps only the diagonal (a per-input-feature weighted average of the deltas). A list is a set of candidates, each solved from the one collection of Gram matrices, and the one whose merge has the lowest validation loss (the search's validation rows: `search.max_rows_per_source` per source, never test rows) is kept; regmean.json records every candidate's loss."
     )
     rows_per_source: int = Field(64, gt=0, description="Training rows per source (a seeded sample; never validation or test rows) whose non-padding tokens give the Gram matrices.")
-    activations: Literal["base", "own"] = Field(
-        "base", description="Whose layer inputs the Gram matrices are taken from: the base model's ('base'), or each source's rows through base + that source's own adapter ('own', as RegMean does with fine-tuned models)."
+    activations: Literal["base", "own", "merged"] = Field(
+        "base", description="Whose layer inputs the Gram matrices are taken from: the base model's ('base'); each source's rows through base + that source's own adapter ('own', as RegMean does with fine-tuned models); or the merge's own ('merged', as RegMean++ does: one decoder block at a time, each block's inputs from the blocks already merged before it; one pass per candidate alpha)."
     )
 
 
@@ -612,13 +612,32 @@ def format_validation_error(path: str | Path, err: ValidationError) -> str:
     return f"{path}: {where}: {msg}{more}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    second `train:` block would quietly drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the safe loader's own check refuses it, with its message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; raises `LorademError` with a one-line message on any problem."""
     path = Path(path)
     if not path.is_file():
         raise LorademError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise LorademError(f"{path}: {yaml_problem(exc)}") from None
     except UnicodeDecodeError as exc:

@@ -116,6 +116,17 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
         load_recipe(path)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("base: smollm2-135m\ntrain:\n  max_steps: 5\nsources: []\ntrain:\n  max_steps: 9\n")
+    with pytest.raises(LorademError, match=r"twice\.yaml: line 5, column 1: not valid YAML \(key 'train' given twice "
+                                           r"\(first on line 2\)\)"):
+        load_recipe(path)
+    path.write_text("base: smollm2-135m\ntrain:\n  max_steps: 5\n  max_steps: 9\n")
+    with pytest.raises(LorademError, match=r"line 4, column 3: not valid YAML \(key 'max_steps' given twice"):
+        load_recipe(path)
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: [\n")
