@@ -4,7 +4,8 @@
 
 The adapters are the finished demo run's (runs/demo/adapters.json), the rows the recipe's seeded splits:
 RegMean takes rows_per_source training rows per source, the scores are on every source's test rows. For
-each `activations` ('base', 'own') the Gram matrices are collected once and solved for every alpha; each
+each `activations` ('base', 'own') the Gram matrices are collected once and solved for every alpha ('merged'
+makes one block-by-block pass per alpha, and its "Gram s" column is one pass); each
 result is written as a PEFT adapter under --out and scored on an exact in-memory fold (the evaluation's
 own code: `loradem.model.soup` + `evaluate_source`), into the base the adapters trained from (the warmed
 base when the recipe has a warm-up). Each alpha's validation loss is the one `regmean.alpha: [...]` chooses
@@ -35,6 +36,7 @@ from loradem.merge.regmean import (  # noqa: E402
     validation_losses,
     write_adapter,
 )
+from loradem.merge.regmean_merged import merge_blockwise  # noqa: E402
 from loradem.pipeline import recipe_base  # noqa: E402
 from loradem.model.base import resolve_base  # noqa: E402
 from loradem.model.generate import evaluate_source  # noqa: E402
@@ -84,14 +86,20 @@ def main() -> None:
         job = RegMeanJob(name="bench", settings=settings, out_dir=Path(args.out), seed=recipe.seed,
                          max_length=recipe.train.max_length, batch_size=recipe.search.batch_size)
         rows = sample_rows(job, names, {n: splits[n].train for n in names})
-        stats = collect_statistics(base_dir, adapters, rows, activations=activations, max_length=job.max_length,
-                                   batch_size=job.batch_size, factors=factors, log=print)
-        gram_seconds, tokens = stats.seconds, stats.tokens
-        solved = {}
-        for alpha in alphas:
-            t0 = time.time()
-            solved[alpha] = (*solve_factors(stats, factors, alpha), time.time() - t0)
-        del stats
+        if activations == "merged":  # one block-by-block pass per alpha, the solves inside it
+            candidates, tokens, gram_seconds = merge_blockwise(base_dir, factors, rows, alphas=alphas,
+                                                               max_length=job.max_length, batch_size=job.batch_size, log=print)
+            solved = {alpha: (merged, ridged, 0.0) for alpha, (merged, ridged) in candidates.items()}
+            gram_seconds /= len(alphas)
+        else:
+            stats = collect_statistics(base_dir, adapters, rows, activations=activations, max_length=job.max_length,
+                                       batch_size=job.batch_size, factors=factors, log=print)
+            gram_seconds, tokens = stats.seconds, stats.tokens
+            solved = {}
+            for alpha in alphas:
+                t0 = time.time()
+                solved[alpha] = (*solve_factors(stats, factors, alpha), time.time() - t0)
+            del stats
         t0 = time.time()
         losses = validation_losses(base_dir, {a: m for a, (m, _, _) in solved.items()}, validation,
                                    max_length=job.max_length, batch_size=job.batch_size)

@@ -74,18 +74,20 @@ def dense_deltas(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def accumulate(gram: torch.Tensor):
+    """A forward pre-hook adding one row's XᵀX to `gram` (returns None: the layer's input is left as it is)."""
+    def hook(module, args):
+        x = args[0][0].double()  # one row: (tokens, in)
+        gram.add_(x.T @ x)
+    return hook
+
+
 def reference_grams(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], modules: list[str],
                     own: bool) -> dict[str, dict[str, torch.Tensor]]:
     """source -> module -> XᵀX / n, each row alone (no padding), from plain transformers (+ PEFT's unmerged
     adapter for 'own')."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    def accumulate(gram: torch.Tensor):
-        def hook(module, args):
-            x = args[0][0].double()  # one row: (tokens, in)
-            gram.add_(x.T @ x)
-        return hook
 
     tok = load_tokenizer(base_dir)
     out = {}
@@ -96,18 +98,23 @@ def reference_grams(base_dir: Path, adapters: dict[str, Path], rows: dict[str, l
             inner = model.base_model.model
         else:
             inner = model
-        width = {m: inner.get_submodule(m).in_features for m in modules}
-        grams = {m: torch.zeros(width[m], width[m], dtype=torch.float64) for m in modules}
-        hooks = [inner.get_submodule(m).register_forward_pre_hook(accumulate(grams[m])) for m in modules]
-        tokens = 0
-        with torch.no_grad():
-            for ids, _ in encode_for_loss(rows[s], tok, MAX_LENGTH):
-                model(input_ids=torch.tensor([ids]))
-                tokens += len(ids)
-        for h in hooks:
-            h.remove()
-        out[s] = {m: g / tokens for m, g in grams.items()}
+        out[s] = row_grams(model, inner, modules, rows[s], tok)
     return out
+
+
+def row_grams(model, inner, modules: list[str], rows: list[dict], tok) -> dict[str, torch.Tensor]:
+    """module -> XᵀX / n over `rows`, each row alone through `model`, hooked on `inner`'s modules."""
+    width = {m: inner.get_submodule(m).in_features for m in modules}
+    grams = {m: torch.zeros(width[m], width[m], dtype=torch.float64) for m in modules}
+    hooks = [inner.get_submodule(m).register_forward_pre_hook(accumulate(grams[m])) for m in modules]
+    tokens = 0
+    with torch.no_grad():
+        for ids, _ in encode_for_loss(rows, tok, MAX_LENGTH):
+            model(input_ids=torch.tensor([ids]))
+            tokens += len(ids)
+    for h in hooks:
+        h.remove()
+    return {m: g / tokens for m, g in grams.items()}
 
 
 def reference_merge(deltas: dict[str, dict[str, torch.Tensor]], grams: dict[str, dict[str, torch.Tensor]], alpha: float,
@@ -426,3 +433,65 @@ def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_reci
     written = (folder / "regmean.json").stat().st_mtime_ns
     assert main(["regmean", str(tiny_recipe)]) == 0
     assert (folder / "regmean.json").stat().st_mtime_ns == written
+
+
+# ---- activations: merged (RegMean++: each block's inputs from the merge so far) ---------------
+
+def reference_blockwise(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], alpha: float
+                        ) -> dict[str, torch.Tensor]:
+    """The dense merge, block by block with whole-model forward passes of plain transformers (each row alone):
+    block l's Gram matrices are taken with blocks 0…l−1 already holding their merged weights, folded as the
+    assembler folds them (float64 sum, rounded once to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    deltas = {s: dense_deltas(adapters[s]) for s in adapters}
+    modules = sorted({m for d in deltas.values() for m in d})
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    tok = load_tokenizer(base_dir)
+    out = {}
+    for block in range(model.config.num_hidden_layers):
+        here = [m for m in modules if m.startswith(f"model.layers.{block}.")]
+        grams = {s: row_grams(model, model, here, rows[s], tok) for s in adapters}
+        for m in here:
+            out[m] = reference_merge(deltas, grams, alpha, m)
+            weight = model.get_submodule(m).weight
+            with torch.no_grad():
+                weight.copy_((weight.double() + out[m]).float())
+    return out
+
+
+def test_merged_activations_equal_the_blockwise_dense_reference(tiny_base, adapters, tmp_path):
+    job = make_job(tmp_path / "rm", alpha=0.9, activations="merged", batch_size=4)
+    record = regmean_merge(job, tiny_base, adapters, TRAIN, log=lambda m: None)
+    got = merged_deltas(tmp_path / "rm")
+    want = reference_blockwise(tiny_base, adapters, sample_rows(job, SOURCES, TRAIN), 0.9)
+    assert sorted(got) == sorted(want) and record["settings"]["activations"] == "merged"
+    # padded batches against rows alone, and a float32 weight that may round one ulp apart: 1e-5, not float64's 1e-9
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5 * want[m].abs().max().item(), msg=m)
+    # block 0 sees the embeddings either way; a later block sees the merged block 0, not the base's
+    base = merged_deltas(_merged(tiny_base, adapters, tmp_path / "b", activations="base", alpha=0.9, batch_size=4))
+    first = [m for m in want if m.startswith("model.layers.0.")]
+    later = [m for m in want if not m.startswith("model.layers.0.")]
+    assert first and later
+    for m in first:
+        torch.testing.assert_close(got[m], base[m], rtol=1e-9, atol=1e-9 * base[m].abs().max().item(), msg=m)
+    assert max(float((got[m] - base[m]).abs().max() / base[m].abs().max()) for m in later) > 1e-3
+
+
+def test_merged_activations_choose_among_alphas_each_its_own_pass(tiny_base, adapters, tmp_path):
+    validation = {s: _rows(s, 5) for s in SOURCES}
+    record = regmean_merge(make_job(tmp_path / "auto", alpha=[0.5, 0.9], activations="merged"), tiny_base, adapters,
+                           TRAIN, validation=validation, log=lambda _: None)
+    assert set(record["validation_loss_by_alpha"]) == {"0.5", "0.9"}
+    single = _merged(tiny_base, adapters, tmp_path / "single", alpha=record["alpha"], activations="merged")
+    kept, alone = load_file(tmp_path / "auto" / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert kept.keys() == alone.keys() and all(torch.equal(kept[k], alone[k]) for k in kept)
+
+
+def test_merged_activations_refuse_a_lora_outside_the_blocks(tiny_base, tmp_path):
+    head = make_adapter(tiny_base, tmp_path / "head", seed=5, r=2, targets=["lm_head", "q_proj"])
+    with pytest.raises(LorademError, match=r"regmean.activations 'merged': LoRA module lm_head is outside the decoder "
+                                           r"blocks; use activations 'base'"):
+        regmean_merge(make_job(tmp_path / "rm", activations="merged"), tiny_base, {"add": head}, TRAIN, log=lambda _: None)
+    assert not (tmp_path / "rm").exists()

@@ -26,7 +26,8 @@ Cholesky solve per layer. The factors are stored in float64, so the fold rounds 
 Statistics are accumulated in float64 as the rows stream through the model (`collect_statistics`), and only
 what the solve needs is kept: Σᵢ Gᵢ per layer, and Gᵢ·Aᵢᵀ and diag(Gᵢ) per source, so several alphas can be
 solved from one collection (`solve_factors`). `activations` says whose layer inputs Xᵢ are: the base
-model's ('base'), or base + source i's own adapter ('own', as RegMean uses each fine-tuned model's own).
+model's ('base'), base + source i's own adapter ('own', as RegMean uses each fine-tuned model's own), or the
+merge's own, one decoder block at a time ('merged', RegMean++: loradem/merge/regmean_merged.py).
 
 Refused with one line: embedding LoRA and fan_in_fan_out layers (RegMean merges Linear layers on their
 inputs), and full module copies (``modules_to_save``: no low-rank delta to merge).
@@ -137,7 +138,7 @@ def read_factors(adapters: dict[str, Path]) -> dict[str, dict[str, Factor]]:
 
 # ---- the Gram matrices ------------------------------------------------------------
 
-class _Collector:
+class GramCollector:
     """Forward pre-hooks on the LoRA layers: each batch's non-padding inputs of every layer, added in float64."""
 
     def __init__(self, stats: GramStatistics, factors: dict[str, dict[str, Factor]], modules: dict[str, torch.nn.Module],
@@ -178,13 +179,27 @@ class _Collector:
         self._last = None
 
 
+def empty_statistics(sources: list[str], tokens: dict[str, int], factors: dict[str, dict[str, Factor]],
+                     device: torch.device) -> GramStatistics:
+    """Zeroed float64 statistics for these LoRA layers, to be filled by a GramCollector."""
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+    width = {m: next(iter(per.values())).a.shape[1] for m, per in factors.items()}  # the layer's input features
+    return GramStatistics(
+        sources=sources, tokens=tokens, gram={m: zeros(width[m], width[m]) for m in factors},
+        gram_a={m: {s: zeros(width[m], f.a.shape[0]) for s, f in per.items()} for m, per in factors.items()},
+        diag={m: {s: zeros(width[m]) for s in per} for m, per in factors.items()},
+    )
+
+
 def collect_statistics(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], *, activations: str,
                        max_length: int, batch_size: int, factors: dict[str, dict[str, Factor]] | None = None,
                        log: Callable[[str], None] = print) -> GramStatistics:
     """Stream each source's rows through the model ('base': the base; 'own': base + that source's adapter) and
     accumulate, per LoRA layer, Σᵢ Gᵢ and each carrying source's Gᵢ·Aᵢᵀ and diag(Gᵢ) (Gᵢ = XᵢᵀXᵢ / nᵢ)."""
     if activations not in ("base", "own"):
-        raise LorademError(f"regmean.activations: expected 'base' or 'own', got {activations!r}")
+        raise LorademError(f"regmean.activations: expected 'base' or 'own' here ('merged' is merge_blockwise), got {activations!r}")
     sources = list(adapters)
     factors = factors if factors is not None else read_factors(adapters)
     t0 = time.time()
@@ -199,19 +214,11 @@ def collect_statistics(base_dir: Path, adapters: dict[str, Path], rows: dict[str
     for s in sources:
         if tokens[s] == 0:
             raise LorademError(f"regmean: source {s!r}: its rows have no tokens")
-    def zeros(*shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=torch.float64, device=device)
-
-    width = {m: next(iter(per.values())).a.shape[1] for m, per in factors.items()}  # the layer's input features
-    stats = GramStatistics(
-        sources=sources, tokens=tokens, gram={m: zeros(width[m], width[m]) for m in factors},
-        gram_a={m: {s: zeros(width[m], f.a.shape[0]) for s, f in per.items()} for m, per in factors.items()},
-        diag={m: {s: zeros(width[m]) for s in per} for m, per in factors.items()},
-    )
+    stats = empty_statistics(sources, tokens, factors, device)
     # the logits are not needed, only the layers' inputs: keep one position unless lm_head itself carries a LoRA
     lm_head = model.get_output_embeddings()
     keep_logits = {} if any(layers[m] is lm_head for m in factors) else {"logits_to_keep": 1}
-    collector = _Collector(stats, factors, {m: layers[m] for m in factors}, device)
+    collector = GramCollector(stats, factors, {m: layers[m] for m in factors}, device)
     for s in sources:
         encoded[s].sort(key=len)  # similar lengths together: less padding
     batches = {s: [encoded[s][i:i + batch_size] for i in range(0, len(encoded[s]), batch_size)] for s in sources}
@@ -372,13 +379,19 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
 
     factors = read_factors(adapters)
     settings = job.settings
-    stats = collect_statistics(base_dir, adapters, rows, activations=settings.activations, max_length=job.max_length,
-                               batch_size=job.batch_size, factors=factors, log=log)
-    t0 = time.time()
-    candidates = {}
-    for alpha in alphas(settings):
-        candidates[alpha] = solve_factors(stats, factors, alpha)
-    solve_seconds = time.time() - t0
+    if settings.activations == "merged":  # each block's Gram matrices depend on the blocks merged before it
+        from loradem.merge.regmean_merged import merge_blockwise
+
+        candidates, tokens, gram_seconds = merge_blockwise(base_dir, factors, rows, alphas=alphas(settings),
+                                                           max_length=job.max_length, batch_size=job.batch_size, log=log)
+        solve_seconds = 0.0  # inside the block-by-block pass
+    else:
+        stats = collect_statistics(base_dir, adapters, rows, activations=settings.activations,
+                                   max_length=job.max_length, batch_size=job.batch_size, factors=factors, log=log)
+        tokens, gram_seconds = stats.tokens, stats.seconds
+        t0 = time.time()
+        candidates = {alpha: solve_factors(stats, factors, alpha) for alpha in alphas(settings)}
+        solve_seconds = time.time() - t0
     chosen, losses, choose_seconds = alphas(settings)[0], None, 0.0
     if len(candidates) > 1:
         t0 = time.time()
@@ -397,22 +410,22 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
         "adapters": {s: str(p) for s, p in adapters.items()},
         "settings": settings.model_dump(),
         "rows": {s: len(r) for s, r in rows.items()},
-        "tokens": stats.tokens,
+        "tokens": tokens,
         "modules": len(merged),
         "ranks": sorted({a.shape[0] for a, _ in merged.values()}),  # Σrᵢ over the sources with a LoRA on each layer
         "ridged_modules": ridged,
         "alpha": chosen,
         **({"validation_loss_by_alpha": {f"{a:g}": round(v, 6) for a, v in losses.items()}} if losses else {}),
-        "gram_seconds": round(stats.seconds, 3),
+        "gram_seconds": round(gram_seconds, 3),
         "solve_seconds": round(solve_seconds, 3),
         **({"choose_seconds": round(choose_seconds, 3)} if losses else {}),
-        "regmean_seconds": round(stats.seconds + solve_seconds + choose_seconds, 3),
+        "regmean_seconds": round(gram_seconds + solve_seconds + choose_seconds, 3),
         "identity": identity,
     }
     template = read_json(Path(adapters[sources[0]]) / CONFIG_FILE)
     write_adapter(job.out_dir, merged, template, record)
     log(f"regmean: wrote {job.out_dir} (rank {'/'.join(map(str, record['ranks']))}, alpha {chosen:g}, {settings.activations} activations; "
-        f"Gram {stats.seconds:.1f} s, solve {solve_seconds:.1f} s)")
+        f"Gram {gram_seconds:.1f} s, solve {solve_seconds:.1f} s)")
     return record
 
 
