@@ -283,6 +283,12 @@ def alphas(settings: RegMeanSettings) -> list[float]:
 
 
 @torch.no_grad()
+def fold_delta(target: torch.Tensor, original: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """target = original + b·a, summed in float64 and rounded once to target's dtype, as the assembler folds."""
+    target.copy_((original.double() + b.double().to(target.device) @ a.double().to(target.device)).to(target.dtype))
+
+
+@torch.no_grad()
 def validation_losses(base_dir: Path, candidates: dict[float, dict[str, tuple[torch.Tensor, torch.Tensor]]],
                       validation: dict[str, list[dict]], *, max_length: int, batch_size: int) -> dict[float, float]:
     """Each candidate merge's validation loss, the mean over sources of each source's token-weighted loss on its
@@ -297,12 +303,10 @@ def validation_losses(base_dir: Path, candidates: dict[float, dict[str, tuple[to
     with progress(len(candidates), "regmean alphas", unit="alpha") as bar:
         for alpha, merged in candidates.items():
             for m, weight in originals.items():
-                target = model.get_submodule(m).weight
                 if m in merged:
-                    a, b = merged[m]
-                    target.copy_((weight.double() + b.double() @ a.double()).to(target.dtype))
+                    fold_delta(model.get_submodule(m).weight, weight, *merged[m])
                 else:
-                    target.copy_(weight)
+                    model.get_submodule(m).weight.copy_(weight)
             out[alpha] = sum(mean_loss(model, e, batch_size=batch_size) for e in encoded.values()) / len(encoded)
             bar.update(1)
     del model

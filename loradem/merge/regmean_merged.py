@@ -1,6 +1,6 @@
 """RegMean on the merge's own activations (`regmean.activations: merged`), decoder block by decoder block.
 
-    candidates, stats = merge_blockwise(base_dir, factors, rows, alphas=[0.9, 0.99], max_length=128, batch_size=16)
+    candidates, tokens, seconds = merge_blockwise(base_dir, factors, rows, alphas=[0.9, 0.99], max_length=128, batch_size=16)
     merged, ridged = candidates[0.9]          # module -> (Ã, B̃), as `regmean.solve_factors` returns
 
 Plain RegMean takes every layer's inputs Xᵢ from the base model. But the merged model's block l does not see
@@ -15,9 +15,9 @@ Here, for each candidate alpha:
                        h = block l (now merged) applied to h
 
 The block's own layers stay at the base's weights while their Gram matrices are taken (RegMean++ uses each
-fine-tuned model's layer there; on LoRA deltas the base's inputs measured better, docs/stages.md). Every
-candidate alpha gives other merged blocks, so each is its own pass; one pass costs about what one collection
-on the base costs. LoRA layers outside the decoder blocks (e.g. an lm_head LoRA) are refused.
+fine-tuned model's layer there; plain RegMean measured 'base' inputs above 'own' ones on the demo, and this
+choice inside a block has not been compared). Every candidate alpha gives other merged blocks, so each is its
+own pass; one pass cost about 1.3× one collection on the base (benchmarks/RESULTS.md). LoRA layers outside the decoder blocks (e.g. an lm_head LoRA) are refused.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from loradem.errors import LorademError
-from loradem.merge.regmean import Factor, GramCollector, GramStatistics, empty_statistics, solve_factors
+from loradem.merge.regmean import Factor, GramCollector, GramStatistics, empty_statistics, fold_delta, solve_factors
 from loradem.model import soup
 from loradem.model.generate import collate_right
 from loradem.model.render import encode_for_loss
@@ -118,8 +118,7 @@ def merge_blockwise(base_dir: Path, factors: dict[str, dict[str, Factor]], rows:
                                                   block, device)
                         solved, singular = solve_factors(stats, block_factors, alpha)
                         for m, (a, b) in solved.items():
-                            w = modules[m].weight
-                            w.copy_((originals[m].double() + b.to(w.device) @ a.to(w.device)).to(w.dtype))
+                            fold_delta(modules[m].weight, originals[m], a, b)
                         merged.update(solved)
                         ridged.extend(singular)
                     if index < len(blocks) - 1:
