@@ -252,6 +252,7 @@ class AnchorSettings(_Strict):
     prompts: int = Field(400, gt=0, description="How many builtin prompts (ignored for a file).")
     fraction: float = Field(0.25, gt=0, lt=1, description="Share of anchor rows in each source's training set; steps and batch size stay the same. 0.25 scored best of 0.1 / 0.25 / 0.5 when measured (benchmarks/RESULTS.md).")
     max_new_tokens: int = Field(48, gt=0, description="The base's replies that have not ended within this many tokens are dropped.")
+    loss: Literal["sft", "kl"] = Field("sft", description="How an anchor row is learned. 'sft': the cross-entropy of the base's greedy reply, like any training row. 'kl': KL(base ‖ adapter) of the next-token distributions over the reply's tokens, so the whole distribution of the base is the target, not only its first choice; the base's side is the same model with its adapter switched off (one more forward pass of the anchor rows a step, without gradient). Needs train.completion_only_loss (docs/stages.md, 'Anchored training').")
 
     @field_validator("data")
     @classmethod

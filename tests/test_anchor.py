@@ -190,3 +190,42 @@ def test_anchored_training_refuses_a_source_without_chat_rows_before_training(tm
     with pytest.raises(LorademError, match=r"source 'addition': anchored training needs messages rows .* 'prompt_completion' rows"):
         train_source(addition_job(recipe), tiny_base, log=lambda s: None)
     assert not (tmp_path / "adapters").exists() or not any(p.name.startswith("addition") for p in (tmp_path / "adapters").iterdir())
+
+
+def test_kl_anchored_training_scores_the_anchor_rows_by_kl_and_has_its_own_key(tmp_path, tiny_base, monkeypatch):
+    import loradem.model.generate as evaluate
+    from transformers import TrainerCallback
+
+    sft = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 5, "fraction": 0.5})
+    kl = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "prompts": 5, "fraction": 0.5, "loss": "kl"})
+    fp = fingerprint_weights(tiny_base)
+    assert "loss" not in anchor.identity(sft.anchor)  # adapters anchored before `loss` existed keep their keys
+    assert adapter_key(addition_job(sft), fp) != adapter_key(addition_job(kl), fp)
+
+    class Logs(TrainerCallback):
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs or {}))
+
+    monkeypatch.setattr(evaluate, "generate_replies", fake_replies([("Fine, thanks.", True)], []))
+    log: list[str] = []
+    folder = train_source(addition_job(kl), tiny_base, log=log.append, callbacks=[Logs()])
+    record = json.loads((folder / TRAIN_RECORD).read_text())
+    assert record["anchor"]["loss"] == "kl" and json.loads((folder / CARD).read_text())["anchor"]["loss"] == "kl"
+    n = len(addition_job(kl).splits.train)
+    assert any(f"+ {n} anchor rows (50% of its training set, scored by KL to the base)" in line for line in log)
+    train_logs = [entry for entry in Logs.seen if "loss" in entry]
+    assert len(train_logs) == 2 and all(entry["anchor_kl"] >= 0 for entry in train_logs)  # the tag reached the loss
+    assert train_logs[1]["anchor_kl"] > 0  # after one step the adapter is no longer the base
+    evals = [entry for entry in Logs.seen if "eval_loss" in entry]
+    assert evals and not any(k.endswith("anchor_kl") for e in evals for k in e)  # validation rows are no anchors
+
+
+def test_kl_anchored_training_needs_completion_only_loss_and_says_so_before_training(tmp_path, tiny_base):
+    recipe = make_recipe(tmp_path, tiny_base, anchor_block={"enabled": True, "loss": "kl"})
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"completion_only_loss": False})})
+    with pytest.raises(LorademError, match=r"^source 'addition': anchor.loss: kl scores the anchor rows' reply tokens, "
+                                           r"which needs train.completion_only_loss: true \(or use anchor.loss: sft\)$"):
+        train_source(addition_job(recipe), tiny_base, log=lambda s: None)
+    assert not (tmp_path / "adapters").exists() or not any(p.name.startswith("addition") for p in (tmp_path / "adapters").iterdir())

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from trl import SFTTrainer
 
 from loradem.data.demo import task_rows
+from loradem.errors import LorademError
 from loradem.model.render import IGNORE
 from loradem.recipe import LoraSettings, TrainSettings
 from loradem.train import loss
@@ -233,3 +234,86 @@ def test_learned_weights_loss_equals_the_models_own_full_logits_loss(tiny_base, 
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
     for name, g in lora_grads(model).items():
         torch.testing.assert_close(g_ours[name], g, rtol=1e-10, atol=1e-14, msg=name)
+
+
+# ---- KL anchoring -------------------------------------------------------------------
+
+def make_anchored(base: Path, out: Path, **settings):
+    """`make`'s trainer with anchor_kl on and every other row tagged an anchor row."""
+    train = TrainSettings(max_length=256, max_steps=2, batch_size=4, eval_steps=2, **settings)
+    sft, lora = trainer_configs(train, LoraSettings(r=4, alpha=8), seed=0, output_dir=out, fmt="messages")
+    sft.save_strategy, sft.eval_strategy, sft.load_best_model_at_end = "no", "no", False
+    tagged = [{**r, loss.ANCHOR_TAG: i % 2 == 1} for i, r in enumerate(trl_rows(rows(), "messages"))]
+    set_seed(0)
+    return LossPositionsSFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), args=sft,
+                                   train_dataset=Dataset.from_list(tagged),
+                                   processing_class=AutoTokenizer.from_pretrained(base), peft_config=lora,
+                                   anchor_kl=True)
+
+
+def randomize_lora(model) -> None:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+
+
+def reference_anchored_loss(model, batch: dict) -> torch.Tensor:
+    """From full logits: cross-entropy at the source rows' scored positions, KL(base ‖ model) at the anchor rows',
+    summed over the scored count."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    log_q = model(**inputs).logits[:, :-1].log_softmax(-1)
+    with torch.no_grad(), model.disable_adapter():
+        log_p = model(**inputs).logits[:, :-1].log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    total = log_q.new_zeros(())
+    for i, t in (labels != IGNORE).nonzero().tolist():
+        if batch[loss.ANCHOR_TAG][i]:
+            total = total + (log_p[i, t].exp() * (log_p[i, t] - log_q[i, t])).sum()
+        else:
+            total = total - log_q[i, t, labels[i, t]]
+    return total / (labels != IGNORE).sum()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_kl_anchor_rows_are_scored_by_kl_to_the_base_and_source_rows_by_cross_entropy(tiny_base, tmp_path,
+                                                                                       checkpointing):
+    ours = make_anchored(tiny_base, tmp_path / "a", gradient_checkpointing=checkpointing)
+    ref = make_anchored(tiny_base, tmp_path / "b")
+    for trainer in (ours, ref):
+        randomize_lora(trainer.model)
+    batch = batch_of(ours)
+    assert batch[loss.ANCHOR_TAG].tolist() == [i % 2 == 1 for i in range(len(ours.train_dataset))]
+    loss_ours = ours.compute_loss(ours.model, dict(batch))
+    loss_ref = reference_anchored_loss(ref.model, batch)
+    loss_ours.backward()
+    loss_ref.backward()
+    assert loss_ours.item() == pytest.approx(loss_ref.item(), rel=1e-12)
+    plain = make(LossPositionsSFTTrainer, tiny_base, tmp_path / "c")  # the same rows, all scored by cross-entropy
+    assert abs(plain.compute_loss(plain.model, batch_of(plain)).item() - loss_ours.item()) > 1e-3
+    g_ours, g_ref = lora_grads(ours.model), lora_grads(ref.model)
+    for name in g_ours:
+        assert g_ours[name].abs().max() > 0, name
+        torch.testing.assert_close(g_ours[name], g_ref[name], rtol=1e-10, atol=1e-14, msg=name)
+    kl = ours._metrics["train"]["anchor_kl"]
+    assert len(kl) == 1 and kl[0] > 0
+
+
+def test_kl_anchor_rows_cost_nothing_while_the_adapter_is_the_base(tiny_base, tmp_path):
+    trainer = make_anchored(tiny_base, tmp_path / "a")  # PEFT's init: B = 0, so the model is the base
+    batch = batch_of(trainer)
+    batch[loss.ANCHOR_TAG][:] = True
+    value = trainer.compute_loss(trainer.model, dict(batch))
+    value.backward()
+    assert value.item() == 0.0
+    assert max(g.abs().max().item() for g in lora_grads(trainer.model).values()) < 1e-12
+    assert trainer._metrics["train"]["anchor_kl"] == [0.0]
+
+
+def test_kl_anchor_rows_refuse_trls_own_path(tiny_base, tmp_path):
+    trainer = make_anchored(tiny_base, tmp_path / "a", completion_only_loss=False)
+    with pytest.raises(LorademError, match=r"^anchor.loss: kl needs loradem's scored-positions loss, and this batch "
+                                           r"cannot take it: completion_only_loss is off: every token is scored; "
+                                           r"use anchor.loss: sft$"):
+        trainer.compute_loss(trainer.model, batch_of(trainer))

@@ -51,6 +51,7 @@ from loradem.recipe import AnchorSettings
 Row = dict[str, Any]
 Log = Callable[[str], Any]
 GENERATION_BATCH = 50  # prompts the base answers at once
+TAG = "loradem_anchor"  # the row key that marks anchor rows for the KL anchor loss (train/loss.py)
 
 _COUNTRIES = ("France", "Spain", "Italy", "Japan", "Egypt", "Canada", "Brazil", "Kenya", "Norway", "Peru",
               "India", "China", "Mexico", "Greece", "Chile", "Poland")
@@ -118,7 +119,8 @@ def identity(settings: AnchorSettings) -> dict:
     """What decides the anchor rows besides the base: part of every anchored adapter's key."""
     source = "builtin" if settings.data == "builtin" else sha256_file(settings.data)
     return {"prompts": source, "n": settings.prompts if settings.data == "builtin" else None,
-            "fraction": settings.fraction, "max_new_tokens": settings.max_new_tokens}
+            "fraction": settings.fraction, "max_new_tokens": settings.max_new_tokens,
+            **({"loss": settings.loss} if settings.loss != "sft" else {})}  # sft-anchored adapters keep their keys
 
 
 def anchor_rows(settings: AnchorSettings, base_dir: Path, adapters_dir: Path, *, log: Log = print,
@@ -179,8 +181,12 @@ def anchor_count(n_train: int, fraction: float) -> int:
     return int(round(n_train * fraction / (1.0 - fraction)))
 
 
-def with_anchors(train: list[Row], anchors: list[Row], fraction: float, *, seed: int, source: str) -> list[Row]:
-    """`train` plus `anchor_count` anchor rows (seeded sample, repeats only when needed), shuffled together."""
+def with_anchors(train: list[Row], anchors: list[Row], fraction: float, *, seed: int, source: str,
+                 tag: str | None = None) -> list[Row]:
+    """`train` plus `anchor_count` anchor rows (seeded sample, repeats only when needed), shuffled together.
+
+    With `tag`, every row gets that key: True on the anchor rows, False on the source's (the KL anchor loss
+    tells them apart by it); the order is the same as without."""
     if not anchors:
         raise LorademError("anchor: no anchor rows to add")
     rng = random.Random(f"{seed}:{source}:anchor")
@@ -188,6 +194,8 @@ def with_anchors(train: list[Row], anchors: list[Row], fraction: float, *, seed:
     picked: list[Row] = []
     while len(picked) < n:
         picked.extend(rng.sample(anchors, min(len(anchors), n - len(picked))))
+    if tag is not None:
+        train, picked = [{**r, tag: False} for r in train], [{**r, tag: True} for r in picked]
     rows = [*train, *picked]
     rng.shuffle(rows)
     return rows

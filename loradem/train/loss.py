@@ -21,6 +21,14 @@ and no assistant-only loss (every token is scored), padding-free or packed batch
 ``shift_labels``, a custom ``compute_loss_func``, label smoothing, a loss type other than ``nll``, MoE auxiliary
 losses, sequence parallelism, ``return_outputs=True``, and models whose forward has no ``logits_to_keep``.
 `scored_path_refusal` says which applies.
+
+KL anchoring (``anchor.loss: kl``): rows tagged ``loradem_anchor`` (the Trainer keeps that column and the collator
+turns it into a bool per row) are scored by KL(base ‖ model) of the next-token distributions at their scored
+positions instead of by the cross-entropy of their labels; the base's distributions come from the same model under
+PEFT's ``disable_adapter()``, without gradient, on the anchor rows only. The KL terms are summed with the
+cross-entropy terms and divided by the same token count, so a KL anchor weighs what an SFT anchor row weighs. Such
+a batch always takes the scored path (TRL's own has no KL term): where that path cannot apply for a reason other
+than speed, training stops with one line.
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from loradem.data.anchors import TAG as ANCHOR_TAG  # marks the anchor rows scored by KL to the base
+from loradem.errors import LorademError
+
 IGNORE = -100
+_TRITON = "TRL's head already scores only the labelled positions on this device"  # a speed reason, not a limit
 
 
 def _triton_scores_compactly(device: torch.device) -> bool:
@@ -61,12 +73,17 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
-def scored_loss(model, inputs: dict[str, Any], num_items_in_batch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def scored_loss(model, inputs: dict[str, Any], num_items_in_batch=None, *, anchor: torch.Tensor | None = None,
+                base_off=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, per-batch sums) of a padded, labelled batch, projecting only the positions whose next label is scored.
 
     The loss is TRL's: the summed cross-entropy of the scored tokens over ``num_items_in_batch`` (the Trainer's
     count of scored tokens in the whole accumulated step) or, without it, over this batch's scored tokens (at
     least 1). The sums are detached: scored positions, summed entropy, correct top-1 predictions.
+
+    With `anchor` (a bool per row) and `base_off` (a context manager under which `model` computes the base, e.g.
+    a PeftModel's ``disable_adapter``), the scored tokens of the anchor rows count KL(base ‖ model) instead of
+    their cross-entropy; the sums then also hold ``anchor_kl`` (summed, detached) and ``anchor_scored``.
     """
     labels = inputs["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -80,6 +97,19 @@ def scored_loss(model, inputs: dict[str, Any], num_items_in_batch=None) -> tuple
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 logits folded in float32, as TRL does
     log_probs = z.log_softmax(-1)
     per_token = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    extra: dict[str, torch.Tensor] = {}
+    if anchor is not None and bool(anchor.any()):
+        rows = anchor.nonzero().squeeze(1)
+        on_anchor = anchor[keep.nonzero()[:, 0]]  # the logits are the scored positions, row-major, as the targets
+        batch = labels.shape[0]
+        sub = {k: v[rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+               for k, v in model_inputs.items()}
+        with torch.no_grad(), base_off():
+            teacher = model(**sub, logits_to_keep=keep[rows]).logits
+        t = teacher.to(z.dtype).log_softmax(-1)
+        kl = (t.exp() * (t - log_probs[on_anchor])).sum(-1)
+        per_token = per_token.index_put((on_anchor.nonzero().squeeze(1),), kl)
+        extra = {"anchor_kl": kl.detach().sum().float(), "anchor_scored": on_anchor.sum()}
     n_scored = keep.sum()
     denominator = n_scored if num_items_in_batch is None else num_items_in_batch
     # clamped like TRL's, so a batch without scored tokens gives a finite zero still connected to the model
@@ -87,11 +117,25 @@ def scored_loss(model, inputs: dict[str, Any], num_items_in_batch=None) -> tuple
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         correct = z.argmax(-1) == targets  # the first maximum, as TRL's top-1 counts ties with earlier tokens
-    return loss, {"scored": n_scored, "entropy_sum": entropy.sum(), "correct": correct.sum()}
+    return loss, {"scored": n_scored, "entropy_sum": entropy.sum(), "correct": correct.sum(), **extra}
 
 
 class LossPositionsSFTTrainer(SFTTrainer):
-    """`trl.SFTTrainer` whose loss projects only the scored positions onto the vocabulary (see the module doc)."""
+    """`trl.SFTTrainer` whose loss projects only the scored positions onto the vocabulary (see the module doc).
+
+    With ``anchor_kl=True``, rows whose ``loradem_anchor`` tag is True are scored by KL to the base (module doc).
+    """
+
+    def __init__(self, *args, anchor_kl: bool = False, **kwargs):
+        self.anchor_kl = anchor_kl  # before TRL's init, which may ask for the signature columns
+        super().__init__(*args, **kwargs)
+        if anchor_kl:
+            self.data_collator = _AnchorTagCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.anchor_kl and ANCHOR_TAG not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ANCHOR_TAG]  # kept for the collator
 
     def scored_path_refusal(self, model, inputs: dict[str, Any], return_outputs: bool = False) -> str | None:
         """Why this batch takes TRL's own path, or None when the scored-positions path applies."""
@@ -112,18 +156,28 @@ class LossPositionsSFTTrainer(SFTTrainer):
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             return "sequence parallelism"
         if _triton_scores_compactly(inputs["labels"].device):
-            return "TRL's head already scores only the labelled positions on this device"
+            return _TRITON
         if not accepts_logits_to_keep(model):
             return "the model's forward has no logits_to_keep"
         return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.scored_path_refusal(model, inputs, return_outputs) is not None:
+        anchor = inputs.pop(ANCHOR_TAG, None)
+        if anchor is not None and not bool(anchor.any()):
+            anchor = None
+        refusal = self.scored_path_refusal(model, inputs, return_outputs)
+        if anchor is not None and refusal not in (None, _TRITON):
+            raise LorademError(f"anchor.loss: kl needs loradem's scored-positions loss, and this batch cannot take "
+                               f"it: {refusal}; use anchor.loss: sft")
+        # with KL anchoring every batch takes this path where it can, so that data-parallel ranks, with or without
+        # anchor rows in their batch, run the same metric gathers
+        if refusal is not None and anchor is None and not (self.anchor_kl and refusal == _TRITON):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False  # as TRL: no cache to build, and none allowed with gradient checkpointing
-        loss, sums = scored_loss(model, inputs, num_items_in_batch)
+        base_off = self.accelerator.unwrap_model(model).disable_adapter if anchor is not None else None
+        loss, sums = scored_loss(model, inputs, num_items_in_batch, anchor=anchor, base_off=base_off)
         # as TRL: num_items_in_batch counts every rank's tokens, and DDP averages the gradients across ranks
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -138,4 +192,24 @@ class LossPositionsSFTTrainer(SFTTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+        if self.anchor_kl:  # KL(base ‖ model) per anchor token, averaged over the steps that had anchor rows
+            zero = sums["scored"].new_zeros(())
+            count = gather(sums.get("anchor_scored", zero)).sum()
+            kl_sum = gather(sums.get("anchor_kl", zero.float())).sum()
+            if count > 0:
+                metrics["anchor_kl"].append((kl_sum / count).item())
         return loss
+
+
+class _AnchorTagCollator:
+    """TRL's collator, plus the ``loradem_anchor`` tag of each row as a bool tensor (False where a row has none,
+    e.g. validation rows)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        tags = torch.tensor([bool(e.get(ANCHOR_TAG)) for e in examples])
+        batch = self.inner([{k: v for k, v in e.items() if k != ANCHOR_TAG} for e in examples])
+        batch[ANCHOR_TAG] = tags
+        return batch

@@ -182,6 +182,9 @@ def check_jobs(jobs: Sequence[TrainJob]) -> None:
         if job.splits.format != "messages":
             raise LorademError(f"source {job.source!r}: anchored training needs messages rows (the anchors are "
                                f"chat turns), this source has {job.splits.format!r} rows; set anchor.enabled: false")
+        if job.anchor.loss == "kl" and not job.train.completion_only_loss:
+            raise LorademError(f"source {job.source!r}: anchor.loss: kl scores the anchor rows' reply tokens, which "
+                               "needs train.completion_only_loss: true (or use anchor.loss: sft)")
         if job.anchor not in checked_anchors:  # the builtin prompts can be given, a prompts file has prompt rows
             anchor.prompts_for(job.anchor)
             checked_anchors.append(job.anchor)
@@ -386,15 +389,17 @@ def train_source(
         # under data parallelism rank 0 alone generates the base's replies; the other ranks read its cache
         rows, info = anchor.anchor_rows(job.anchor, Path(base_dir), job.adapters_dir, log=log,
                                         generate=is_main_process())
-        train_rows = anchor.with_anchors(splits.train, rows, job.anchor.fraction, seed=job.seed, source=job.source)
+        train_rows = anchor.with_anchors(splits.train, rows, job.anchor.fraction, seed=job.seed, source=job.source,
+                                         tag=anchor.TAG if job.anchor.loss == "kl" else None)
         anchored = {**anchor.identity(job.anchor), "rows": len(train_rows) - len(splits.train),
                     "cache": info["key"], "generation_seconds": info["spent_seconds"]}
-        log(f"{job.source}: + {anchored['rows']} anchor rows ({job.anchor.fraction:.0%} of its training set)")
+        log(f"{job.source}: + {anchored['rows']} anchor rows ({job.anchor.fraction:.0%} of its training set"
+            + (", scored by KL to the base)" if job.anchor.loss == "kl" else ")"))
     with output_folder(final) as tmp:
         record = fit(
             job.source, Path(base_dir), job.train, job.lora, seed=job.seed,
             fmt=splits.format, train_rows=train_rows, val_rows=splits.validation, out=tmp, log=log,
-            callbacks=callbacks,
+            callbacks=callbacks, anchor_kl=job.anchor is not None and job.anchor.loss == "kl",
         )
         record.update(source=job.source, key=key, base_fingerprint=base_fp, data_fingerprint=splits.fingerprint)
         if anchored:
@@ -456,11 +461,13 @@ def fit(
     log: Log,
     callbacks: Sequence[Any] = (),
     prepare: Callable[[Any], dict] | None = None,
+    anchor_kl: bool = False,
 ) -> dict:
     """Run TRL's SFT trainer, save the best adapter into `out`, and return the training record.
 
     `prepare(trainer)`, if given, runs after TRL has tokenized the rows and before training (the mixing
-    baseline uses it to lay out its row schedule); the dict it returns joins the record.
+    baseline uses it to lay out its row schedule); the dict it returns joins the record. With `anchor_kl`, the
+    rows tagged ``loradem_anchor`` are scored by KL to the base (train/loss.py).
     """
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, set_seed
@@ -485,6 +492,7 @@ def fit(
         processing_class=tokenizer,
         peft_config=lora_config,
         callbacks=[ProgressLog(name, log), *([bar] if bar else []), *([stopper] if stopper else []), *callbacks],
+        anchor_kl=anchor_kl,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
