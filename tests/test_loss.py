@@ -200,7 +200,11 @@ def test_fit_trains_as_trls_path_does(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setattr(loss, "scored_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours = run("ours")
     assert len(calls) == 6 + 3 * 2  # every training batch, and every evaluation batch (6 rows, 2 batches of 4)
-    monkeypatch.setattr(loss, "LossPositionsSFTTrainer", SFTTrainer)  # what fit builds: TRL's own trainer
+    def trls(*args, anchor_kl: bool, **kwargs):  # what fit builds, as TRL's own trainer (no anchor rows here)
+        assert anchor_kl is False
+        return SFTTrainer(*args, **kwargs)
+
+    monkeypatch.setattr(loss, "LossPositionsSFTTrainer", trls)
     theirs = run("theirs")
     assert len(calls) == 12
 
