@@ -46,7 +46,7 @@ def test_report_has_every_row_and_column(tmp_path):
     assert doc["rows"] == rows and doc["weights_file"] == "weights.json"
     md = (tmp_path / "out" / "report.md").read_text()
     header = next(l for l in md.splitlines() if l.startswith("| model |"))
-    for col in ("add (exact match)", "rev.words (loss)", "average", "train tokens", "train s", "search s", "total s"):
+    for col in ("add (exact match)", "rev.words (loss)", "average", "train tokens", "train s", "search / merge s", "total s"):
         assert col in header
     assert table_row(md, "base") == ["`base`", "0.0%", "3.210", "1.605", "0", "0.0", "0.0", "0.0"]
     assert table_row(md, "dem") == ["`dem`", "75.0%", "1.877", "1.313", "24,000", "100", "12.0", "112"]
@@ -110,6 +110,24 @@ def test_summary_states_what_an_added_source_cost_including_relearned_weights():
     assert relearned[0].replace(" + relearning the per-module weights", "") == plain[0] and "+ relearning" in relearned[0]
     grid = summary_lines([], {"increment": {**inc, "mix_retrain_row": "mix-tuned"}})
     assert grid[0] == plain[0].replace("mixing baseline on", "mixing baseline (every set of its proportion grid) on")
+
+
+def test_a_regmean_row_shows_its_merge_seconds_and_the_run_says_how_it_merged(tmp_path):
+    """RegMean's passes are what its row paid beside training: they fill the search / merge column (the row has no
+    search), the mixing cost line names them, and the Run section says which activations and alpha made the merge."""
+    rows = make_rows(["579", "49", "x", "1000"])
+    regmean_cost = {**cost(24000, 100.0), "regmean_seconds": 331.4, "total_seconds": 431.4}
+    rows.append({"name": "dem-regmean", "per_source": {"add": 0.5, "rev.words": 1.5}, "average": 1.0, "cost": regmean_cost})
+    record = {"settings": {"activations": "merged"}, "alpha": 0.99, "validation_loss_by_alpha": {"0.95": 0.109, "0.99": 0.101},
+              "rows": {"add": 64, "rev.words": 64}, "modules": 210, "ranks": [24], "ridged_modules": [], "regmean_seconds": 331.4}
+    mix = {"dem_row": "dem-regmean", "cost_ratio_mix_to_dem": {"train_tokens": 0.926, "seconds": 0.893}}
+    write_report(tmp_path, "demo", METRICS, rows, extra={"regmean": record, "search": {"n_trials": 16}, "mix": mix})
+    md = (tmp_path / "report.md").read_text()
+    assert table_row(md, "dem-regmean")[-3:] == ["100", "331", "431"]
+    assert table_row(md, "dem")[-3:] == ["100", "12.0", "112"]
+    assert ("- RegMean (`dem-regmean`): merged activations, alpha 0.99 chosen by validation loss of 0.95: 0.109, "
+            "0.99: 0.101; Gram matrices on 128 training rows, 210 layers, one exact LoRA of rank 24; 331 s.") in md
+    assert "(DEM = all per-source adapters + the RegMean merge)." in md
 
 
 def test_cost_vs_score_labels_every_composition_and_greys_single_adapters():

@@ -185,11 +185,12 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             f"{int(learn.get('learn_tokens') or 0):,} tokens in {_seconds(float(learn.get('learn_seconds') or 0))} s "
             f"(counted as training); validation loss {_num(learn.get('initial_objective'))} at the start, "
             f"{_num(learn.get('objective'))} kept (step {learn.get('best_step')}). Weights by layer: `learn/learn.png`.")
+    lines += _regmean_lines(extra.get("regmean"), "")
     mix = extra.get("mix")
     if mix and mix.get("cost_ratio_mix_to_dem"):
         r = mix["cost_ratio_mix_to_dem"]
-        what = "all per-source adapters + the weight search" + (
-            " + the learned weights" if mix.get("dem_row") == "dem-learned" else "")
+        what = "all per-source adapters + " + {"dem-learned": "the weight search + the learned weights",
+                                               "dem-regmean": "the RegMean merge"}.get(mix.get("dem_row"), "the weight search")
         lines.append(f"- Data mixing vs DEM (`{mix.get('dem_row', 'dem')}`, the assembled model) cost: {_num(r.get('train_tokens'))}x the "
                      f"training tokens, {_num(r.get('seconds'))}x the seconds (DEM = {what}).")
     lines += _warmup_lines(extra.get("warmup"), "")
@@ -206,9 +207,28 @@ def summary_lines(rows: list[dict], extra: dict) -> list[str]:
             line += (f" and learned weights ({int(learned.get('learn_tokens') or 0):,} tokens, "
                      f"validation loss {_num(learned.get('initial_objective'))} -> {_num(learned.get('objective'))})")
         lines.append(line + f"; outputs in `{v.get('out_dir')}/`; its rows are scored on in-memory exact folds.")
-        lines += ["  " + x for x in _warmup_lines(v.get("warmup"), f"{name}:") + _increment_lines(v.get("increment"))
+        lines += ["  " + x for x in _warmup_lines(v.get("warmup"), f"{name}:") + _regmean_lines(v.get("regmean"), f"{name}:")
+                  + _increment_lines(v.get("increment"))
                   + _vector_lines(v.get("vectors") or {})]
     return lines
+
+
+def _regmean_lines(record: Optional[dict], prefix: str) -> list[str]:
+    """The RegMean merge in one line: which activations, the alpha kept (and each candidate's validation loss), its
+    rank and seconds."""
+    if not record:
+        return []
+    settings = record.get("settings") or {}
+    losses = record.get("validation_loss_by_alpha") or {}
+    chosen = (f"alpha {record.get('alpha')} chosen by validation loss of "
+              + ", ".join(f"{a}: {_num(v)}" for a, v in losses.items()) if len(losses) > 1 else f"alpha {record.get('alpha')}")
+    rows = sum((record.get("rows") or {}).values())
+    ridged = record.get("ridged_modules") or []
+    return [f"- RegMean (`{prefix}dem-regmean`): {settings.get('activations', 'base')} activations, {chosen}; "
+            f"Gram matrices on {rows} training rows, {record.get('modules')} layers, one exact LoRA of rank "
+            f"{'/'.join(str(r) for r in record.get('ranks') or [])}"
+            + (f" ({len(ridged)} layers needed the ridge)" if ridged else "")
+            + f"; {_seconds(float(record.get('regmean_seconds') or 0.0))} s."]
 
 
 def _mix_grid_lines(grid: Optional[dict], rows: list[dict], dem_row: str) -> list[str]:
@@ -275,13 +295,19 @@ def _num(x) -> str:
     return f"{x:.3g}" if isinstance(x, (int, float)) else "–"
 
 
+def _merge_seconds(cost: dict) -> float:
+    """What finding the row's weights cost beside training: the weight search, or RegMean's passes (learned weights
+    count as training)."""
+    return float(cost["search_seconds"]) + float(cost.get("regmean_seconds") or 0.0)
+
+
 def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra: Optional[dict] = None,
              reproduce: Optional[str] = None) -> str:
     sources = list(metrics)
     extra = extra or {}
     avg_kind = average_metric(metrics)
     head = ["model", *[f"{s} ({METRIC_LABEL[m]})" for s, m in metrics.items()], "average",
-            "train tokens", "train s", "search s", "total s"]
+            "train tokens", "train s", "search / merge s", "total s"]
     lines = [
         f"# {run_name}: results",
         "",
@@ -296,7 +322,7 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
         c = row["cost"]
         cells = [f"`{row['name']}`", *[format_value(row["per_source"][s], metrics[s]) for s in sources],
                  format_value(row.get("average"), avg_kind), f"{int(c['train_tokens']):,}",
-                 _seconds(c["train_seconds"]), _seconds(c["search_seconds"]), _seconds(c["total_seconds"])]
+                 _seconds(c["train_seconds"]), _seconds(_merge_seconds(c)), _seconds(c["total_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += held_out_lines(rows, extra)
     weighted = [r for r in rows if r.get("weights")]
