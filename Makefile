@@ -30,20 +30,16 @@ test: setup
 	sh tests/postgres.sh
 	$(BIN)/pytest -q -ra
 
-# The benchmark (not a test): the demo with data mixing at equal training tokens
-# (natural and tuned proportions) and every option side by side (demo-options:
-# searched, learned and RegMean weights, the anchored and short variants), the
-# same plus a fourth source added later, the second suite (formats: four
-# sources that differ in format and domain), both suites with the shared warm-up,
-# the demo with LoRI-style adapters, then the assembler and
-# search-trial benchmarks against PEFT. Reports in runs/.
+# The benchmark (not a test): each suite in one report (demo-options, formats-options:
+# every adapter, uniform, searched, learned and RegMean weights, with and without the
+# shared warm-up, against data mixing at natural and tuned proportions, with held-out
+# tasks and retention), the demo plus a fourth source added later, then the assembler
+# and search-trial benchmarks against PEFT and the GGUF check. Reports in runs/.
+# Several hours on 2 CPU cores (estimated in each recipe's header).
 bench: setup
 	$(BIN)/loradem run recipes/demo-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
-	$(BIN)/loradem run recipes/formats.yaml --baseline mix
-	$(BIN)/loradem run recipes/demo-warmup.yaml --baseline mix
-	$(BIN)/loradem run recipes/formats-warmup.yaml --baseline mix
-	$(BIN)/loradem run recipes/demo-lori.yaml
+	$(BIN)/loradem run recipes/formats-options.yaml --baseline mix
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(MAKE) gguf-check GGUF_MODEL=runs/demo-options/model
