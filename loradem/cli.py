@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the data-mixing baseline (one adapter on all sources' rows, as many "
                    "training tokens as the per-source adapters together) and add its row to the report; with "
                    "mix.proportions, one more mix per set and the row mix-tuned (the best on validation)")
+    p.add_argument("--rescore", action="store_true", help=RESCORE_HELP)
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "2 CPU cores).")
     p.add_argument("--recipe", default=DEMO_RECIPE, help="demo recipe (default: %(default)s, from the working directory "
                    "or else the loradem checkout; outputs go to ./runs/ and ./adapters/)")
+    p.add_argument("--rescore", action="store_true", help=RESCORE_HELP)
 
     p = sub.add_parser("check", help="validate a recipe and its data without running anything",
                        description="Validate the recipe schema, every data file and every row, and refuse "
@@ -186,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate base, each adapter, uniform, sum and DEM; write the report",
                        description="Evaluate every model of the run on each source's held-out test rows "
-                       "and write report.md, report.json and plots to runs/<name>/.")
+                       "and write report.md, report.json and plots to runs/<name>/. A model an earlier run scored "
+                       "with the same weights (by content), the same rows and settings, and the same evaluation code "
+                       "keeps that run's scores instead of being scored again.")
     _recipe_arg(p)
+    p.add_argument("--rescore", action="store_true", help=RESCORE_HELP)
 
     p = sub.add_parser("vectors", help="inspect distribution vectors (adapter deltas)",
                        description="Norms and pairwise similarities of adapter deltas, computed exactly from "
@@ -251,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 DEMO_RECIPE = "recipes/demo.yaml"
 
+RESCORE_HELP = ("score every model again, even one an earlier run scored with the same weights and evaluation "
+                "(those scores are kept in $LORADEM_CACHE/scores/ and reused by default)")
+
 
 def _demo_recipe(given: str) -> str:
     """The demo recipe from any working directory: the given path, else the checkout's own recipes/demo.yaml."""
@@ -266,9 +274,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from loradem import pipeline
 
     if args.command == "run":
-        pipeline.run(args.recipe, force=args.force, baseline=args.baseline)
+        pipeline.run(args.recipe, force=args.force, baseline=args.baseline, rescore=args.rescore)
     elif args.command == "demo":
-        pipeline.run(_demo_recipe(args.recipe))
+        pipeline.run(_demo_recipe(args.recipe), rescore=args.rescore)
     elif args.command == "check":
         pipeline.check(args.recipe, baseline=args.baseline)
     elif args.command == "train":
@@ -282,7 +290,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "assemble":
         _assemble(args)
     elif args.command == "eval":
-        pipeline.evaluate(args.recipe)
+        pipeline.evaluate(args.recipe, rescore=args.rescore)
     elif args.command == "export":
         from loradem.export.gguf import export_gguf
         from loradem.progress import stage_log

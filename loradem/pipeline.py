@@ -525,16 +525,18 @@ def eval_inputs(recipe: Recipe) -> tuple[list[tuple[str, list]], list | None]:
     return held_out, prompts
 
 
-def evaluate(recipe_path: str | Path) -> list[dict]:
+def evaluate(recipe_path: str | Path, *, rescore: bool = False) -> list[dict]:
     recipe, base_dir = _prepare(recipe_path)
-    return _evaluate(recipe, base_dir, recipe_path=str(recipe_path))
+    return _evaluate(recipe, base_dir, recipe_path=str(recipe_path), rescore=rescore)
 
 
-def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None) -> list[dict]:
+def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None, rescore: bool = False) -> list[dict]:
     """Resolve everything the evaluation reads from the recipe and its earlier stages, then score and report;
-    then write the model's card again, with the scores."""
+    then write the model's card again, with the scores. A model an earlier run scored the same way keeps its
+    scores (kept under the loradem cache's scores/) unless `rescore`."""
     from loradem.evaluate.compare import EvalPlan, EvalSource, RetentionPlan, VariantPlan, compare_models
     from loradem.merge.model_card import add_scores
+    from loradem.model.base import cache_root
     from loradem.train.warmup import warmup_record
 
     splits = _splits(recipe)
@@ -580,6 +582,7 @@ def _evaluate(recipe: Recipe, base_dir: Path, *, recipe_path: str | None = None)
         retention=None if prompts is None else RetentionPlan(tuple(prompts), recipe.eval.retention.max_new_tokens,
                                                              recipe.eval.retention.prompts),
         reproduce=f"loradem run {recipe_path or '<recipe.yaml>'}" + (" --baseline mix" if mix_dir is not None and not recipe.mix.enabled else ""),
+        score_cache=None if rescore else cache_root() / "scores",
     )
     rows = compare_models(plan, log=_log("eval"))
     # the row scored on the assembled folder (a row the report lacks: the card gets no scores)
@@ -620,7 +623,7 @@ def recipe_record(recipe: Recipe) -> dict:
 _AS_WRITTEN = ("output_dir", "adapters_dir", "storage", "warm_start")  # relative to the working directory
 
 
-def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None) -> Path:
+def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None = None, rescore: bool = False) -> Path:
     """Every stage in order (with baseline="mix", the data-mixing adapter after the per-source ones, and its
     row in the report); returns the run folder (report.md is inside)."""
     t0 = time.time()
@@ -652,6 +655,6 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
             _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip())
 
     _assemble(recipe, base_dir)
-    _evaluate(recipe, base_dir, recipe_path=str(recipe_path))
+    _evaluate(recipe, base_dir, recipe_path=str(recipe_path), rescore=rescore)
     print(f"done in {time.time() - t0:.0f} s: {recipe.out_dir / 'report.md'}", flush=True)
     return recipe.out_dir

@@ -65,7 +65,9 @@ from typing import Callable, Literal, Optional, Sequence
 from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
 from loradem.evaluate.report import write_report
 from loradem.evaluate.retention import Reference, base_reference, retention_scores
-from loradem.files import read_json
+from loradem.evaluate.score_cache import ScoreCache, folder_fingerprint, rows_fingerprint
+from loradem.errors import LorademError
+from loradem.files import fingerprint_weights, read_json, stable_hash
 from loradem.machine import describe
 from loradem.merge.search import fold_weights
 from loradem.model.generate import evaluate_source
@@ -137,6 +139,7 @@ class EvalPlan:
     mix_grid: tuple[Path, ...] = ()  # the mix at natural proportions, then at each tuned set (all finished), or ()
     variants: tuple[VariantPlan, ...] = ()
     held_out: tuple[EvalSource, ...] = ()  # exact-match tasks no source trains on, scored on every row
+    score_cache: Optional[Path] = None  # where scores are kept across runs (`loradem.evaluate.score_cache`); None: none
     retention: Optional[RetentionPlan] = None  # agreement and KL against the base on every row
     recipe_path: Optional[str] = None  # kept in report.json
     reproduce: Optional[str] = None  # the command report.md gives to reproduce the run
@@ -256,7 +259,8 @@ def _variant_rows(v: VariantPlan, base_dir: Path, names: list[str], metrics: dic
         name = f"{v.name}:dem-regmean"
         record = read_json(v.regmean_dir / "regmean.json")
         model, tokenizer = load_multi(v.warm_dir or base_dir, {"regmean": v.regmean_dir}, fold=True)
-        per_source = score(model, tokenizer, name, identity=_regmean_identity(v.warm_dir or base_dir, record))
+        per_source = score(model, tokenizer, name, identity=_regmean_identity(v.warm_dir or base_dir, record),
+                           folders=(v.warm_dir or base_dir, v.regmean_dir))
         del model
         rows.append({"name": name, "per_source": per_source, "average": _average(per_source, metrics),
                      "cost": _add_regmean(_cost(records, names, warmup=v.warmup), record)})
@@ -287,17 +291,38 @@ def _fixed_plan(names: list[str], records: dict[str, dict], warmup: Optional[dic
                    ("sum", {k: 1.0 for k in names}, None, _cost(records, names, warmup=warmup))]
 
 
+def _used(weights: dict, name: str) -> bool:
+    w = weights.get(name)
+    return not (isinstance(w, (int, float)) and w == 0)
+
+
 def model_identity(base_dir: Path, adapters: dict[str, Path], weights: dict) -> str:
     """What decides an in-memory fold's every weight: the base, each adapter with a non-zero weight, and the
     weights (per source, per source and layer group, or per module). Two rows with the same identity are the
     same model, bit for bit."""
-    def used(name: str) -> bool:
-        w = weights.get(name)
-        return not (isinstance(w, (int, float)) and w == 0)
-
     return json.dumps({"base": str(Path(base_dir).resolve()),
-                       "adapters": {k: str(Path(v).resolve()) for k, v in sorted(adapters.items()) if used(k)},
-                       "weights": {k: w for k, w in weights.items() if used(k)}}, sort_keys=True)
+                       "adapters": {k: str(Path(v).resolve()) for k, v in sorted(adapters.items()) if _used(weights, k)},
+                       "weights": {k: w for k, w in weights.items() if _used(weights, k)}}, sort_keys=True)
+
+
+def model_folders(base_dir: Path, adapters: dict[str, Path], weights: dict) -> tuple[Path, ...]:
+    """The weights folders an in-memory fold reads (the base and each adapter with a non-zero weight): what the
+    score cache fingerprints beside `model_identity`."""
+    return (Path(base_dir), *(Path(v) for k, v in sorted(adapters.items()) if _used(weights, k)))
+
+
+# An assembled folder's files besides its weights that change what it generates (its card and provenance do not).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+
+
+def folder_identity(model_dir: Path) -> str:
+    """A model folder read from disk, by content: its config and tokenizer files (its weights are fingerprinted by
+    the score cache), not its path, so another run's folder with the same model reuses its scores. A run scores one
+    folder, so no two of its rows share this identity."""
+    files = {name: stable_hash((model_dir / name).read_text(errors="replace"), length=16)
+             for name in MODEL_FILES if (model_dir / name).is_file()}
+    return json.dumps({"folder": files}, sort_keys=True)
 
 
 def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[str, Path], names: list[str],
@@ -308,7 +333,8 @@ def _score_plan(plan: list[tuple], prefix: str, base_dir: Path, adapters: dict[s
     rows = []
     for name, weights, shown, cost in plan:
         set_weights(model, weights)
-        per_source = score(model, tokenizer, prefix + name, identity=model_identity(base_dir, resident, weights))
+        per_source = score(model, tokenizer, prefix + name, identity=model_identity(base_dir, resident, weights),
+                           folders=model_folders(base_dir, resident, weights))
         rows.append({"name": prefix + name, "per_source": per_source, "average": _average(per_source, metrics),
                      "cost": cost, "weights": shown if shown is not None else weights})
     del model
@@ -334,8 +360,11 @@ class _Scorer:
     """Scores one model on every source's test rows, the held-out tasks and retention (and the lm-eval tasks), one
     log line and one bar step per model; keeps each row's predictions, measures and benchmarks for the report."""
 
-    def __init__(self, plan: EvalPlan, lm_include: Optional[Path], bar, log: Log, reference: Optional[Reference] = None):
+    def __init__(self, plan: EvalPlan, lm_include: Optional[Path], bar, log: Log, reference: Optional[Reference] = None,
+                 cache: Optional[ScoreCache] = None):
         self.plan, self.lm_include, self.bar, self.log, self.reference = plan, lm_include, bar, log, reference
+        self.cache = cache
+        self.cached: list[str] = []  # rows whose measures came from an earlier run's entry
         self.predictions: dict[str, dict[str, list[str]]] = {}
         self.held_out_predictions: dict[str, dict[str, list[str]]] = {}
         self.held_out: dict[str, dict[str, float]] = {}
@@ -355,14 +384,20 @@ class _Scorer:
                 predictions.setdefault(row_name, {})[s.name] = res["predictions"]
         return out
 
-    def __call__(self, model, tokenizer, row_name: str, identity: Optional[str] = None) -> dict[str, float]:
+    def __call__(self, model, tokenizer, row_name: str, identity: Optional[str] = None,
+                 folders: Sequence[Path] = ()) -> dict[str, float]:
         """Score `model` as `row_name`; a model whose `identity` (`model_identity`) an earlier row already has is
         not scored again: it takes that row's measures (a variant that changes only its merge reuses the recipe's
-        adapter, uniform, sum and searched rows)."""
+        adapter, uniform, sum and searched rows). With a score cache and the weights `folders` the model reads,
+        a model an earlier run scored the same way takes that run's measures."""
         if identity is not None:
             if identity in self.models:
                 return self.same_as(row_name, self.models[identity])
             self.models[identity] = row_name
+        key = self.cache.key(identity, folders) if self.cache is not None and identity is not None and folders else None
+        entry = self.cache.load(key) if key is not None else None
+        if entry is not None:
+            return self._from_entry(row_name, entry)
         settings = self.plan.settings
         t0 = time.perf_counter()
         out = self._scores(model, tokenizer, self.plan.sources, self.predictions, row_name)
@@ -386,8 +421,34 @@ class _Scorer:
             self.benchmarks[row_name] = run_lm_eval(
                 model, tokenizer, list(settings.lm_eval_tasks), include_path=self.lm_include, limit=settings.lm_eval_limit,
                 batch_size=settings.batch_size, log=lambda m: self.log(f"{row_name:<20} {m}"))
+        if key is not None:
+            self._store(key, row_name)
         self.bar.update(1)
         return out
+
+    def _entry_parts(self):
+        return {"predictions": self.predictions, "held_out": self.held_out, "held_out_predictions": self.held_out_predictions,
+                "retention": self.retention, "benchmarks": self.benchmarks, "seconds": self.seconds}
+
+    def _store(self, key: str, row_name: str) -> None:
+        entry = {"test": self.test_scores[row_name],
+                 **{name: kept[row_name] for name, kept in self._entry_parts().items() if row_name in kept}}
+        try:
+            self.cache.store(key, entry)
+        except LorademError as exc:  # the scores stand; only a later run's reuse of them is lost
+            self.log(f"{row_name:<20} scores not kept for later runs: {exc}")
+
+    def _from_entry(self, row_name: str, entry: dict) -> dict[str, float]:
+        """The measures an earlier run stored for this very model and evaluation."""
+        for name, kept in self._entry_parts().items():
+            if name in entry:
+                kept[row_name] = entry[name]
+        self.test_scores[row_name] = entry["test"]
+        self.cached.append(row_name)
+        self.log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in entry["test"].items())
+                 + "  (scored by an earlier run: the same weights and evaluation)")
+        self.bar.update(1)
+        return entry["test"]
 
     def same_as(self, row_name: str, scored: str) -> dict[str, float]:
         """`row_name` is the very model already scored as `scored`: its measures, without scoring it again."""
@@ -397,6 +458,17 @@ class _Scorer:
         self.log(f"{row_name:<20} the same model as {scored}: its scores")
         self.bar.update(1)
         return self.test_scores[scored]
+
+
+def _evaluation(plan: EvalPlan, lm_include: Optional[Path]) -> dict:
+    """Everything but the model that decides a row's measures (the score cache's half of a key)."""
+    return {"sources": [[s.name, s.metric, rows_fingerprint(s.test)] for s in plan.sources],
+            "held_out": [[t.name, rows_fingerprint(t.test)] for t in plan.held_out],
+            "settings": plan.settings.model_dump(mode="json"), "max_length": plan.max_length,
+            "retention": None if plan.retention is None else {
+                "prompts": rows_fingerprint(plan.retention.prompts), "max_new_tokens": plan.retention.max_new_tokens,
+                "base": fingerprint_weights(plan.base_dir)},  # KL and agreement are against the original base
+            "lm_eval": folder_fingerprint(lm_include) if lm_include is not None and plan.settings.lm_eval_tasks else None}
 
 
 def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
@@ -410,8 +482,9 @@ def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
     if plan.retention is not None:  # the base's replies (cached in the run folder) and its logits on them
         reference = base_reference(plan.base_dir, plan.retention.prompts, max_new_tokens=plan.retention.max_new_tokens,
                                    batch_size=plan.settings.batch_size, cache=Path(plan.out_dir) / RETENTION_CACHE)
+    cache = ScoreCache.for_plan(plan.score_cache, _evaluation(plan, lm_include)) if plan.score_cache is not None else None
     with progress(model_count(plan), "eval", unit="model") as bar:
-        score = _Scorer(plan, lm_include, bar, log, reference)
+        score = _Scorer(plan, lm_include, bar, log, reference, cache)
         rows, extra = _score_all(plan, score)
     base_seconds = reference.generation_seconds if reference is not None else 0.0
     plain_text = reference is not None and all(isinstance(p, str) for p in reference.prompts)
@@ -426,6 +499,8 @@ def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
                               "base_replies": RETENTION_CACHE,  # beside report.json
                               "base_generation_seconds": base_seconds, "plain_text": plain_text}
     extra["eval_seconds"] = score.seconds  # per row: test rows, held-out tasks, retention (lm-eval not included)
+    if score.cached:  # their eval_seconds are the earlier run's
+        extra["eval_cached"] = score.cached
     if lm_tasks:
         extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": plan.settings.lm_eval_limit,
                             # relative to the report: no path of this machine in a shared run folder
@@ -460,7 +535,8 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     fixed = [("base", {k: 0.0 for k in names}, None, _cost(records, [])), *_fixed_plan(names, records, warmup)]
     if plan.warm_dir is not None:  # the original base alone, then the warmed base and the rest on it
         model = load_base(base_dir)
-        rows = [{"name": "base", "per_source": (per := score(model, load_tokenizer(base_dir), "base")),
+        rows = [{"name": "base", "per_source": (per := score(model, load_tokenizer(base_dir), "base",
+                                                         identity=model_identity(base_dir, {}, {}), folders=(base_dir,))),
                  "average": _average(per, metrics), "cost": _cost(records, []), "weights": {k: 0.0 for k in names}}]
         del model
         fixed[0] = _warm_row(names, warmup)
@@ -473,7 +549,8 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     if mix_dir is not None:  # the data-mixing adapter alone (weight 1), after the per-source rows
         mix_model, mix_tokenizer = load_multi(base_dir, {"mix": mix_dir})
         set_weights(mix_model, {"mix": 1.0})
-        per_source = score(mix_model, mix_tokenizer, "mix")
+        per_source = score(mix_model, mix_tokenizer, "mix", identity=model_identity(base_dir, {"mix": mix_dir}, {"mix": 1.0}),
+                           folders=(base_dir, mix_dir))
         del mix_model
         mix_record = read_json(mix_dir / "loradem-train.json")
         mix_row = {"name": "mix", "per_source": per_source, "average": _average(per_source, metrics),
@@ -487,7 +564,8 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         else:
             tuned_model, tuned_tokenizer = load_multi(base_dir, {"mix": chosen})
             set_weights(tuned_model, {"mix": 1.0})
-            per_source = score(tuned_model, tuned_tokenizer, "mix-tuned")
+            per_source = score(tuned_model, tuned_tokenizer, "mix-tuned",
+                               identity=model_identity(base_dir, {"mix": chosen}, {"mix": 1.0}), folders=(base_dir, Path(chosen)))
             del tuned_model
         grid_records = {f"mix {i}": read_json(f / "loradem-train.json") for i, f in enumerate(plan.mix_grid)}
         rows.insert(first_after + (mix_dir is not None), {
@@ -498,7 +576,8 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
     search_seconds = float(search_record.get("search_seconds") or 0.0)
     assembled = _assembled_row(plan)
     merged = load_base(plan.model_dir)  # the assembled folder scores the row whose weights it folds
-    scores = {assembled: score(merged, load_tokenizer(plan.model_dir), assembled)}
+    scores = {assembled: score(merged, load_tokenizer(plan.model_dir), assembled, identity=folder_identity(plan.model_dir),
+                               folders=(plan.model_dir,))}
     del merged
     others = [r for r in ("dem", "dem-learned") if r != assembled and (r == "dem" or learned is not None)]
     if others:  # the others are scored on the exact in-memory fold
@@ -507,12 +586,14 @@ def _score_all(plan: EvalPlan, score: _Scorer) -> tuple[list[dict], dict]:
         for other in others:
             weights = learned["module_weights"] if other == "dem-learned" else fold_weights(search_record)
             set_weights(model, weights)
-            scores[other] = score(model, tokenizer, other, identity=model_identity(own_base, resident, weights))
+            scores[other] = score(model, tokenizer, other, identity=model_identity(own_base, resident, weights),
+                                  folders=model_folders(own_base, resident, weights))
         del model
     regmean = read_json(plan.regmean_dir / "regmean.json") if plan.regmean_dir is not None else None
     if regmean is not None and assembled != "dem-regmean":
         model, tokenizer = load_multi(own_base, {"regmean": plan.regmean_dir}, fold=True)
-        scores["dem-regmean"] = score(model, tokenizer, "dem-regmean", identity=_regmean_identity(own_base, regmean))
+        scores["dem-regmean"] = score(model, tokenizer, "dem-regmean", identity=_regmean_identity(own_base, regmean),
+                                      folders=(own_base, plan.regmean_dir))
         del model
     rows.append({"name": "dem", "per_source": scores["dem"], "average": _average(scores["dem"], metrics),
                  "cost": _cost(records, names, search_seconds, warmup), "weights": dem_weights})
