@@ -33,7 +33,8 @@ FORMAT = 1
 # What scoring runs: a change to any of these files changes every key (the measures, generation, rendering,
 # the fold and the model loading).
 CODE_FILES = ("evaluate/compare.py", "evaluate/heldout.py", "evaluate/retention.py", "evaluate/harness.py",
-              "model/generate.py", "model/render.py", "model/soup.py", "model/base.py", "model/layers.py")
+              "model/generate.py", "model/render.py", "model/soup.py", "model/base.py", "model/layers.py",
+              "model/lora_config.py")
 ENTRY_KEYS = ("test", "predictions", "held_out", "held_out_predictions", "retention", "benchmarks", "seconds")
 
 
