@@ -99,8 +99,10 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
             w = r.warmup
             print(f"{'variant ' + repr(label) + ': ' if label else ''}shared warm-up: {w.steps} steps of "
                   f"{r.train.batch_size * r.train.grad_accum} rows, lr {w.learning_rate or r.train.learning_rate:.2g}, "
-                  f"on up to {w.rows_per_source} training rows each of {', '.join(warmup_sources(r))}; "
-                  "its adapters train from the warmed base")
+                  f"on up to {w.rows_per_source} training rows each of {', '.join(warmup_sources(r))}"
+                  + (f", plus {r.anchor.fraction:.0%} anchor rows "
+                     f"({Path(r.anchor.data).name}, loss {r.anchor.loss})" if w.anchor else "")
+                  + "; its adapters train from the warmed base")
     if baseline == "mix":
         budget = "as many training tokens as the adapters together" if recipe.mix.tokens == "match" else f"{recipe.mix.tokens:,} training tokens"
         print(f"data-mixing baseline: one adapter on every source's rows, {budget}; its row `mix` in the report")
@@ -519,9 +521,14 @@ def eval_inputs(recipe: Recipe) -> tuple[list[tuple[str, list]], list | None]:
     if not recipe.eval.retention.enabled:
         return held_out, None
     prompts = retention_prompts(recipe.eval.retention)
+    from loradem.train.warmup import warmup_anchor
+
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
-        if r.anchor.enabled:
-            check_not_anchors(prompts, r.anchor, f"variant {label!r}: " if label else "")
+        anchored = [r.anchor] if r.anchor.enabled else []
+        if warmup_anchor(r) is not None and not anchored:  # the warm-up's anchors are the same prompts when both are on
+            anchored.append(warmup_anchor(r))
+        for settings in anchored:
+            check_not_anchors(prompts, settings, f"variant {label!r}: " if label else "")
     return held_out, prompts
 
 

@@ -271,6 +271,7 @@ class WarmupSettings(_Strict):
     rows_per_source: int = Field(64, gt=0, description="Training rows per source in the warm-up's sample (seeded by the recipe's seed; all of a source's training rows when it has fewer).")
     learning_rate: Optional[float] = Field(None, gt=0, description="The warm-up's peak learning rate (null: train.learning_rate). Its other training settings are the recipe's `train:` block, its LoRA settings the recipe's `lora:` block.")
     sources: Optional[list[str]] = Field(None, description="Sources whose rows the warm-up samples (null: every source of the recipe). Pin the list to keep the same warmed base when sources are added later: then only the new sources' adapters train.")
+    anchor: bool = Field(False, description="Train the warm-up on anchor rows too, as the recipe's `anchor:` block describes them (data, prompts, fraction, max_new_tokens, loss), whether or not `anchor.enabled` anchors the sources' adapters: the warmed base then learns the sources' format while keeping the base's answers elsewhere (docs/stages.md, 'Shared warm-up'). Needs messages rows.")
 
 
 AnchorOverride = _partial(AnchorSettings)

@@ -334,4 +334,10 @@ def test_a_retention_prompt_that_is_an_anchor_prompt_is_refused(tmp_path):
         pipeline.check(recipe_file(tmp_path, block, anchor={"enabled": True}))
     with pytest.raises(LorademError, match=r"prompt 2 .* \(variant 'anc': anchor\.data: builtin\)"):
         pipeline.check(recipe_file(tmp_path, block, variants=[{"name": "anc", "anchor": {"enabled": True}}]))
+    # an anchored warm-up trains on the anchor prompts too, with the adapters' anchoring off
+    with pytest.raises(LorademError, match=r"^eval\.retention\.prompts: prompt 2 .* is also an anchor prompt \(anchor\.data: builtin\)"):
+        pipeline.check(recipe_file(tmp_path, block, warmup={"enabled": True, "anchor": True}))
+    with pytest.raises(LorademError, match=r"prompt 2 .* \(variant 'aw': anchor\.data: builtin\)"):
+        pipeline.check(recipe_file(tmp_path, block, variants=[{"name": "aw", "warmup": {"enabled": True, "anchor": True}}]))
+    pipeline.check(recipe_file(tmp_path, block, warmup={"enabled": True}))  # a warm-up without anchors trains on none
     pipeline.check(recipe_file(tmp_path, {}, anchor={"enabled": True}))  # the builtin prompts with the builtin anchors

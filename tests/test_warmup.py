@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_anchor import fake_replies
 from test_assemble import read_folder, reference
 from test_pipeline import _rows
 from test_share import machine_paths, texts_naming
@@ -19,7 +20,9 @@ from loradem.errors import LorademError
 from loradem.files import fingerprint_weights
 from loradem.recipe import load_recipe
 from loradem.train.sft import adapter_key
-from loradem.train.warmup import warm_base, warmup_job
+from loradem.data.anchors import anchor_count
+from loradem.evaluate.report import markdown
+from loradem.train.warmup import warm_base, warmup_job, warmup_record
 
 TRAIN = {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "max_length": 64, "learning_rate": 5e-3}
 WARMUP = {"enabled": True, "steps": 2, "rows_per_source": 6}
@@ -85,6 +88,74 @@ def test_sources_of_different_formats_are_refused_by_check(tmp_path, tiny_base, 
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "shared warm-up: 2 steps of 4 rows, lr 0.005, on up to 6 training rows each of addition" in out, out
+
+
+def test_an_anchored_warmup_has_its_own_key_and_the_adapters_stay_unanchored(tmp_path, tiny_base, capsys):
+    plain = load_recipe(_recipe(tmp_path, tiny_base, ["addition", "sort"], warmup=WARMUP))
+    splits = pipeline._splits(plain)
+    fp = fingerprint_weights(tiny_base)
+    key = adapter_key(warmup_job(plain, splits), fp)
+    # anchoring the sources' adapters leaves the warm-up (and its key) as it was
+    anchored_adapters = load_recipe(_recipe(tmp_path, tiny_base, ["addition", "sort"], warmup=WARMUP,
+                                            anchor={"enabled": True, "loss": "kl"}))
+    assert warmup_job(anchored_adapters, splits).anchor is None
+    assert adapter_key(warmup_job(anchored_adapters, splits), fp) == key
+    path = _recipe(tmp_path, tiny_base, ["addition", "sort"], warmup={**WARMUP, "anchor": True},
+                   anchor={"prompts": 5, "fraction": 0.5, "loss": "kl"})
+    assert main(["check", str(path)]) == 0
+    assert "each of addition, sort, plus 50% anchor rows (builtin, loss kl); its adapters" in capsys.readouterr().out
+    anchored = load_recipe(path)
+    job = warmup_job(anchored, splits)
+    assert job.anchor == anchored.anchor.model_copy(update={"enabled": True}) and job.anchor.loss == "kl"
+    assert adapter_key(job, fp) != key
+    assert all(j.anchor is None for j in pipeline.train_jobs(anchored, splits))  # the sources train without anchors
+    # a variant turns it on with `warmup: {anchor: true}`
+    with_variant = load_recipe(_recipe(tmp_path, tiny_base, ["addition", "sort"], warmup=WARMUP,
+                                       anchor={"prompts": 5, "fraction": 0.5, "loss": "kl"},
+                                       variants=[{"name": "aw", "warmup": {"anchor": True}}]))
+    variant = pipeline.variant_recipes(with_variant)["aw"]
+    assert adapter_key(warmup_job(variant, splits), fp) == adapter_key(job, fp)
+    assert adapter_key(warmup_job(with_variant, splits), fp) == key
+
+
+def test_a_kl_anchored_warmup_needs_completion_only_loss_and_check_says_so(tmp_path, tiny_base, capsys):
+    path = _recipe(tmp_path, tiny_base, ["addition"], warmup={**WARMUP, "anchor": True}, anchor={"loss": "kl"},
+                   train={**TRAIN, "completion_only_loss": False})
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "source 'warmup': anchor.loss: kl scores the anchor rows' reply tokens, which needs " \
+           "train.completion_only_loss: true" in err, err
+
+
+@pytest.mark.slow
+def test_an_anchored_warmup_trains_on_the_bases_replies_and_the_report_says_so(tmp_path, tiny_base, monkeypatch,
+                                                                               own_cache):
+    import loradem.model.generate as generate
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(_recipe(tmp_path, tiny_base, ["addition", "sort"], warmup={**WARMUP, "anchor": True},
+                                 anchor={"prompts": 5, "fraction": 0.5, "loss": "kl"}))
+    splits = pipeline._splits(recipe)
+    calls: list = []
+    monkeypatch.setattr(generate, "generate_replies", fake_replies([("Fine, thanks.", True)], calls))
+    log: list[str] = []
+    warm = warm_base(recipe, tiny_base, splits, log=log.append)
+    assert calls == [(5, 48)]  # the original base answers the anchor prompts
+    adapter = Path("adapters") / f"warmup-{adapter_key(warmup_job(recipe, splits), fingerprint_weights(tiny_base))}"
+    record = json.loads((adapter / "loradem-train.json").read_text())
+    assert record["anchor"]["rows"] == anchor_count(12, 0.5) == 12  # beside 6 sampled rows of each source
+    assert record["train_rows"] == 24 and record["anchor"]["loss"] == "kl"
+    assert any("warmup: + 12 anchor rows (50% of its training set, scored by KL to the base)" in line for line in log), log
+
+    described = warmup_record(recipe, warm, tmp_path / "runs" / "tiny")
+    generation = record["anchor"]["generation_seconds"]
+    assert described["anchor"] == {"prompts": "builtin", "n": 5, "fraction": 0.5, "loss": "kl", "rows": 12,
+                                   "generation_seconds": generation}
+    assert described["train_seconds"] == round(record["train_seconds"] + generation, 3)  # its replies are its cost
+    rows = [{"name": "base", "per_source": {"addition": 0.0}, "average": 0.0,
+             "cost": {"train_tokens": 0, "train_seconds": 0.0, "search_seconds": 0.0, "total_seconds": 0.0}}]
+    md = markdown("tiny", {"addition": "exact_match"}, rows, extra={"warmup": described})
+    assert "with 12 anchor rows (learned by KL to the base), folded exactly into the base" in md, md
 
 
 @pytest.mark.slow

@@ -261,10 +261,17 @@ def _warmup_lines(warm: Optional[dict], prefix: str) -> list[str]:
         return []
     return [f"- Shared warm-up (`{prefix}warm-base`): adapter `{warm['adapter']['name']}`, {warm.get('steps')} steps on up to "
             f"{warm.get('rows_per_source')} training rows each of {', '.join(warm.get('sources') or [])} "
-            f"({int(warm.get('train_tokens') or 0):,} tokens, {_seconds(float(warm.get('train_seconds') or 0))} s), "
-            f"folded exactly into the base; "
+            f"({int(warm.get('train_tokens') or 0):,} tokens, {_seconds(float(warm.get('train_seconds') or 0))} s)"
+            + _warmup_anchor(warm.get("anchor")) + ", folded exactly into the base; "
             + (f"every `{prefix}...` row" if prefix else "every row but `base`, `mix` and `mix-tuned`")
             + " is built on it and charged its cost."]
+
+
+def _warmup_anchor(anchored: Optional[dict]) -> str:
+    if not anchored:
+        return ""
+    loss = "learned by KL to the base" if anchored.get("loss") == "kl" else "the base's own replies"
+    return f" with {int(anchored.get('rows') or 0):,} anchor rows ({loss})"
 
 
 def _increment_lines(inc: Optional[dict]) -> list[str]:

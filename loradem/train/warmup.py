@@ -30,6 +30,12 @@ base θ_w, and every later stage takes θ_w as the base: the model is
   fingerprint of its weights) and the warm-up adapter (``warmup-<key>`` and its
   sha256). It is reused when that record still matches the base, the adapter
   and its own shards; otherwise folded again.
+- **Anchoring**: with ``warmup.anchor: true`` the warm-up's training rows
+  also hold anchor rows, as the recipe's ``anchor:`` block describes them
+  (generic prompts answered by the original base, a ``fraction`` of the
+  rows, learned by ``loss``; `loradem.data.anchors`), so the warmed base
+  learns the sources' format without drifting from the base elsewhere. The
+  anchor settings join the warm-up's key only then.
 - **Pinning**: ``warmup.sources`` (default: every source) fixes which sources
   are sampled, so a source added later leaves θ_w, and with it every other
   adapter's key, unchanged.
@@ -51,7 +57,7 @@ from loradem.data.rows import Splits, sample
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json, stable_hash, weights_sha256
 from loradem.model.base import cache_root
-from loradem.recipe import Recipe
+from loradem.recipe import AnchorSettings, Recipe
 from loradem.train.sft import (
     ADAPTER_WEIGHTS,
     TRAIN_RECORD,
@@ -109,7 +115,15 @@ def warmup_job(recipe: Recipe, splits: dict[str, Splits]) -> TrainJob:
     })
     split = Splits(source=WARMUP, format=fmt, train=train_rows, validation=val_rows, test=[], fingerprint=fingerprint)
     return TrainJob(source=WARMUP, splits=split, train=train, lora=recipe.lora, seed=recipe.seed,
-                    adapters_dir=Path(recipe.adapters_dir), base_name=recipe.base)
+                    adapters_dir=Path(recipe.adapters_dir), base_name=recipe.base, anchor=warmup_anchor(recipe))
+
+
+def warmup_anchor(recipe: Recipe) -> AnchorSettings | None:
+    """The anchor settings the warm-up trains with: the recipe's `anchor:` block, switched on, when
+    `warmup.anchor` is set (whatever `anchor.enabled` says about the sources' adapters); None otherwise."""
+    if not (recipe.warmup.enabled and recipe.warmup.anchor):
+        return None
+    return recipe.anchor.model_copy(update={"enabled": True})
 
 
 def warm_dir(key: str) -> Path:
@@ -185,7 +199,8 @@ def _is_current(folder: Path, base_dir: Path, adapter: Path) -> bool:
 def warmup_record(recipe: Recipe, warm: Path, relative_to: Path) -> dict:
     """What a report and a model card say about `recipe`'s warmed base `warm`: the original base (portable name and
     sha256), the warm-up adapter (its folder relative to `relative_to`, its sha256), the warmed base's folder name
-    and sha256, what the warm-up trained on and its training cost. No path of this machine."""
+    and sha256, what the warm-up trained on and its training cost (with an anchored warm-up, the base's generation
+    of the anchor replies when the warm-up generated them). No path of this machine."""
     record = read_json(Path(warm) / PROVENANCE)
     (folded,) = record["adapters"]
     adapter = Path(recipe.adapters_dir) / folded["name"]
@@ -200,8 +215,19 @@ def warmup_record(recipe: Recipe, warm: Path, relative_to: Path) -> dict:
         "train_rows": train.get("train_rows"),
         "best_val_loss": train.get("best_val_loss"),
         "train_tokens": int(train.get("train_tokens") or 0),
-        "train_seconds": round(float(train.get("train_seconds") or 0.0), 3),
+        "train_seconds": round(float(train.get("train_seconds") or 0.0) + _anchor_seconds(train), 3),
+        **({"anchor": _anchor_record(train["anchor"])} if isinstance(train.get("anchor"), dict) else {}),
     }
+
+
+def _anchor_seconds(train: dict) -> float:
+    anchored = train.get("anchor")
+    return float(anchored.get("generation_seconds") or 0.0) if isinstance(anchored, dict) else 0.0
+
+
+def _anchor_record(anchored: dict) -> dict:
+    """An anchored warm-up's anchor rows as the report shows them (the prompts file by hash, never by path)."""
+    return {k: anchored.get(k) for k in ("prompts", "n", "fraction", "loss", "rows", "generation_seconds")}
 
 
 def with_base_name(jobs: list[TrainJob], base: Path, base_dir: Path) -> list[TrainJob]:
