@@ -1,5 +1,6 @@
 """Scores kept across runs: a second run of the same models and evaluation scores nothing and reports the same
-numbers; a changed adapter (same path), a changed setting or an unreadable entry is scored again."""
+numbers; a changed adapter (same path), a changed setting or an unreadable entry is scored again; a held-out task
+added later is the only measure taken."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def scored(monkeypatch) -> list[str]:
     return calls
 
 
+def held_out_task(name: str, questions: list[str]) -> EvalSource:
+    return EvalSource(name, "exact_match", [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "7"}]}
+                                            for q in questions])
+
+
 def per_row(rows: list[dict]) -> dict:
     return {r["name"]: (r["per_source"], r["average"]) for r in rows}
 
@@ -52,7 +58,7 @@ def per_row(rows: list[dict]) -> dict:
 def test_a_second_run_scores_nothing_and_reports_the_same(plan, scored, tmp_path):
     first = compare_models(plan, log=lambda _: None)
     assert len(scored) == 2 * 6  # base, two adapters, uniform, sum, dem: each on both sources
-    assert len(list((tmp_path / "scores").glob("*.json"))) == 6
+    assert len(list((tmp_path / "scores").glob("*.json"))) == 2 * 6  # one entry per model and source
     scored.clear()
     lines: list[str] = []
     again = compare_models(replace(plan, out_dir=tmp_path / "run2"), log=lines.append)
@@ -87,20 +93,41 @@ def test_a_changed_setting_or_unreadable_entry_is_scored_again(plan, scored, tmp
                    log=lambda _: None)
     assert len(scored) == 2 * 6  # another evaluation: every row again
     entries = sorted((tmp_path / "scores").glob("*.json"))
-    assert len(entries) == 12
+    assert len(entries) == 24
     for path in entries:
-        path.write_text('{"format": 1, "test": ')  # cut short
+        path.write_text('{"format": 2, "value": ')  # cut short
     scored.clear()
     rows = compare_models(replace(plan, out_dir=tmp_path / "run3"), log=lambda _: None)
     assert len(scored) == 2 * 6
     def readable(path: Path) -> bool:
         try:
-            return isinstance(json.loads(path.read_text())["test"], dict)
+            return "value" in json.loads(path.read_text())
         except ValueError:
             return False
 
-    assert sum(map(readable, entries)) == 6  # this evaluation's six, written again; the other's stay as they were
+    assert sum(map(readable, entries)) == 12  # this evaluation's twelve, written again; the other's stay as they were
     assert {r["name"] for r in rows} == {"base", "adapter:answers", "adapter:text", "uniform", "sum", "dem"}
+
+
+def test_a_held_out_task_added_later_is_the_only_measure_taken(plan, scored, tmp_path):
+    first_task = held_out_task("h1", ["What is 3 + 4?"])
+    compare_models(replace(plan, held_out=(first_task,)), log=lambda _: None)
+    assert len(scored) == 6 * 3  # each row: two sources and the task
+    scored.clear()
+    lines: list[str] = []
+    added = held_out_task("h2", ["What is 2 + 5?", "What is 1 + 6?"])
+    rows = compare_models(replace(plan, held_out=(first_task, added), out_dir=tmp_path / "run2"), log=lines.append)
+    assert scored == ["exact_match"] * 6  # the new task on each row, nothing else
+    assert all(line.endswith("(test:answers, test:text, held_out:h1 from an earlier run)") for line in lines), lines
+    assert all(set(r["held_out"]) == {"h1", "h2"} for r in rows)
+    report = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert report["eval_cached_measures"] == {r["name"]: ["test:answers", "test:text", "held_out:h1"] for r in rows}
+    assert "eval_cached" not in report
+    assert set(report["held_out"]["predictions"]["base"]) == {"h1", "h2"}
+    # dropping it again takes nothing: every remaining measure is kept
+    scored.clear()
+    again = compare_models(replace(plan, held_out=(first_task,), out_dir=tmp_path / "run3"), log=lambda _: None)
+    assert scored == [] and [r["held_out"] for r in again] == [{"h1": r["held_out"]["h1"]} for r in rows]
 
 
 def test_no_cache_folder_no_reuse(plan, scored, tmp_path):

@@ -58,9 +58,10 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
 from loradem.evaluate.report import write_report
@@ -364,7 +365,8 @@ class _Scorer:
                  cache: Optional[ScoreCache] = None):
         self.plan, self.lm_include, self.bar, self.log, self.reference = plan, lm_include, bar, log, reference
         self.cache = cache
-        self.cached: list[str] = []  # rows whose measures came from an earlier run's entry
+        self.cached: list[str] = []  # rows whose every measure came from earlier runs' entries
+        self.partly_cached: dict[str, list[str]] = {}  # rows with some measures from earlier runs: which
         self.predictions: dict[str, dict[str, list[str]]] = {}
         self.held_out_predictions: dict[str, dict[str, list[str]]] = {}
         self.held_out: dict[str, dict[str, float]] = {}
@@ -374,81 +376,94 @@ class _Scorer:
         self.test_scores: dict[str, dict[str, float]] = {}  # each row's test scores, by row name
         self.models: dict[str, str] = {}  # a model's identity -> the row that scored it
 
-    def _scores(self, model, tokenizer, sources: Sequence[EvalSource], predictions: dict, row_name: str) -> dict[str, float]:
-        """Each source's metric on its rows; exact match's predictions go to predictions[row_name][source]."""
-        out = {}
-        for s in sources:
-            res = evaluate_source(model, tokenizer, s.test, s.metric, self.plan.settings, self.plan.max_length, log=lambda m: None)
-            out[s.name] = res["value"]
-            if "predictions" in res:
-                predictions.setdefault(row_name, {})[s.name] = res["predictions"]
+    def measures(self) -> list[tuple[str, Callable]]:
+        """Each measure a row takes, by its score cache name, with the function that takes it (model, tokenizer,
+        row name -> {"value", "predictions" when exact match})."""
+        out: list[tuple[str, Callable]] = [(f"test:{s.name}", partial(self._rows, s)) for s in self.plan.sources]
+        out += [(f"held_out:{t.name}", partial(self._rows, t)) for t in self.plan.held_out]
+        if self.reference is not None:
+            out.append(("retention", lambda model, tokenizer, row: {"value": retention_scores(model, tokenizer, self.reference)}))
+        if self.plan.settings.lm_eval_tasks:
+            out.append(("lm_eval", self._lm_eval))
         return out
+
+    def _rows(self, source: EvalSource, model, tokenizer, row_name: str) -> dict:
+        res = evaluate_source(model, tokenizer, source.test, source.metric, self.plan.settings, self.plan.max_length,
+                              log=lambda m: None)
+        return {"value": res["value"], **({"predictions": res["predictions"]} if "predictions" in res else {})}
+
+    def _lm_eval(self, model, tokenizer, row_name: str) -> dict:
+        settings = self.plan.settings
+        return {"value": run_lm_eval(model, tokenizer, list(settings.lm_eval_tasks), include_path=self.lm_include,
+                                     limit=settings.lm_eval_limit, batch_size=settings.batch_size,
+                                     log=lambda m: self.log(f"{row_name:<20} {m}"))}
 
     def __call__(self, model, tokenizer, row_name: str, identity: Optional[str] = None,
                  folders: Sequence[Path] = ()) -> dict[str, float]:
         """Score `model` as `row_name`; a model whose `identity` (`model_identity`) an earlier row already has is
         not scored again: it takes that row's measures (a variant that changes only its merge reuses the recipe's
         adapter, uniform, sum and searched rows). With a score cache and the weights `folders` the model reads,
-        a model an earlier run scored the same way takes that run's measures."""
+        each measure an earlier run took of this model the same way is that run's."""
         if identity is not None:
             if identity in self.models:
                 return self.same_as(row_name, self.models[identity])
             self.models[identity] = row_name
-        key = self.cache.key(identity, folders) if self.cache is not None and identity is not None and folders else None
-        entry = self.cache.load(key) if key is not None else None
-        if entry is not None:
-            return self._from_entry(row_name, entry)
-        settings = self.plan.settings
-        t0 = time.perf_counter()
-        out = self._scores(model, tokenizer, self.plan.sources, self.predictions, row_name)
-        seconds = {"test": time.perf_counter() - t0}
-        line = f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items())
-        if self.plan.held_out:
-            t0 = time.perf_counter()
-            held = self.held_out[row_name] = self._scores(model, tokenizer, self.plan.held_out, self.held_out_predictions,
-                                                          row_name)
-            seconds["held_out"] = time.perf_counter() - t0
-            line += "  | held-out " + "  ".join(f"{n}={v:.3f}" for n, v in held.items())
-        if self.reference is not None:
-            t0 = time.perf_counter()
-            kept = self.retention[row_name] = retention_scores(model, tokenizer, self.reference)
-            seconds["retention"] = time.perf_counter() - t0
-            line += f"  | agreement={kept['agreement']:.3f} kl={kept['kl']:.4f}"
-        self.seconds[row_name] = {k: round(v, 2) for k, v in seconds.items()}
-        self.test_scores[row_name] = out
-        self.log(line)
-        if settings.lm_eval_tasks:
-            self.benchmarks[row_name] = run_lm_eval(
-                model, tokenizer, list(settings.lm_eval_tasks), include_path=self.lm_include, limit=settings.lm_eval_limit,
-                batch_size=settings.batch_size, log=lambda m: self.log(f"{row_name:<20} {m}"))
-        if key is not None:
-            self._store(key, row_name)
-        self.bar.update(1)
-        return out
+        cached = self.cache.model(identity, folders) if self.cache is not None and identity is not None and folders else None
+        taken: dict[str, dict] = {}
+        reused: list[str] = []
+        for part, measure in self.measures():
+            key = self.cache.key(cached, part) if cached is not None else None
+            entry = self.cache.load(key) if key is not None else None
+            if entry is not None:
+                reused.append(part)
+            else:
+                t0 = time.perf_counter()
+                entry = measure(model, tokenizer, row_name)
+                entry["seconds"] = time.perf_counter() - t0
+                if key is not None:
+                    self._store(key, entry, row_name)
+            taken[part] = entry
+        return self._keep(row_name, taken, reused)
 
-    def _entry_parts(self):
-        return {"predictions": self.predictions, "held_out": self.held_out, "held_out_predictions": self.held_out_predictions,
-                "retention": self.retention, "benchmarks": self.benchmarks, "seconds": self.seconds}
-
-    def _store(self, key: str, row_name: str) -> None:
-        entry = {"test": self.test_scores[row_name],
-                 **{name: kept[row_name] for name, kept in self._entry_parts().items() if row_name in kept}}
+    def _store(self, key: str, entry: dict, row_name: str) -> None:
         try:
             self.cache.store(key, entry)
-        except LorademError as exc:  # the scores stand; only a later run's reuse of them is lost
+        except LorademError as exc:  # the score stands; only a later run's reuse of it is lost
             self.log(f"{row_name:<20} scores not kept for later runs: {exc}")
 
-    def _from_entry(self, row_name: str, entry: dict) -> dict[str, float]:
-        """The measures an earlier run stored for this very model and evaluation."""
-        for name, kept in self._entry_parts().items():
-            if name in entry:
-                kept[row_name] = entry[name]
-        self.test_scores[row_name] = entry["test"]
-        self.cached.append(row_name)
-        self.log(f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in entry["test"].items())
-                 + "  (scored by an earlier run: the same weights and evaluation)")
+    def _keep(self, row_name: str, taken: dict[str, dict], reused: list[str]) -> dict[str, float]:
+        """Put a row's measures where the report reads them; log its line and step the bar."""
+        def group(prefix: str, tasks: Sequence[EvalSource], predictions: dict) -> tuple[dict, float]:
+            parts = {t.name: taken[f"{prefix}:{t.name}"] for t in tasks}
+            said = {name: p["predictions"] for name, p in parts.items() if "predictions" in p}
+            if said:
+                predictions[row_name] = said
+            return {name: p["value"] for name, p in parts.items()}, sum(float(p["seconds"]) for p in parts.values())
+
+        out, seconds = group("test", self.plan.sources, self.predictions)
+        spent = {"test": seconds}
+        line = f"{row_name:<20} " + "  ".join(f"{n}={v:.3f}" for n, v in out.items())
+        if self.plan.held_out:
+            held, spent["held_out"] = group("held_out", self.plan.held_out, self.held_out_predictions)
+            self.held_out[row_name] = held
+            line += "  | held-out " + "  ".join(f"{n}={v:.3f}" for n, v in held.items())
+        if "retention" in taken:
+            kept = self.retention[row_name] = taken["retention"]["value"]
+            spent["retention"] = float(taken["retention"]["seconds"])
+            line += f"  | agreement={kept['agreement']:.3f} kl={kept['kl']:.4f}"
+        if "lm_eval" in taken:
+            self.benchmarks[row_name] = taken["lm_eval"]["value"]
+        self.seconds[row_name] = {k: round(v, 2) for k, v in spent.items()}
+        self.test_scores[row_name] = out
+        if reused and len(reused) == len(taken):
+            self.cached.append(row_name)
+            line += "  (scored by an earlier run: the same weights and evaluation)"
+        elif reused:
+            self.partly_cached[row_name] = reused
+            line += f"  ({', '.join(reused)} from an earlier run)"
+        self.log(line)
         self.bar.update(1)
-        return entry["test"]
+        return out
 
     def same_as(self, row_name: str, scored: str) -> dict[str, float]:
         """`row_name` is the very model already scored as `scored`: its measures, without scoring it again."""
@@ -460,15 +475,23 @@ class _Scorer:
         return self.test_scores[scored]
 
 
-def _evaluation(plan: EvalPlan, lm_include: Optional[Path]) -> dict:
-    """Everything but the model that decides a row's measures (the score cache's half of a key)."""
-    return {"sources": [[s.name, s.metric, rows_fingerprint(s.test)] for s in plan.sources],
-            "held_out": [[t.name, rows_fingerprint(t.test)] for t in plan.held_out],
-            "settings": plan.settings.model_dump(mode="json"), "max_length": plan.max_length,
-            "retention": None if plan.retention is None else {
-                "prompts": rows_fingerprint(plan.retention.prompts), "max_new_tokens": plan.retention.max_new_tokens,
-                "base": fingerprint_weights(plan.base_dir)},  # KL and agreement are against the original base
-            "lm_eval": folder_fingerprint(lm_include) if lm_include is not None and plan.settings.lm_eval_tasks else None}
+# The eval settings that decide one measure only: each is part of that measure's key, not of every key.
+OWN_SETTINGS = ("held_out", "retention", "lm_eval_tasks", "lm_eval_include_path", "lm_eval_limit")
+
+
+def _evaluation(plan: EvalPlan, lm_include: Optional[Path]) -> tuple[dict, dict[str, Any]]:
+    """Everything but the model that decides a row's measures (the score cache's half of a key): what every
+    measure shares, and what decides each measure alone, by its name in `_Scorer.measures`."""
+    common = {"settings": plan.settings.model_dump(mode="json", exclude=set(OWN_SETTINGS)), "max_length": plan.max_length}
+    parts: dict[str, Any] = {f"test:{s.name}": [s.metric, rows_fingerprint(s.test)] for s in plan.sources}
+    parts.update({f"held_out:{t.name}": ["exact_match", rows_fingerprint(t.test)] for t in plan.held_out})
+    if plan.retention is not None:
+        parts["retention"] = {"prompts": rows_fingerprint(plan.retention.prompts), "max_new_tokens": plan.retention.max_new_tokens,
+                              "base": fingerprint_weights(plan.base_dir)}  # KL and agreement are against the original base
+    if plan.settings.lm_eval_tasks:
+        parts["lm_eval"] = {"tasks": list(plan.settings.lm_eval_tasks), "limit": plan.settings.lm_eval_limit,
+                            "files": folder_fingerprint(lm_include) if lm_include is not None else None}
+    return common, parts
 
 
 def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
@@ -482,7 +505,7 @@ def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
     if plan.retention is not None:  # the base's replies (cached in the run folder) and its logits on them
         reference = base_reference(plan.base_dir, plan.retention.prompts, max_new_tokens=plan.retention.max_new_tokens,
                                    batch_size=plan.settings.batch_size, cache=Path(plan.out_dir) / RETENTION_CACHE)
-    cache = ScoreCache.for_plan(plan.score_cache, _evaluation(plan, lm_include)) if plan.score_cache is not None else None
+    cache = ScoreCache.for_plan(plan.score_cache, *_evaluation(plan, lm_include)) if plan.score_cache is not None else None
     with progress(model_count(plan), "eval", unit="model") as bar:
         score = _Scorer(plan, lm_include, bar, log, reference, cache)
         rows, extra = _score_all(plan, score)
@@ -499,8 +522,10 @@ def compare_models(plan: EvalPlan, *, log: Log = print) -> list[dict]:
                               "base_replies": RETENTION_CACHE,  # beside report.json
                               "base_generation_seconds": base_seconds, "plain_text": plain_text}
     extra["eval_seconds"] = score.seconds  # per row: test rows, held-out tasks, retention (lm-eval not included)
-    if score.cached:  # their eval_seconds are the earlier run's
+    if score.cached:  # their eval_seconds are the earlier runs'
         extra["eval_cached"] = score.cached
+    if score.partly_cached:  # row -> the measures (and their seconds) an earlier run took
+        extra["eval_cached_measures"] = score.partly_cached
     if lm_tasks:
         extra["lm_eval"] = {"version": version("lm_eval"), "tasks": lm_tasks, "limit": plan.settings.lm_eval_limit,
                             # relative to the report: no path of this machine in a shared run folder

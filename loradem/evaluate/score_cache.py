@@ -1,19 +1,24 @@
-"""Scores kept across runs: a model scored once is not scored again by a later run that evaluates it the same way.
+"""Scores kept across runs: a measure of a model is not taken again by a later run that takes it the same way.
 
-    cache = ScoreCache.for_plan(cache_root() / "scores", evaluation)   # evaluation: what decides a score, below
-    key = cache.key(identity, [base_dir, adapter_dir])                  # None: not cacheable (a folder is missing)
-    found = cache.load(key)                                             # the entry, or None (never stored, unreadable)
-    cache.store(key, {"test": {...}, "predictions": {...}, ...})
+    cache = ScoreCache.for_plan(cache_root() / "scores", common, parts)   # what decides the measures, below
+    model = cache.model(identity, [base_dir, adapter_dir])               # None: not cacheable (a folder is missing)
+    found = cache.load(cache.key(model, "test:addition"))                # the entry, or None (never stored, unreadable)
+    cache.store(cache.key(model, "test:addition"), {"value": 0.8, "predictions": [...], "seconds": 12.0})
 
-A key hashes the model and the evaluation. The model is the row's identity (`compare.model_identity`: base,
-used adapters, weights) plus the sha256 fingerprint of every weights folder it reads (`files.fingerprint_weights`,
-cached by file stat), so a retrained adapter or a rewritten base is scored again even under the same path. The
-evaluation is everything else a score depends on: each source's metric and test rows, the held-out tasks' rows,
-the eval settings, the token limit, the retention prompts, the lm-eval tasks' files, the source of loradem's
-evaluation and model code, the versions of torch, transformers and lm-eval, and torch's thread count (a float
-reduction split differently can flip a greedy token). Entries are small JSON files, written aside and renamed
-into place; an unreadable one is a miss, scored again and overwritten. `loradem run/eval --rescore` skips
-the cache.
+One entry per model and measure: each source's test rows (``test:<source>``), each held-out task
+(``held_out:<task>``), ``retention`` and ``lm_eval``. So a run that adds a held-out task, or changes the
+retention prompts, takes only that measure again, and a source added to a recipe is scored alone on the models
+that do not change (the base, the earlier adapters).
+
+A key hashes the model, what every measure shares and what decides that measure alone. The model is the row's
+identity (`compare.model_identity`: base, used adapters, weights) plus the sha256 fingerprint of every weights
+folder it reads (`files.fingerprint_weights`, cached by file stat), so a retrained adapter or a rewritten base is
+scored again even under the same path. Every measure shares the generation settings (eval settings other than
+the held-out tasks, retention and lm-eval blocks), the token limit, the source of loradem's evaluation and model
+code, the versions of torch, transformers and lm-eval, and torch's thread count (a float reduction split
+differently can flip a greedy token); a measure adds its own rows and metric (the retention prompts, token budget
+and base; the lm-eval tasks, their files and limit). Entries are small JSON files, written aside and renamed into
+place; an unreadable one is a miss, taken again and overwritten. `loradem run/eval --rescore` skips the cache.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ import loradem
 from loradem.errors import LorademError
 from loradem.files import atomic_write_json, fingerprint_weights, stable_hash
 
-FORMAT = 1
+FORMAT = 2  # one entry per model and measure
 # What scoring runs: a change to any of these files changes every key (the measures, generation, rendering,
 # the fold and the model loading).
 CODE_FILES = ("evaluate/compare.py", "evaluate/heldout.py", "evaluate/retention.py", "evaluate/harness.py",
               "model/generate.py", "model/render.py", "model/soup.py", "model/base.py", "model/layers.py",
               "model/lora_config.py")
-ENTRY_KEYS = ("test", "predictions", "held_out", "held_out_predictions", "retention", "benchmarks", "seconds")
+ENTRY_KEYS = ("value", "predictions", "seconds")
 
 
 def code_fingerprint() -> str:
@@ -68,33 +73,40 @@ def folder_fingerprint(folder: Path) -> str:
 @dataclass(frozen=True)
 class ScoreCache:
     folder: Path
-    evaluation: str  # the hash of everything but the model that decides a score
+    common: str  # the hash of what every measure shares (code, versions, threads, generation settings)
+    parts: dict[str, str]  # each measure's name -> the hash of what decides it alone
 
     @classmethod
-    def for_plan(cls, folder: Path, evaluation: dict) -> "ScoreCache":
+    def for_plan(cls, folder: Path, common: dict, parts: dict[str, Any]) -> "ScoreCache":
         import torch
 
-        described = {**evaluation, "code": code_fingerprint(), "format": FORMAT,
+        described = {**common, "code": code_fingerprint(), "format": FORMAT,
                      "versions": {"loradem": loradem.__version__, **{p: _version(p) for p in ("torch", "transformers", "lm_eval")}},
                      "threads": torch.get_num_threads()}
-        return cls(Path(folder), stable_hash(described, length=64))
+        return cls(Path(folder), stable_hash(described, length=64),
+                   {name: stable_hash(part, length=64) for name, part in parts.items()})
 
-    def key(self, identity: str, folders: Sequence[Path]) -> Optional[str]:
-        """The entry's name for the model `identity` reading `folders`; None when a folder has no weights to
-        fingerprint (the row is then scored and not kept)."""
+    def model(self, identity: str, folders: Sequence[Path]) -> Optional[str]:
+        """The model's half of its keys: `identity` reading `folders`, by their weights' fingerprints; None when a
+        folder has no weights to fingerprint (the model is then scored and not kept)."""
         try:
             weights = [fingerprint_weights(f) for f in folders]
         except LorademError:
             return None
-        return stable_hash({"model": identity, "weights": weights, "evaluation": self.evaluation}, length=32)
+        return stable_hash({"model": identity, "weights": weights}, length=64)
+
+    def key(self, model: str, part: str) -> str:
+        """The entry's name for measure `part` (one of `parts`) of `model` (`ScoreCache.model`)."""
+        return stable_hash({"model": model, "evaluation": self.common, "part": part, "measure": self.parts[part]},
+                           length=32)
 
     def load(self, key: str) -> Optional[dict]:
         path = self.folder / f"{key}.json"
         try:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
-            return None  # never stored, or unreadable: scored again (and overwritten)
-        if not isinstance(entry, dict) or entry.get("format") != FORMAT or not isinstance(entry.get("test"), dict):
+            return None  # never stored, or unreadable: taken again (and overwritten)
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT or "value" not in entry:
             return None
         return entry
 
