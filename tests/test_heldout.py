@@ -177,9 +177,22 @@ def test_committed_held_out_files_equal_a_fresh_generation_and_every_answer_is_r
             elif task == "sort-words":
                 words = question.split(":", 1)[1].split()
                 assert 3 <= len(words) <= 5 and all(w in WORDS for w in words) and answer == " ".join(sorted(words))
-            else:
+            elif task == "sort-descending":
                 numbers = [int(n) for n in question.split(":")[1].split(",")]
                 assert len(numbers) == 4 and answer == ", ".join(map(str, sorted(numbers, reverse=True)))
+            elif task == "reverse-numbers":
+                numbers = question.split(":")[1].strip().split(", ")
+                assert "numbers" in question and len(numbers) == 4 and answer == ", ".join(numbers[::-1])
+            elif task == "reverse-long":
+                words = question.split(":", 1)[1].split()
+                assert 6 <= len(words) <= 7 and all(w in WORDS for w in words) and answer == " ".join(words[::-1])
+            else:
+                assert task == "add-small"
+                a, b = map(int, re.fullmatch(r"\D*(\d{2})\D+(\d{2})\D*", question).groups())
+                assert answer == str(a + b)
+        # no held-out question is a training question of any source
+        trained = {r["messages"][0]["content"] for t in ("addition", "reverse", "sort", "uppercase") for r in task_rows(t)}
+        assert not {r["messages"][0]["content"] for r in rows} & trained, task
 
 
 # ---- the evaluation stage ----------------------------------------------------------------
@@ -321,7 +334,9 @@ def test_check_reads_the_demo_held_out_tasks(capsys):
     out = capsys.readouterr().out
     assert "held-out tasks: subtract (60 rows), sort-words (60 rows), sort-descending (60 rows)" in out
     assert "retention: 40 prompts (builtin), 24 reply tokens" in out
-    assert [t.name for t in recipe.eval.held_out] == list(HELD_OUT)
+    assert [t.name for t in recipe.eval.held_out] == list(HELD_OUT)[:3]  # the demo scores the far-transfer three
+    bench = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "demo-options.yaml")
+    assert [t.name for t in bench.eval.held_out] == list(HELD_OUT)  # the benchmark all six
 
 
 def test_a_retention_prompt_that_is_an_anchor_prompt_is_refused(tmp_path):

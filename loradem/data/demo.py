@@ -1,9 +1,9 @@
-"""The demo suite's data: four exact-match instruction tasks and three held-out ones, generated from a seed.
+"""The demo suite's data: four exact-match instruction tasks and six held-out ones, generated from a seed.
 
     python -m loradem.data.demo [--out recipes/data/demo] [--seed 0] [--rows 1000] [--held-out-rows 60]
 
 Writes addition.jsonl, reverse.jsonl, sort.jsonl and uppercase.jsonl, and
-heldout/subtract.jsonl, heldout/sort-words.jsonl and heldout/sort-descending.jsonl,
+heldout/<task>.jsonl for each of the six held-out tasks below,
 each a `messages` JSONL file (one user turn, one assistant turn, no system message):
 
 - addition:  "What is 347 + 589?" -> "936" (3-digit operands)
@@ -21,6 +21,16 @@ transfer rather than format guessing (`eval.held_out` in recipes/demo.yaml):
                    (3-5 words; sort's ordering in reverse's word-list format)
 - sort-descending: "Sort these numbers from largest to smallest: 42, 7, 19, 3" -> "42, 19, 7, 3"
                    (sort's format, reverse's order)
+
+Those three compose skills in a new way and are out of a 135M model's reach
+(0-1% for every model, data mixing included). Three more are near transfer,
+one step from a source, so that models score between nothing and everything
+on them (the benchmark recipes use all six; recipes/demo.yaml the first three):
+
+- reverse-numbers: "Reverse the order of these numbers: 42, 7, 19, 3" -> "3, 19, 7, 42"
+                   (reverse's operation on sort's number lists)
+- reverse-long:    reverse's questions on 6-7 words (it trains on 3-5)
+- add-small:       addition's questions on 2-digit operands (it trains on 3-digit ones)
 
 Each task draws from its own `random.Random(f"{seed}:{task}")` (a held-out
 task from `random.Random(f"{seed}:heldout:{task}")`), so the files
@@ -109,19 +119,23 @@ def addition(rng: random.Random) -> Pairs:
         yield template.format(a=a, b=b), str(a + b)
 
 
-def _word_lists(rng: random.Random, templates: tuple[str, ...], answer: Callable[[list[str]], list[str]]) -> Pairs:
+def _word_lists(rng: random.Random, templates: tuple[str, ...], answer: Callable[[list[str]], list[str]],
+                sizes: tuple[int, int] = (3, 5)) -> Pairs:
     while True:
-        words = rng.sample(WORDS, rng.randint(3, 5))
+        words = rng.sample(WORDS, rng.randint(*sizes))
         template = rng.choice(templates)
         yield template.format(p=" ".join(words)), " ".join(answer(words))
 
 
+REVERSE_TEMPLATES = (
+    "Reverse the order of these words: {p}",
+    "Write these words in reverse order: {p}",
+    "List these words from last to first: {p}",
+)
+
+
 def reverse(rng: random.Random) -> Pairs:
-    return _word_lists(rng, (
-        "Reverse the order of these words: {p}",
-        "Write these words in reverse order: {p}",
-        "List these words from last to first: {p}",
-    ), lambda words: words[::-1])
+    return _word_lists(rng, REVERSE_TEMPLATES, lambda words: words[::-1])
 
 
 def _sorted_numbers(rng: random.Random, templates: tuple[str, ...], descending: bool = False) -> Pairs:
@@ -173,6 +187,24 @@ def sort_descending(rng: random.Random) -> Pairs:
     ), descending=True)
 
 
+def reverse_numbers(rng: random.Random) -> Pairs:
+    while True:
+        numbers = rng.sample(range(1, 100), 4)
+        template = rng.choice(tuple(t.replace("words", "numbers") for t in REVERSE_TEMPLATES))
+        yield template.format(p=", ".join(map(str, numbers))), ", ".join(map(str, numbers[::-1]))
+
+
+def reverse_long(rng: random.Random) -> Pairs:
+    return _word_lists(rng, REVERSE_TEMPLATES, lambda words: words[::-1], sizes=(6, 7))
+
+
+def add_small(rng: random.Random) -> Pairs:
+    while True:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        template = rng.choice(("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}."))
+        yield template.format(a=a, b=b), str(a + b)
+
+
 TASKS: dict[str, Callable[[random.Random], Pairs]] = {
     "addition": addition,
     "reverse": reverse,
@@ -183,6 +215,9 @@ HELD_OUT: dict[str, Callable[[random.Random], Pairs]] = {
     "subtract": subtract,
     "sort-words": sort_words,
     "sort-descending": sort_descending,
+    "reverse-numbers": reverse_numbers,
+    "reverse-long": reverse_long,
+    "add-small": add_small,
 }
 SUITE = Suite("demo", TASKS, HELD_OUT, "recipes/data/demo")
 
