@@ -524,10 +524,7 @@ def eval_inputs(recipe: Recipe) -> tuple[list[tuple[str, list]], list | None]:
     from loradem.train.warmup import warmup_anchor
 
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
-        anchored = [r.anchor] if r.anchor.enabled else []
-        if warmup_anchor(r) is not None and not anchored:  # the warm-up's anchors are the same prompts when both are on
-            anchored.append(warmup_anchor(r))
-        for settings in anchored:
+        for settings in filter(None, (r.anchor if r.anchor.enabled else None, warmup_anchor(r))):
             check_not_anchors(prompts, settings, f"variant {label!r}: " if label else "")
     return held_out, prompts
 

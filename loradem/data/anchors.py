@@ -176,6 +176,13 @@ def anchor_rows(settings: AnchorSettings, base_dir: Path, adapters_dir: Path, *,
     return rows, {**record, "spent_seconds": record["generation_seconds"]}
 
 
+def generation_seconds(train_record: dict) -> float:
+    """The seconds an anchored training's record says the base spent answering the anchor prompts (0 when it read
+    them from the cache, or trained without anchors): part of that training's cost."""
+    anchored = train_record.get("anchor")
+    return float(anchored.get("generation_seconds") or 0.0) if isinstance(anchored, dict) else 0.0
+
+
 def anchor_count(n_train: int, fraction: float) -> int:
     """Anchor rows added to `n_train` source rows so that they are `fraction` of the whole."""
     return int(round(n_train * fraction / (1.0 - fraction)))

@@ -63,6 +63,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+from loradem.data.anchors import generation_seconds
 from loradem.evaluate.harness import load_lm_eval_tasks, resolve_include_path, run_lm_eval
 from loradem.evaluate.report import write_report
 from loradem.evaluate.retention import Reference, base_reference, retention_scores
@@ -151,7 +152,7 @@ def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0
     of the anchor rows when its training generated them (the first source to need them; later ones read the cache).
     With `warmup` (the row is built on a warmed base), the warm-up's training counts too, and is also shown apart."""
     tokens = sum(int(records[n].get("train_tokens") or 0) for n in used)
-    seconds = sum(float(records[n].get("train_seconds") or 0.0) + _anchor_seconds(records[n]) for n in used)
+    seconds = sum(float(records[n].get("train_seconds") or 0.0) + generation_seconds(records[n]) for n in used)
     warm = {}
     if warmup is not None:
         warm = {"warmup_tokens": int(warmup.get("train_tokens") or 0),
@@ -165,11 +166,6 @@ def _cost(records: dict[str, dict], used: list[str], search_seconds: float = 0.0
         "total_seconds": round(seconds + search_seconds, 1),
         **warm,
     }
-
-
-def _anchor_seconds(record: dict) -> float:
-    anchored = record.get("anchor")
-    return float(anchored.get("generation_seconds") or 0.0) if isinstance(anchored, dict) else 0.0
 
 
 def _add_learning(cost: dict, learned: dict) -> dict:

@@ -53,6 +53,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from loradem.data.anchors import generation_seconds
 from loradem.data.rows import Splits, sample
 from loradem.errors import LorademError
 from loradem.files import fingerprint_weights, read_json, stable_hash, weights_sha256
@@ -215,14 +216,9 @@ def warmup_record(recipe: Recipe, warm: Path, relative_to: Path) -> dict:
         "train_rows": train.get("train_rows"),
         "best_val_loss": train.get("best_val_loss"),
         "train_tokens": int(train.get("train_tokens") or 0),
-        "train_seconds": round(float(train.get("train_seconds") or 0.0) + _anchor_seconds(train), 3),
+        "train_seconds": round(float(train.get("train_seconds") or 0.0) + generation_seconds(train), 3),
         **({"anchor": _anchor_record(train["anchor"])} if isinstance(train.get("anchor"), dict) else {}),
     }
-
-
-def _anchor_seconds(train: dict) -> float:
-    anchored = train.get("anchor")
-    return float(anchored.get("generation_seconds") or 0.0) if isinstance(anchored, dict) else 0.0
 
 
 def _anchor_record(anchored: dict) -> dict:
