@@ -1,6 +1,6 @@
 """Scores kept across runs: a second run of the same models and evaluation scores nothing and reports the same
 numbers; a changed adapter (same path), a changed setting or an unreadable entry is scored again; a held-out task
-added later is the only measure taken."""
+added later is the only measure taken, and a source added later is scored alone on the rows that do not change."""
 
 from __future__ import annotations
 
@@ -146,3 +146,23 @@ def test_rescore_flag_reaches_the_evaluation(monkeypatch):
     for argv in (["eval", "r.yaml"], ["eval", "r.yaml", "--rescore"], ["run", "r.yaml", "--rescore"], ["run", "r.yaml"]):
         main(argv)
     assert seen == [("eval", False), ("eval", True), ("run", True), ("run", False)]
+
+
+def test_a_source_added_later_is_scored_alone_on_the_rows_that_did_not_change(plan, scored, tmp_path):
+    from test_multi import make_adapter
+
+    compare_models(plan, log=lambda _: None)
+    scored.clear()
+    lines: list[str] = []
+    extra = [{"text": "Count: one two three four five"}]
+    grown = replace(plan, sources=(*plan.sources, EvalSource("count", "loss", extra)),
+                    adapters={**plan.adapters, "count": make_adapter(plan.base_dir, tmp_path / "count", seed=7, r=4,
+                                                                     targets=["q_proj", "v_proj"])},
+                    search={"weights": {"answers": 0.7, "text": 0.4, "count": 0.2}, "search_seconds": 1.0},
+                    out_dir=tmp_path / "run2")
+    rows = compare_models(grown, log=lines.append)
+    kept = {line.split()[0] for line in lines if line.endswith("(test:answers, test:text from an earlier run)")}
+    assert kept == {"base", "adapter:answers", "adapter:text", "dem"}  # the assembled folder is the base's here
+    # those four score the new source alone; the new adapter and every mixture of all three score all three
+    assert sorted(scored) == sorted(["loss"] * 4 + ["exact_match", "loss", "loss"] * 3)
+    assert all(set(r["per_source"]) == {"answers", "text", "count"} for r in rows)
