@@ -17,7 +17,8 @@ counted in its training tokens and seconds).
 Writes, each atomically, after every row has been checked and every figure
 drawn (a bad row leaves earlier reports untouched): report.json (the run
 name under "recipe", each source's metric, the rows, and `extra`), report.md
-(the table, the held-out table when rows carry the held-out measures, the
+(the table, the held-out table when rows carry the held-out measures, each
+merge against the best mix when there is a mix row (`against_mix`), the
 searched weights, the facts in `extra`, the lm-eval
 benchmarks when any row has them, the command that reproduces the run),
 per_source.png (grouped bars of each source's metric per model) and
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
+from loradem.evaluate.against_mix import against_mix, against_mix_lines
 from loradem.files import atomic_write_files, json_text
 from loradem.machine import summary as machine_summary
 from loradem.plots import figure, png_bytes, styled
@@ -332,6 +334,7 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
                  _seconds(c["train_seconds"]), _seconds(_merge_seconds(c)), _seconds(c["total_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += held_out_lines(rows, extra)
+    lines += against_mix_lines(against_mix(rows, metrics))
     weighted = [r for r in rows if r.get("weights")]
     if weighted:
         lines += ["", "## Weights", "", "| model | " + " | ".join(sources) + " |", "|---|" + "---:|" * len(sources)]
