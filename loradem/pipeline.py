@@ -74,6 +74,7 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
     (the train stage's own checks, for the recipe and each variant; with baseline="mix", the mix's too);
     print what a run would use. The base is not loaded: what its tokenizer refuses shows at `loradem train`,
     before the first adapter trains."""
+    from loradem.to_train import training_status
     from loradem.train.mix import check_mix
     from loradem.train.warmup import warmup_sources
 
@@ -115,6 +116,8 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
     if prompts is not None:
         print(f"retention: {len(prompts)} prompts ({recipe.eval.retention.prompts}), "
               f"{recipe.eval.retention.max_new_tokens} reply tokens")
+    for line in training_status(recipe, splits, baseline=baseline):
+        print(line)
     print("ok")
     return recipe
 
