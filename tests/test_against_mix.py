@@ -71,3 +71,16 @@ def test_no_section_without_a_mix_or_with_a_loss_source():
     assert against_mix([r for r in rows() if not r["name"].startswith("mix")], METRICS) is None
     assert against_mix(rows(), {"add": "exact_match", "sort": "loss"}) is None
     assert "Against data mixing" not in markdown("demo", METRICS, [r for r in rows() if not r["name"].startswith("mix")])
+
+
+def test_the_figure_is_written_with_a_mix_and_removed_when_a_later_report_has_none(tmp_path):
+    from loradem.evaluate.report import write_report
+
+    write_report(tmp_path, "demo", METRICS, rows())
+    assert (tmp_path / "against_mix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_report(tmp_path, "demo", METRICS, [r for r in rows() if not r["name"].startswith("mix")])
+    assert not (tmp_path / "against_mix.png").exists() and (tmp_path / "report.md").is_file()
+    # no retention numbers: the section is there, the figure (in-domain against KL) is not
+    write_report(tmp_path, "demo", METRICS, [{k: v for k, v in r.items() if k != "retention"} for r in rows()])
+    assert "## Against data mixing" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "against_mix.png").exists()

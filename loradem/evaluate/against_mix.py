@@ -2,6 +2,7 @@
 
     verdict = against_mix(rows, metrics)      # None without a mix row, or when a source is scored by loss
     lines = against_mix_lines(verdict)         # report.md's section
+    fig = against_mix_figure(verdict, rows)    # against_mix.png: in-domain against KL, the goal's corner shaded
 
 A merge is a row named ``uniform``, ``sum``, ``dem`` or ``dem-<option>`` (with or without a variant's prefix).
 It is set against the best of the report's mixes (``mix``, ``mix-tuned``) on each measure on its own:
@@ -19,6 +20,8 @@ Exact match only: with a loss, "within 5 points" has no meaning.
 from __future__ import annotations
 
 from typing import Optional
+
+from loradem.plots import figure, styled
 
 IN_DOMAIN_GAP = 0.05
 ADAPTER_SHARE = 0.90
@@ -126,3 +129,46 @@ def against_mix_lines(verdict: Optional[dict]) -> list[str]:
         missed = [c.replace("_", "-") for c in CRITERIA if first["met"][c] is False]
         lines += ["", f"No merge meets all four; the closest is `{first['row']}` (misses {', '.join(missed)})."]
     return lines
+
+
+@styled
+def against_mix_figure(verdict: dict, rows: list[dict]):
+    """In-domain average against retention KL (lower is up): the mixes, every merge (filled where its held-out
+    average reaches the best mix's, hollow where it does not), the adapters in grey, and the goal's corner shaded.
+    None when the report has no retention numbers."""
+    mix = verdict["mix"]
+    if mix["kl"] is None:
+        return None
+    fig = figure(6.8, 4.6)
+    ax = fig.add_subplot()
+    points = [(r["name"], 100 * r["average"], _kl(r)) for r in rows if r.get("average") is not None and _kl(r) is not None]
+    singles = [(x, y) for name, x, y in points if name.startswith("adapter:") or ":adapter:" in name]
+    if singles:
+        ax.plot(*zip(*singles), "o", color="0.75", label="one adapter alone")
+    for name, x, y in points:
+        if name in MIX_ROWS:
+            ax.plot([x], [y], "*", color="black", markersize=11)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    for m in verdict["merges"]:
+        if m["kl"] is None:
+            continue
+        x, y = 100 * m["average"], m["kl"]
+        filled = m["met"]["held_out"] is not False
+        color = "tab:green" if m["goal"] else "tab:blue"
+        ax.plot([x], [y], "o", color=color, markerfacecolor=color if filled else "white")
+        ax.annotate(m["row"], (x, y), textcoords="offset points", xytext=(5, -9), fontsize="x-small")
+    bar = 100 * (mix["average"] - IN_DOMAIN_GAP)
+    ys = [y for _, _, y in points]
+    top, right = min(ys + [0.0]), max([x for _, x, _ in points] + [bar]) + 3
+    ax.fill_between([bar, right], top, mix["kl"], color="tab:green", alpha=0.12, label="the goal's in-domain and KL bars")
+    ax.axvline(bar, color="tab:green", linewidth=0.8, linestyle="--")
+    ax.axhline(mix["kl"], color="tab:green", linewidth=0.8, linestyle="--")
+    ax.set_xlim(right=right)
+    ax.invert_yaxis()  # closer to the base is up
+    ax.set_xlabel("in-domain average exact match (%)")
+    ax.set_ylabel("KL(base ‖ model) on generic prompts (lower is up)")
+    ax.plot([], [], "o", color="tab:blue", markerfacecolor="white", label="merge, held-out below the best mix")
+    ax.plot([], [], "o", color="tab:blue", label="merge, held-out at least the best mix's")
+    ax.plot([], [], "o", color="tab:green", label="merge meeting all four")
+    ax.legend(fontsize="x-small", loc="lower left")
+    return fig

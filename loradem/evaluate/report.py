@@ -21,9 +21,10 @@ name under "recipe", each source's metric, the rows, and `extra`), report.md
 merge against the best mix when there is a mix row (`against_mix`), the
 searched weights, the facts in `extra`, the lm-eval
 benchmarks when any row has them, the command that reproduces the run),
-per_source.png (grouped bars of each source's metric per model) and
+per_source.png (grouped bars of each source's metric per model),
 cost_vs_score.png (average score against total cost, one labelled point per
-model). report.md is a view of report.json: everything it prints is in the
+model) and, when there is a mix row and retention, against_mix.png (in-domain
+average against KL to the base, the goal's corner shaded). report.md is a view of report.json: everything it prints is in the
 document (lm-eval's example cap is ``extra["lm_eval"]["limit"]``). Exact match
 prints as a percentage, loss with 3 decimals.
 """
@@ -35,12 +36,13 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.evaluate.against_mix import against_mix, against_mix_lines
+from loradem.evaluate.against_mix import against_mix, against_mix_figure, against_mix_lines
 from loradem.files import atomic_write_files, json_text
 from loradem.machine import summary as machine_summary
 from loradem.plots import figure, png_bytes, styled
 from loradem.recipe import format_overrides
 
+AGAINST_MIX_PNG = "against_mix.png"
 COST_KEYS = ("train_tokens", "train_seconds", "search_seconds", "total_seconds")
 METRIC_LABEL = {"exact_match": "exact match", "loss": "loss"}
 
@@ -407,7 +409,8 @@ def write_report(
     out_dir: Path, run_name: str, metrics: dict[str, str], rows: list[dict], *, extra: Optional[dict] = None,
     reproduce: Optional[str] = None,
 ) -> None:
-    """Check the rows, then write report.json, report.md, per_source.png and cost_vs_score.png into out_dir.
+    """Check the rows, then write report.json, report.md, per_source.png, cost_vs_score.png and (with a mix row and
+    retention) against_mix.png into out_dir.
 
     `metrics` is {source: "exact_match" | "loss"} in column order; `extra` joins report.json after the rows
     (e.g. recipe_path, search, learn, predictions); `reproduce` is the command report.md ends with (none: no
@@ -420,7 +423,14 @@ def write_report(
     md = markdown(run_name, metrics, rows, extra=extra, reproduce=reproduce)
     bars = png_bytes(per_source_figure(metrics, rows))
     scatter = png_bytes(cost_vs_score_figure(metrics, rows))
+    verdict = against_mix(rows, metrics)
+    goal = against_mix_figure(verdict, rows) if verdict else None
     out_dir = Path(out_dir)
-    # all four or none: a full or read-only disk leaves the earlier report whole, and is one line
-    atomic_write_files({out_dir / "report.json": json_text(doc).encode("utf-8"), out_dir / "per_source.png": bars,
-                        out_dir / "cost_vs_score.png": scatter, out_dir / "report.md": md.encode("utf-8")})
+    files = {out_dir / "report.json": json_text(doc).encode("utf-8"), out_dir / "per_source.png": bars,
+             out_dir / "cost_vs_score.png": scatter, out_dir / "report.md": md.encode("utf-8")}
+    if goal is not None:
+        files[out_dir / AGAINST_MIX_PNG] = png_bytes(goal)
+    # all or none: a full or read-only disk leaves the earlier report whole, and is one line
+    atomic_write_files(files)
+    if goal is None:  # an earlier run's figure would describe rows this report no longer has
+        (out_dir / AGAINST_MIX_PNG).unlink(missing_ok=True)
