@@ -233,12 +233,13 @@ def _train_mix(recipe: Recipe, base_dir: Path, splits: dict | None = None) -> li
 
 
 def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, require: bool = True,
-                      only: list[str] | None = None) -> dict[str, Path]:
+                      only: list[str] | None = None, vectors: bool = True) -> dict[str, Path]:
     """The finished adapter folder of every source (those in `only`, when given), found by its key; raise if one
     is missing. `base_dir` is the recipe's own base (`recipe_base`: its warmed base when it has a warm-up).
 
     A source with a ready `vector:` gets its imported copy (`loradem.vectors.card.import_vector`: checked
-    against its card and this base, copied once into adapters_dir) instead of a trained adapter.
+    against its card and this base, copied once into adapters_dir) instead of a trained adapter; with
+    vectors=False it is left out (nothing is imported).
     """
     from loradem.train.sft import adapter_dir, adapter_key, is_finished
     from loradem.vectors.card import import_vector
@@ -249,6 +250,8 @@ def finished_adapters(recipe: Recipe, base_dir: Path, splits: dict | None = None
     missing = []
     for job in train_jobs(recipe, splits, only=only):
         if job.vector is not None:
+            if not vectors:
+                continue
             found[job.source] = import_vector(job.vector, recipe.adapters_dir, base_dir=base_dir, source=job.source,
                                               log=_log("vectors"))
             continue

@@ -37,7 +37,7 @@ def local_base(spec: str) -> Optional[Path]:
 def _warm_base(recipe: Recipe, base_dir: Path, splits: dict) -> tuple[Optional[Path], str]:
     """(the base the recipe's adapters train from, or None when it is not folded yet; what its warm-up still needs)."""
     from loradem.train.sft import adapter_dir, adapter_key, is_finished
-    from loradem.train.warmup import _is_current, warm_dir, warmup_job
+    from loradem.train.warmup import is_folded, warm_dir, warmup_job
 
     if not recipe.warmup.enabled:
         return base_dir, ""
@@ -46,25 +46,17 @@ def _warm_base(recipe: Recipe, base_dir: Path, splits: dict) -> tuple[Optional[P
     if not is_finished(adapter_dir(job, key)):
         return None, "warm-up to train"
     folder = warm_dir(key)
-    if not _is_current(folder, base_dir, adapter_dir(job, key)):
+    if not is_folded(folder, base_dir, adapter_dir(job, key)):
         return None, "warm-up trained, not folded (the run folds it again; its adapters are looked up then)"
     return folder, "warm-up trained"
 
 
 def _adapters(recipe: Recipe, base: Path, splits: dict) -> tuple[dict[str, Path], list[str]]:
-    """(finished adapters by source, sources to train); a ready `vector:` counts as finished."""
-    from loradem.pipeline import train_jobs
-    from loradem.train.sft import adapter_dir, adapter_key, is_finished
+    """(finished adapters by source, sources to train); a ready `vector:` is not trained (and not imported here)."""
+    from loradem.pipeline import finished_adapters
 
-    base_fp = fingerprint_weights(base)
-    done, todo = {}, []
-    for job in train_jobs(recipe, splits):
-        folder = adapter_dir(job, adapter_key(job, base_fp)) if job.vector is None else Path(job.vector)
-        if job.vector is not None or is_finished(folder):
-            done[job.source] = folder
-        else:
-            todo.append(job.source)
-    return done, todo
+    done = finished_adapters(recipe, base, splits, require=False, vectors=False)
+    return done, [s.name for s in recipe.sources if s.vector is None and s.name not in done]
 
 
 def _mix(recipe: Recipe, base_dir: Path, adapters: dict[str, Path], splits: dict) -> str:
@@ -93,7 +85,8 @@ def training_status(recipe: Recipe, splits: dict, *, baseline: Optional[str] = N
         base, warm = _warm_base(r, base_dir, splits)
         done, todo = _adapters(r, base, splits) if base is not None else ({}, [s.name for s in r.sources])
         own = (done, todo) if own is None else own
-        adapters = (f"adapters {len(done)} of {len(done) + len(todo)} trained" + (f" (to train: {', '.join(todo)})" if todo else ""))
+        trained = sum(s.vector is None for s in r.sources)
+        adapters = (f"adapters {trained - len(todo)} of {trained} trained" + (f" (to train: {', '.join(todo)})" if todo else ""))
         lines.append(f"{label}: " + "; ".join(p for p in (warm, adapters if base is not None or "to train" in warm else "") if p))
     if baseline == "mix":
         done, todo = own

@@ -153,7 +153,7 @@ def warm_base(recipe: Recipe, base_dir: Path, splits: dict[str, Splits], log: Lo
         log(f"{WARMUP}: {recipe.warmup.steps} steps on a sample of the training rows ({sources})")
         adapter = train_source(job, base_dir, log=log)
     folder = warm_dir(key)
-    if _is_current(folder, base_dir, adapter):
+    if is_folded(folder, base_dir, adapter):
         return folder
     if is_main_process():
         _fold(recipe, adapter, folder, log)
@@ -181,7 +181,7 @@ def _wait_for_rank_0() -> None:
         dist.barrier()
 
 
-def _is_current(folder: Path, base_dir: Path, adapter: Path) -> bool:
+def is_folded(folder: Path, base_dir: Path, adapter: Path) -> bool:
     """Is `folder` the fold of exactly this base and this adapter, with its shards as the fold wrote them?"""
     try:
         record = read_json(folder / PROVENANCE)
