@@ -44,6 +44,10 @@ def is_merge(name: str) -> bool:
     return kind in ("uniform", "sum", "dem") or kind.startswith("dem-")
 
 
+def is_single_adapter(name: str) -> bool:
+    return name.startswith("adapter:") or ":adapter:" in name
+
+
 def _adapter_shares(row: dict, by_name: dict[str, dict], sources: list[str]) -> dict[str, Optional[float]]:
     """{source: the merge's score / its own adapter's score}; None where the adapter scores 0 or is not in the report."""
     prefix = row["name"].rpartition(":")[0]
@@ -142,7 +146,7 @@ def against_mix_figure(verdict: dict, rows: list[dict]):
     fig = figure(6.8, 4.6)
     ax = fig.add_subplot()
     points = [(r["name"], 100 * r["average"], _kl(r)) for r in rows if r.get("average") is not None and _kl(r) is not None]
-    singles = [(x, y) for name, x, y in points if name.startswith("adapter:") or ":adapter:" in name]
+    singles = [(x, y) for name, x, y in points if is_single_adapter(name)]
     if singles:
         ax.plot(*zip(*singles), "o", color="0.75", label="one adapter alone")
     for name, x, y in points:

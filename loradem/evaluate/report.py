@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from loradem.errors import LorademError
-from loradem.evaluate.against_mix import against_mix, against_mix_figure, against_mix_lines
+from loradem.evaluate.against_mix import against_mix, against_mix_figure, against_mix_lines, is_single_adapter
 from loradem.files import atomic_write_files, json_text
 from loradem.machine import summary as machine_summary
 from loradem.plots import figure, png_bytes, styled
@@ -377,23 +377,19 @@ def per_source_figure(metrics: dict[str, str], rows: list[dict]):
     return fig
 
 
-def _is_single_adapter(name: str) -> bool:
-    return name.startswith("adapter:") or ":adapter:" in name
-
-
 @styled
 def cost_vs_score_figure(metrics: dict[str, str], rows: list[dict]):
     avg_kind = average_metric(metrics)
     scale = 100.0 if avg_kind == "exact_match" else 1.0
     fig = figure(6.4, 4.2)
     ax = fig.add_subplot()
-    singles = [r for r in rows if _is_single_adapter(r["name"]) and r.get("average") is not None]
+    singles = [r for r in rows if is_single_adapter(r["name"]) and r.get("average") is not None]
     if singles:  # one source's adapter alone scores ~1/n of the average by construction: grey, unlabelled
         ax.plot([r["cost"]["total_seconds"] for r in singles], [scale * r["average"] for r in singles], "o",
                 color="0.7", label="one adapter alone")
         ax.legend(fontsize="small", loc="lower right")
     for row in rows:
-        if row.get("average") is None or _is_single_adapter(row["name"]):
+        if row.get("average") is None or is_single_adapter(row["name"]):
             continue
         x, y = row["cost"]["total_seconds"], scale * row["average"]
         ax.plot([x], [y], "o")
