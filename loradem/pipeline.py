@@ -104,6 +104,9 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
                   + (f", plus {r.anchor.fraction:.0%} anchor rows "
                      f"({Path(r.anchor.data).name}, loss {r.anchor.loss})" if w.anchor else "")
                   + "; its adapters train from the warmed base")
+        if r.regmean.enabled and r.regmean.anchor:
+            print(f"{'variant ' + repr(label) + ': ' if label else ''}RegMean with generic rows at weight "
+                  f"{r.regmean.anchor:g} ({Path(r.anchor.data).name} anchor prompts, the original base's replies)")
     if baseline == "mix":
         budget = "as many training tokens as the adapters together" if recipe.mix.tokens == "match" else f"{recipe.mix.tokens:,} training tokens"
         print(f"data-mixing baseline: one adapter on every source's rows, {budget}; its row `mix` in the report")
@@ -413,11 +416,16 @@ def regmean(recipe_path: str | Path) -> dict[str, dict]:
     if not merging:
         raise LorademError(f"{recipe_path}: regmean.enabled is false; set `regmean: {{enabled: true}}` to merge by RegMean")
     splits = _splits(recipe)
-    return {label: _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip())
+    return {label: _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip(),
+                            original=base_dir)
             for label, r in merging}
 
 
-def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, label: str = "regmean") -> dict:
+def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, label: str = "regmean",
+             original: Path | None = None) -> dict:
+    """RegMean onto `base_dir` (the recipe's adapters' base); with regmean.anchor, the generic rows are the anchor
+    prompts with the replies of `original` (the base before any warm-up, default `base_dir`), as the anchored
+    warm-up's are: retention is measured against that base."""
     from loradem.merge.regmean import RegMeanJob, regmean_merge
 
     splits = splits or _splits(recipe)
@@ -425,8 +433,14 @@ def _regmean(recipe: Recipe, base_dir: Path, splits: dict | None = None, *, labe
     job = RegMeanJob(name=recipe.name, settings=recipe.regmean, out_dir=recipe.out_dir / "regmean", seed=recipe.seed,
                      max_length=recipe.train.max_length, batch_size=recipe.search.batch_size)
     validation = {n: splits[n].validation[: recipe.search.max_rows_per_source] for n in adapters}  # the search's rows
+    anchors, spent = None, 0.0
+    if recipe.regmean.anchor:
+        from loradem.data.anchors import anchor_rows
+
+        anchors, info = anchor_rows(recipe.anchor, Path(original or base_dir), Path(recipe.adapters_dir), log=_log(label))
+        spent = info["spent_seconds"]
     return regmean_merge(job, base_dir, adapters, {n: splits[n].train for n in adapters}, validation=validation,
-                         log=_log(label))
+                         anchors=anchors, anchor_seconds=spent, log=_log(label))
 
 
 def regmean_adapter(recipe: Recipe) -> Path:
@@ -530,7 +544,8 @@ def eval_inputs(recipe: Recipe) -> tuple[list[tuple[str, list]], list | None]:
     from loradem.train.warmup import warmup_anchor
 
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
-        for settings in filter(None, (r.anchor if r.anchor.enabled else None, warmup_anchor(r))):
+        uses = r.anchor.enabled or (r.regmean.enabled and r.regmean.anchor)  # trained or merged on them
+        for settings in filter(None, (r.anchor if uses else None, warmup_anchor(r))):
             check_not_anchors(prompts, settings, f"variant {label!r}: " if label else "")
     return held_out, prompts
 
@@ -662,7 +677,7 @@ def run(recipe_path: str | Path, *, force: list[str] = (), baseline: str | None 
             _learn(r, base, splits)
     for label, r in (("", recipe), *variants.items()):
         if r.regmean.enabled:
-            _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip())
+            _regmean(r, recipe_base(r, base_dir, splits), splits, label=f"regmean {label}".strip(), original=base_dir)
 
     _assemble(recipe, base_dir)
     _evaluate(recipe, base_dir, recipe_path=str(recipe_path), rescore=rescore)

@@ -236,6 +236,9 @@ class RegMeanSettings(_Strict):
     activations: Literal["base", "own", "merged"] = Field(
         "base", description="Whose layer inputs the Gram matrices are taken from: the base model's ('base'); each source's rows through base + that source's own adapter ('own', as RegMean does with fine-tuned models); or the merge's own ('merged', as RegMean++ does: one decoder block at a time, each block's inputs from the blocks already merged before it; one pass per candidate alpha)."
     )
+    anchor: float = Field(
+        0.0, ge=0, description="Weight of generic prompts in the least squares, as one more source whose delta is zero: the recipe's `anchor:` prompts (data, prompts, max_new_tokens; whether or not anchor.enabled) with the original base's cached greedy replies, rows_per_source of them. The merge then also keeps the layers' outputs on generic inputs as its base's (the warmed base when the recipe warms up), trading some of each source's fit for retention; 1 weighs them as one source. 0 (the default) leaves them out (docs/stages.md, 'RegMean')."
+    )
 
 
     @field_validator("alpha")

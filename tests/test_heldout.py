@@ -355,4 +355,8 @@ def test_a_retention_prompt_that_is_an_anchor_prompt_is_refused(tmp_path):
     with pytest.raises(LorademError, match=r"prompt 2 .* \(variant 'aw': anchor\.data: builtin\)"):
         pipeline.check(recipe_file(tmp_path, block, variants=[{"name": "aw", "warmup": {"enabled": True, "anchor": True}}]))
     pipeline.check(recipe_file(tmp_path, block, warmup={"enabled": True}))  # a warm-up without anchors trains on none
+    # RegMean with generic rows fits the merge on the anchor prompts
+    with pytest.raises(LorademError, match=r"^eval\.retention\.prompts: prompt 2 .* is also an anchor prompt \(anchor\.data: builtin\)"):
+        pipeline.check(recipe_file(tmp_path, block, regmean={"enabled": True, "anchor": 1.0}))
+    pipeline.check(recipe_file(tmp_path, block, regmean={"enabled": True}))
     pipeline.check(recipe_file(tmp_path, {}, anchor={"enabled": True}))  # the builtin prompts with the builtin anchors

@@ -16,9 +16,10 @@ from test_multi import logits, make_adapter
 from test_pipeline import _read_all
 
 import loradem.merge.regmean
+from loradem.data.rows import sample
 from loradem.errors import LorademError
 from loradem.merge.fold import assemble
-from loradem.merge.regmean import RegMeanJob, collect_statistics, read_factors, regmean_merge, sample_rows
+from loradem.merge.regmean import ANCHOR, RegMeanJob, collect_statistics, read_factors, regmean_merge, sample_rows
 from loradem.model.render import encode_for_loss
 from loradem.model.soup import load_multi, load_tokenizer, set_weights
 from loradem.recipe import RegMeanSettings
@@ -40,6 +41,14 @@ def _rows(kind: str, n: int) -> list[dict]:
 
 
 TRAIN = {s: _rows(s, 12) for s in SOURCES}
+# generic prompts with replies, as loradem.data.anchors makes them (the base's own replies in a run)
+ANCHORS = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+           for q, a in [("What is the capital of Peru?", "Lima."), ("Name an animal that lives in the ocean.", "A whale."),
+                        ("What day comes after Monday?", "Tuesday."), ("Give a synonym for 'fast'.", "Quick."),
+                        ("How many legs does a spider have?", "Eight."), ("What is 3 times 4?", "12"),
+                        ("Write one short sentence about rain.", "Rain fell softly on the roof."),
+                        ("Is 14 an even number? Answer yes or no.", "Yes."), ("What is the opposite of 'hot'?", "Cold."),
+                        ("What is the first letter of 'planet'?", "P")]]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +180,59 @@ def test_base_and_own_activations_give_different_merges(tiny_base, adapters, tmp
     own = merged_deltas(_merged(tiny_base, adapters, tmp_path / "o", activations="own"))
     m = "model.layers.1.self_attn.v_proj"
     assert (base[m] - own[m]).abs().max() > 1e-2 * base[m].abs().max()
+
+
+@pytest.mark.parametrize("activations", ["base", "own"])
+def test_generic_rows_join_the_dense_least_squares_with_a_zero_delta(tiny_base, adapters, tmp_path, activations):
+    """ΔW*ᵀ = (Σᵢ Gᵢ + λ·G₀)⁻¹ Σᵢ Gᵢ ΔWᵢᵀ, G₀ from the anchor rows through the base (no adapter, also with 'own')."""
+    from transformers import AutoModelForCausalLM
+
+    job = make_job(tmp_path / "rm", alpha=0.9, activations=activations, anchor=1.5)
+    record = regmean_merge(job, tiny_base, adapters, TRAIN, anchors=ANCHORS, anchor_seconds=2.0, log=lambda m: None)
+    assert record["anchor"] == {"weight": 1.5, "rows": 8, "generation_seconds": 2.0}  # rows_per_source 8 of 10
+    assert record["regmean_seconds"] == pytest.approx(record["gram_seconds"] + record["solve_seconds"] + 2.0, abs=2e-3)
+    got = merged_deltas(tmp_path / "rm")
+    deltas = {s: dense_deltas(adapters[s]) for s in SOURCES}
+    modules = sorted({m for d in deltas.values() for m in d})
+    grams = reference_grams(tiny_base, adapters, sample_rows(job, SOURCES, TRAIN), modules, own=activations == "own")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    generic = row_grams(base, base, modules, sample(ANCHORS, 8, seed=0, stage="regmean", source=ANCHOR),
+                        load_tokenizer(tiny_base))
+    grams[ANCHOR], deltas[ANCHOR] = {m: 1.5 * g for m, g in generic.items()}, {}
+    without = merged_deltas(_merged(tiny_base, adapters, tmp_path / "plain", alpha=0.9, activations=activations))
+    tol = 1e-9 if activations == "base" else 1e-4
+    for m in modules:
+        want = reference_merge(deltas, grams, 0.9, m)
+        torch.testing.assert_close(got[m], want, rtol=tol, atol=tol * want.abs().max().item(), msg=m)
+        # the penalty the generic rows add, tr(ΔW·G₀·ΔWᵀ) (G₀ as alpha scales it; unscaled, ‖X₀ΔWᵀ‖²/n₀), is lower
+        # than the plain merge's: with λ > 0 in the least squares it can only go down
+        g0 = generic[m] * 0.9 + torch.diag(generic[m].diagonal()) * 0.1
+        assert torch.trace(got[m] @ g0 @ got[m].T) < torch.trace(without[m] @ g0 @ without[m].T), m
+
+
+def test_generic_rows_with_merged_activations_equal_the_blockwise_reference(tiny_base, adapters, tmp_path):
+    job = make_job(tmp_path / "rm", alpha=0.9, activations="merged", batch_size=4, anchor=0.5)
+    regmean_merge(job, tiny_base, adapters, TRAIN, anchors=ANCHORS, log=lambda m: None)
+    got = merged_deltas(tmp_path / "rm")
+    rows = {**sample_rows(job, SOURCES, TRAIN), ANCHOR: sample(ANCHORS, 8, seed=0, stage="regmean", source=ANCHOR)}
+    want = reference_blockwise(tiny_base, adapters, rows, 0.9, anchor=0.5)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5 * want[m].abs().max().item(), msg=m)
+
+
+def test_generic_rows_change_the_identity_only_when_weighed(tiny_base, adapters, tmp_path):
+    plain = regmean_merge(make_job(tmp_path / "rm", alpha=0.9), tiny_base, adapters, TRAIN, log=lambda m: None)
+    lines: list[str] = []
+    # anchor 0 is the merge without generic rows: the same identity, so it is reused (and so is every earlier result)
+    again = regmean_merge(make_job(tmp_path / "rm", alpha=0.9, anchor=0.0), tiny_base, adapters, TRAIN, anchors=ANCHORS,
+                          log=lines.append)
+    assert again == plain and lines[0].startswith("regmean: reusing") and "anchor" not in plain
+    with pytest.raises(LorademError, match=r"^regmean\.anchor: no anchor rows to take the generic Gram matrix from$"):
+        regmean_merge(make_job(tmp_path / "none", alpha=0.9, anchor=1.0), tiny_base, adapters, TRAIN, log=lambda m: None)
+    assert not (tmp_path / "none").exists()
+    weighed = regmean_merge(make_job(tmp_path / "rm", alpha=0.9, anchor=1.0), tiny_base, adapters, TRAIN, anchors=ANCHORS,
+                            log=lambda m: None)
+    assert weighed["identity"] != plain["identity"] and weighed["tokens"][ANCHOR] > 0
 
 
 def _merged(base_dir, adapters, out, **settings) -> Path:
@@ -349,7 +411,7 @@ def test_bad_alpha_lists_are_refused_by_the_schema(alpha, problem):
 # ---- the pipeline: assembled and reported -----------------------------------------------------
 
 @pytest.mark.slow
-def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, capsys):
+def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, capsys, monkeypatch):
     from loradem.cli import main
 
     data = yaml.safe_load(tiny_recipe.read_text())
@@ -379,6 +441,21 @@ def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, ca
     written = (run / "regmean" / "regmean.json").stat().st_mtime_ns
     assert main(["regmean", str(tiny_recipe)]) == 0
     assert (run / "regmean" / "regmean.json").stat().st_mtime_ns == written
+    # with generic rows: the base answers the anchor prompts once (charged to the merge; the tiny base never ends a
+    # reply, so its replies are given), then the cache serves them
+    import loradem.model.generate
+
+    calls = []
+    monkeypatch.setattr(loradem.model.generate, "generate_replies",
+                        lambda model, tok, prompts, **k: calls.append(len(prompts)) or [("Fine.", True)] * len(prompts))
+    data["regmean"]["anchor"], data["anchor"] = 1.0, {"prompts": 12, "max_new_tokens": 8}
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    assert main(["regmean", str(tiny_recipe)]) == 0
+    anchored = json.loads((run / "regmean" / "regmean.json").read_text())
+    replies = [json.loads(f.read_text()) for f in Path("adapters/.anchors").glob("*.json")]
+    assert len(replies) == 1 and anchored["anchor"]["rows"] == min(8, replies[0]["rows"])
+    assert anchored["anchor"]["generation_seconds"] == replies[0]["generation_seconds"] > 0
+    assert anchored["identity"] != record["identity"] and anchored["tokens"]["(anchor)"] > 0 and calls == [12]
     data["regmean"]["enabled"], data["assemble"] = False, {"weights": "search"}
     tiny_recipe.write_text(yaml.safe_dump(data))
     assert main(["regmean", str(tiny_recipe)]) == 2
@@ -437,11 +514,12 @@ def test_a_variant_merges_its_own_adapters_by_regmean_and_gets_its_row(tiny_reci
 
 # ---- activations: merged (RegMean++: each block's inputs from the merge so far) ---------------
 
-def reference_blockwise(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], alpha: float
-                        ) -> dict[str, torch.Tensor]:
+def reference_blockwise(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], alpha: float,
+                        anchor: float = 0.0) -> dict[str, torch.Tensor]:
     """The dense merge, block by block with whole-model forward passes of plain transformers (each row alone):
     block l's Gram matrices are taken with blocks 0…l−1 already holding their merged weights, folded as the
-    assembler folds them (float64 sum, rounded once to float32)."""
+    assembler folds them (float64 sum, rounded once to float32). With `anchor`, rows[ANCHOR]'s Gram joins the sum
+    at that weight with a zero delta."""
     from transformers import AutoModelForCausalLM
 
     deltas = {s: dense_deltas(adapters[s]) for s in adapters}
@@ -452,6 +530,9 @@ def reference_blockwise(base_dir: Path, adapters: dict[str, Path], rows: dict[st
     for block in range(model.config.num_hidden_layers):
         here = [m for m in modules if m.startswith(f"model.layers.{block}.")]
         grams = {s: row_grams(model, model, here, rows[s], tok) for s in adapters}
+        if anchor:
+            grams[ANCHOR] = {m: anchor * g for m, g in row_grams(model, model, here, rows[ANCHOR], tok).items()}
+            deltas[ANCHOR] = {}
         for m in here:
             out[m] = reference_merge(deltas, grams, alpha, m)
             weight = model.get_submodule(m).weight

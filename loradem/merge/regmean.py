@@ -29,6 +29,14 @@ solved from one collection (`solve_factors`). `activations` says whose layer inp
 model's ('base'), base + source i's own adapter ('own', as RegMean uses each fine-tuned model's own), or the
 merge's own, one decoder block at a time ('merged', RegMean++: loradem/merge/regmean_merged.py).
 
+With ``settings.anchor`` = λ > 0 one more set of rows joins the sum as a source whose delta is zero: generic
+prompts with the base's own replies (``anchors``, rows_per_source of them), G₀ weighted by λ:
+
+    ΔW*ᵀ = (Σᵢ Gᵢ + λ·G₀)⁻¹ · Σᵢ Gᵢ·ΔWᵢᵀ,   i.e. Ãᵢᵀ = (Σᵢ Gᵢ + λ·G₀)⁻¹·Gᵢ·Aᵢᵀ,
+
+the least squares with λ·‖X₀ΔWᵀ‖²/n₀ added: the merge also keeps each layer's outputs on generic inputs as
+they are. Still rank Σrᵢ, still exact.
+
 Refused with one line: embedding LoRA and fan_in_fan_out layers (RegMean merges Linear layers on their
 inputs), and full module copies (``modules_to_save``: no low-rank delta to merge).
 
@@ -62,6 +70,7 @@ from loradem.recipe import RegMeanSettings
 from loradem.vectors.lora import CONFIG_FILE, SAFETENSORS_FILE, load_adapter
 
 RECORD_FILE = "regmean.json"
+ANCHOR = "(anchor)"  # the generic rows' name among the sources' (not a valid source name), zero delta
 # a layer whose Cholesky pivot falls below this share of its largest diagonal entry is treated as singular
 SINGULAR = 1e-12
 # the ridge then added to the diagonal, relative to the mean diagonal entry
@@ -195,12 +204,15 @@ def empty_statistics(sources: list[str], tokens: dict[str, int], factors: dict[s
 
 def collect_statistics(base_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], *, activations: str,
                        max_length: int, batch_size: int, factors: dict[str, dict[str, Factor]] | None = None,
-                       log: Callable[[str], None] = print) -> GramStatistics:
+                       weights: dict[str, float] | None = None, log: Callable[[str], None] = print) -> GramStatistics:
     """Stream each source's rows through the model ('base': the base; 'own': base + that source's adapter) and
-    accumulate, per LoRA layer, Σᵢ Gᵢ and each carrying source's Gᵢ·Aᵢᵀ and diag(Gᵢ) (Gᵢ = XᵢᵀXᵢ / nᵢ)."""
+    accumulate, per LoRA layer, Σᵢ wᵢGᵢ and each carrying source's Gᵢ·Aᵢᵀ and diag(Gᵢ) (Gᵢ = XᵢᵀXᵢ / nᵢ; wᵢ from
+    `weights`, default 1). A key of `rows` without an adapter (`ANCHOR`) counts in the sum with a zero delta, its
+    rows through the base."""
     if activations not in ("base", "own"):
         raise LorademError(f"regmean.activations: expected 'base' or 'own' here ('merged' is merge_blockwise), got {activations!r}")
-    sources = list(adapters)
+    weights = weights or {}
+    sources = list(rows)
     factors = factors if factors is not None else read_factors(adapters)
     t0 = time.time()
     model, tokenizer = soup.load_multi(base_dir, adapters, fold=True)
@@ -225,8 +237,8 @@ def collect_statistics(base_dir: Path, adapters: dict[str, Path], rows: dict[str
     try:
         with progress(sum(len(b) for b in batches.values()), "regmean", unit="batch") as bar, torch.inference_mode():
             for s in sources:
-                soup.set_weights(model, {t: float(activations == "own" and t == s) for t in sources})
-                collector.source, collector.weight = s, 1.0 / tokens[s]
+                soup.set_weights(model, {t: float(activations == "own" and t == s) for t in adapters})
+                collector.source, collector.weight = s, weights.get(s, 1.0) / tokens[s]
                 for batch in batches[s]:
                     ids, mask, _ = collate_right([(x, x) for x in batch], device)
                     collector.batch(mask)
@@ -350,17 +362,23 @@ def _identity(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], rows: 
         "max_length": job.max_length,
         "batch_size": job.batch_size,
         "seed": job.seed,
-        "regmean": job.settings.model_dump(exclude={"enabled"}),
+        # without the anchor, results merged before the option existed keep their identity
+        "regmean": job.settings.model_dump(exclude={"enabled"} | (set() if job.settings.anchor else {"anchor"})),
     })
 
 
 def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], train: dict[str, list[dict]], *,
-                  validation: Optional[dict[str, list[dict]]] = None, log: Callable[[str], None] = print) -> dict:
-    """Collect the Gram matrices on a seeded sample of `train` rows, solve (for each candidate alpha, keeping the one
-    with the lowest loss on `validation`'s rows), and write job.out_dir as a PEFT adapter; returns regmean.json's
-    content (reused when its identity is unchanged)."""
+                  validation: Optional[dict[str, list[dict]]] = None, anchors: Optional[list[dict]] = None,
+                  anchor_seconds: float = 0.0, log: Callable[[str], None] = print) -> dict:
+    """Collect the Gram matrices on a seeded sample of `train` rows (and of `anchors`, the generic rows, when
+    settings.anchor > 0), solve (for each candidate alpha, keeping the one with the lowest loss on `validation`'s
+    rows), and write job.out_dir as a PEFT adapter; returns regmean.json's content (reused when its identity is
+    unchanged). `anchor_seconds` is what generating the anchors' replies cost the caller now, charged to this merge."""
     if not adapters:
         raise LorademError("regmean: expected at least one adapter")
+    weight = job.settings.anchor
+    if weight and not anchors:
+        raise LorademError("regmean.anchor: no anchor rows to take the generic Gram matrix from")
     sources = list(adapters)
     if len(alphas(job.settings)) > 1:
         validation = {s: list(r) for s, r in (validation or {}).items() if s in adapters and r}
@@ -370,6 +388,8 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
     else:
         validation = None
     rows = sample_rows(job, sources, train)
+    if weight:
+        rows[ANCHOR] = sample(list(anchors), job.settings.rows_per_source, seed=job.seed, stage="regmean", source=ANCHOR)
     identity = _identity(job, base_dir, adapters, rows, validation)
     done = job.out_dir / RECORD_FILE
     if done.is_file() and (job.out_dir / SAFETENSORS_FILE).is_file():
@@ -387,11 +407,13 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
         from loradem.merge.regmean_merged import merge_blockwise
 
         candidates, tokens, gram_seconds = merge_blockwise(base_dir, factors, rows, alphas=alphas(settings),
-                                                           max_length=job.max_length, batch_size=job.batch_size, log=log)
+                                                           max_length=job.max_length, batch_size=job.batch_size,
+                                                           weights={ANCHOR: weight}, log=log)
         solve_seconds = 0.0  # inside the block-by-block pass
     else:
         stats = collect_statistics(base_dir, adapters, rows, activations=settings.activations,
-                                   max_length=job.max_length, batch_size=job.batch_size, factors=factors, log=log)
+                                   max_length=job.max_length, batch_size=job.batch_size, factors=factors,
+                                   weights={ANCHOR: weight}, log=log)
         tokens, gram_seconds = stats.tokens, stats.seconds
         t0 = time.time()
         candidates = {alpha: solve_factors(stats, factors, alpha) for alpha in alphas(settings)}
@@ -420,10 +442,12 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
         "ridged_modules": ridged,
         "alpha": chosen,
         **({"validation_loss_by_alpha": {f"{a:g}": round(v, 6) for a, v in losses.items()}} if losses else {}),
+        **({"anchor": {"weight": weight, "rows": len(rows[ANCHOR]), "generation_seconds": round(anchor_seconds, 3)}}
+           if weight else {}),
         "gram_seconds": round(gram_seconds, 3),
         "solve_seconds": round(solve_seconds, 3),
         **({"choose_seconds": round(choose_seconds, 3)} if losses else {}),
-        "regmean_seconds": round(gram_seconds + solve_seconds + choose_seconds, 3),
+        "regmean_seconds": round(gram_seconds + solve_seconds + choose_seconds + anchor_seconds, 3),
         "identity": identity,
     }
     template = read_json(Path(adapters[sources[0]]) / CONFIG_FILE)

@@ -76,10 +76,12 @@ def _block_inputs(model, blocks, batches: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def merge_blockwise(base_dir: Path, factors: dict[str, dict[str, Factor]], rows: dict[str, list[dict]], *,
-                    alphas: list[float], max_length: int, batch_size: int, log: Callable[[str], None] = print,
+                    alphas: list[float], max_length: int, batch_size: int, weights: dict[str, float] | None = None,
+                    log: Callable[[str], None] = print,
                     ) -> tuple[dict[float, tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]], dict[str, int], float]:
     """({alpha: (merged factors, ridged modules)}, non-padding tokens per source, seconds), each block's Gram
-    matrices taken on the merge so far."""
+    matrices taken on the merge so far; `weights` scales a source's Gram matrix (default 1), and a key of `rows`
+    without factors (the generic anchor rows) counts with a zero delta."""
     t0 = time.time()
     sources = list(rows)
     model = soup.load_base(base_dir).eval()
@@ -115,7 +117,7 @@ def merge_blockwise(base_dir: Path, factors: dict[str, dict[str, Factor]], rows:
                     if index in by_block:
                         block_factors = {m: factors[m] for m in by_block[index]}
                         stats = _block_statistics(block_factors, modules, sources, tokens, hidden, start, batches,
-                                                  block, device)
+                                                  block, device, weights or {})
                         solved, singular = solve_factors(stats, block_factors, alpha)
                         for m, (a, b) in solved.items():
                             fold_delta(modules[m].weight, originals[m], a, b)
@@ -136,13 +138,13 @@ def merge_blockwise(base_dir: Path, factors: dict[str, dict[str, Factor]], rows:
 
 def _block_statistics(factors: dict[str, dict[str, Factor]], modules: dict[str, torch.nn.Module], sources: list[str],
                       tokens: dict[str, int], hidden: dict[str, list[torch.Tensor]], start: dict[str, list],
-                      batches: dict[str, list], block: torch.nn.Module, device) -> GramStatistics:
+                      batches: dict[str, list], block: torch.nn.Module, device, weights: dict[str, float]) -> GramStatistics:
     """One block's Gram statistics: every source's hidden states through the block, hooks on its LoRA layers."""
     stats = empty_statistics(sources, tokens, factors, device)
     collector = GramCollector(stats, factors, {m: modules[m] for m in factors}, device)
     try:
         for s in sources:
-            collector.source, collector.weight = s, 1.0 / tokens[s]
+            collector.source, collector.weight = s, weights.get(s, 1.0) / tokens[s]
             for h, (_, kw), (_, mask) in zip(hidden[s], start[s], batches[s]):
                 collector.batch(mask)
                 block(h, **kw)
