@@ -82,7 +82,7 @@ def scored(tmp_path, monkeypatch):
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    refs = recipe_references(path)
+    refs = recipe_references(load_recipe(path))
 
     def half(answers):
         return [a if i < len(answers) // 2 else "wrong" for i, a in enumerate(answers)]

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
+from loradem.data.rows import load_splits
 from loradem.errors import LorademError
 from loradem.files import read_json
 from loradem.model.render import eval_pair, normalize_answer
+from loradem.recipe import Recipe, load_recipe
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -90,16 +91,13 @@ def compare_rows(report: dict, references: dict[str, dict[str, list[str]]], a: s
     return out
 
 
-def recipe_references(recipe_path: str | Path) -> dict[str, dict[str, list[str]]]:
+def recipe_references(recipe: Recipe) -> dict[str, dict[str, list[str]]]:
     """The answers the report scored against: every exact-match source's test rows and every held-out task's rows,
     split and checked as the run did (nothing is loaded but the data files)."""
     from loradem.evaluate.heldout import held_out_rows
-    from loradem.pipeline import _splits
-    from loradem.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
-    splits = _splits(recipe)
-    test = {s.name: [eval_pair(r)[1] for r in splits[s.name].test] for s in recipe.sources if s.metric == "exact_match"}
+    test = {s.name: [eval_pair(r)[1] for r in load_splits(s, recipe.seed).test]
+            for s in recipe.sources if s.metric == "exact_match"}
     held = {t.name: [eval_pair(r)[1] for r in held_out_rows(t)] for t in recipe.eval.held_out}
     return {"test": test, "held_out": held}
 
@@ -127,12 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("b", help="another report row, e.g. dem-regmean")
     args = parser.parse_args(argv)
     try:
-        from loradem.recipe import load_recipe
-
-        report_path = load_recipe(args.recipe).out_dir / "report.json"
+        recipe = load_recipe(args.recipe)
+        report_path = recipe.out_dir / "report.json"
         if not report_path.is_file():
             raise LorademError(f"{report_path}: no report; run `loradem run {args.recipe}` first")
-        result = compare_rows(read_json(report_path), recipe_references(args.recipe), args.a, args.b)
+        result = compare_rows(read_json(report_path), recipe_references(recipe), args.a, args.b)
     except LorademError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
