@@ -32,8 +32,9 @@ test: setup
 
 # The benchmark (not a test): each suite in one report (demo-options, formats-options:
 # every adapter, uniform, searched, learned and RegMean weights, with and without the
-# shared warm-up and with KL-to-base anchoring, against data mixing at natural and
-# tuned proportions, with held-out tasks and retention), the demo plus a fourth source
+# shared warm-up, with KL-to-base anchoring, from an anchored warm-up and RegMean with
+# generic rows, against data mixing at natural and tuned proportions, with held-out
+# tasks and retention), the demo plus a fourth source
 # added later, then the assembler and search-trial benchmarks against PEFT and the
 # GGUF check. Reports in runs/.
 # Several hours on 2 CPU cores (estimated in each recipe's header).
