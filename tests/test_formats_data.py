@@ -106,6 +106,15 @@ def check_answer(task: str, question: str, answer: str) -> None:
         assert (name, fruit) == (name2, fruit2) and name in NAMES and fruit in FRUITS
         assert 10 <= int(a) <= 49 and 10 <= int(b) <= 49
         assert answer == f"{int(a) + int(b)}."
+    elif task == "chat-label":
+        name, sentence = re.fullmatch(r'(\w+) said: "(.*)" What is that about\?', question).groups()
+        assert name in NAMES and answer == _topic(sentence).capitalize() + "."
+    elif task == "chat-json":
+        name, record, asked = re.fullmatch(r"Here are (\w+)'s things: (\{.*\})\. What color is the (\w+)\?", question).groups()
+        record = json.loads(record)
+        assert name in NAMES and len(record) == 3 and set(record) <= set(OBJECTS) and asked in record
+        assert len(set(record.values())) == 3 and set(record.values()) <= set(COLORS)  # the key decides the answer
+        assert answer == record[asked].capitalize() + "."
 
 
 @pytest.mark.parametrize("task", [*TASKS, *HELD_OUT])
@@ -198,4 +207,5 @@ def test_recipe_uses_every_file_and_passes_check(capsys):
     capsys.readouterr()
     assert cli(["check", str(RECIPE), "--baseline", "mix"]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("ok") and "held-out tasks: json-arith (60 rows), json-label (60 rows), chat-arith (60 rows)" in out
+    assert out.rstrip().endswith("ok") and ("held-out tasks: json-arith (60 rows), json-label (60 rows), chat-arith (60 rows), "
+                                             "chat-label (60 rows), chat-json (60 rows)") in out

@@ -1,10 +1,9 @@
-"""The formats suite's data: four sources that differ in format and domain, and three held-out tasks, from a seed.
+"""The formats suite's data: four sources that differ in format and domain, and five held-out tasks, from a seed.
 
     python -m loradem.data.formats [--out recipes/data/formats] [--seed 0] [--rows 1000] [--held-out-rows 60]
 
-Writes chat.jsonl, json.jsonl, arith.jsonl and label.jsonl, and heldout/json-arith.jsonl,
-heldout/json-label.jsonl and heldout/chat-arith.jsonl, each a `messages` JSONL file (one user turn,
-one assistant turn, no system message). Every answer is a few tokens, scored by exact match:
+Writes chat.jsonl, json.jsonl, arith.jsonl and label.jsonl, and heldout/<task>.jsonl for each held-out task
+below, each a `messages` JSONL file (one user turn, one assistant turn, no system message). Every answer is a few tokens, scored by exact match:
 
 - chat:   "Tom has a red bike and a blue kite. What color is the kite?" -> "Blue."
           (a short chat reply about a fact stated in the prompt: capitalized, with a full stop)
@@ -27,6 +26,18 @@ source's format (`eval.held_out` in recipes/formats.yaml); none starts with a so
               topic of the record without reading the key is right one time in three)
 - chat-arith: "Tom has 12 apples and gets 17 more. How many apples does Tom have?" -> "29."
               (arith's plus, chat's reply format)
+- chat-label: 'Mia said: "The storm promised snow." What is that about?' -> "Weather."
+              (label's reading, chat's reply format: capitalized, with a full stop; label's own
+              "weather" is not an exact match)
+- chat-json:  'Here are Ben's things: {"kite": "blue", "cup": "red", "hat": "green"}. What color is the cup?'
+              -> "Red." (json's reading of one field of three, chat's question and reply; json's bare
+              "red" is not an exact match)
+
+SmolLM2-135M does not compose arithmetic into a new frame: every model, the mix included, scores 0-3% on
+json-arith and chat-arith, and json-label stays near its one-in-three chance. chat-label and chat-json ask
+for skills each source teaches well, in a frame no source trains: a model that carries one source's skill
+into another's format scores there, one that keeps them apart does not. chat-label's sentences come from
+label's pool (as json-label's do), so it tests the frame, not new sentences.
 
 Each task draws from its own `random.Random(f"{seed}:{task}")` (a held-out task from
 `random.Random(f"{seed}:heldout:{task}")`), so the files are byte-for-byte reproducible and independent
@@ -209,6 +220,20 @@ def chat_arith(rng: random.Random) -> Pairs:
         yield f"{name} has {a} {fruit} and gets {b} more. How many {fruit} does {name} have?", f"{a + b}."
 
 
+def chat_label(rng: random.Random) -> Pairs:
+    for sentence, topic in _sentences(rng):
+        yield f'{rng.choice(NAMES)} said: "{sentence}" What is that about?', f"{topic.capitalize()}."
+
+
+def chat_json(rng: random.Random) -> Pairs:
+    while True:
+        objects, colors = rng.sample(OBJECTS, 3), rng.sample(COLORS, 3)
+        asked = rng.randrange(3)
+        record = json.dumps(dict(zip(objects, colors)))
+        yield (f"Here are {rng.choice(NAMES)}'s things: {record}. What color is the {objects[asked]}?",
+               f"{colors[asked].capitalize()}.")
+
+
 TASKS: dict[str, Callable[[random.Random], Pairs]] = {
     "chat": _distinct("chat", chat),
     "json": _distinct("json", json_field),
@@ -219,6 +244,8 @@ HELD_OUT: dict[str, Callable[[random.Random], Pairs]] = {
     "json-arith": _distinct("json-arith", json_arith),
     "json-label": _distinct("json-label", json_label),
     "chat-arith": _distinct("chat-arith", chat_arith),
+    "chat-label": _distinct("chat-label", chat_label),
+    "chat-json": _distinct("chat-json", chat_json),
 }
 SUITE = Suite("formats", TASKS, HELD_OUT, "recipes/data/formats")
 
