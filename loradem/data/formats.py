@@ -33,11 +33,11 @@ source's format (`eval.held_out` in recipes/formats.yaml); none starts with a so
               -> "Red." (json's reading of one field of three, chat's question and reply; json's bare
               "red" is not an exact match)
 
-SmolLM2-135M does not compose arithmetic into a new frame: every model, the mix included, scores 0-3% on
-json-arith and chat-arith, and json-label stays near its one-in-three chance. chat-label and chat-json ask
-for skills each source teaches well, in a frame no source trains: a model that carries one source's skill
-into another's format scores there, one that keeps them apart does not. chat-label's sentences come from
-label's pool (as json-label's do), so it tests the frame, not new sentences.
+SmolLM2-135M does not carry arithmetic into a new frame (json-arith and chat-arith stay near zero for every
+model, the mix included), and naming any topic of json-label's record is right one time in three, so
+chat-label and chat-json ask for skills the sources teach well, in a frame no source trains (what each model
+scores: benchmarks/RESULTS.md). chat-label's sentences come from label's pool (as json-label's do), so it
+tests the frame, not new sentences.
 
 Each task draws from its own `random.Random(f"{seed}:{task}")` (a held-out task from
 `random.Random(f"{seed}:heldout:{task}")`), so the files are byte-for-byte reproducible and independent
