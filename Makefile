@@ -35,13 +35,14 @@ test: setup
 # shared warm-up, with KL-to-base anchoring, from an anchored warm-up and RegMean with
 # generic rows, against data mixing at natural and tuned proportions, with held-out
 # tasks and retention), the demo plus a fourth source
-# added later, then the assembler and search-trial benchmarks against PEFT and the
-# GGUF check. Reports in runs/.
+# added later, both suites side by side (runs/bench.md, bench.png), then the assembler
+# and search-trial benchmarks against PEFT and the GGUF check. Reports in runs/.
 # Several hours on 2 CPU cores (estimated in each recipe's header).
 bench: setup
 	$(BIN)/loradem run recipes/demo-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/demo-plus-options.yaml --baseline mix
 	$(BIN)/loradem run recipes/formats-options.yaml --baseline mix
+	$(BIN)/python -m loradem.evaluate.side_by_side runs/demo-options runs/formats-options --out runs/bench.md
 	$(BIN)/python benchmarks/bench_assemble.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(MAKE) gguf-check GGUF_MODEL=runs/demo-options/model

@@ -30,12 +30,12 @@ _EPS = 1e-9  # exact-match averages are sums of k/n: 145/180 against 154/180 - 0
 CRITERIA = ("in_domain", "held_out", "retention", "adapters")
 
 
-def _held_out(row: dict) -> Optional[float]:
+def held_out_average(row: dict) -> Optional[float]:
     values = [v for v in (row.get("held_out") or {}).values() if v is not None]
     return sum(values) / len(values) if values else None
 
 
-def _kl(row: dict) -> Optional[float]:
+def retention_kl(row: dict) -> Optional[float]:
     return (row.get("retention") or {}).get("kl")
 
 
@@ -72,8 +72,8 @@ def against_mix(rows: list[dict], metrics: dict[str, str]) -> Optional[dict]:
     sources = list(metrics)
     by_name = {r["name"]: r for r in rows}
     best = max(mixes, key=lambda r: r["average"])
-    held = max(((h, r["name"]) for r in mixes if (h := _held_out(r)) is not None), default=(None, None))
-    kl = min(((k, r["name"]) for r in mixes if (k := _kl(r)) is not None), default=(None, None))
+    held = max(((h, r["name"]) for r in mixes if (h := held_out_average(r)) is not None), default=(None, None))
+    kl = min(((k, r["name"]) for r in mixes if (k := retention_kl(r)) is not None), default=(None, None))
     mix = {"row": best["name"], "average": best["average"], "held_out": held[0], "held_out_row": held[1],
            "kl": kl[0], "kl_row": kl[1]}
     merges = []
@@ -82,7 +82,7 @@ def against_mix(rows: list[dict], metrics: dict[str, str]) -> Optional[dict]:
             continue
         shares = _adapter_shares(row, by_name, sources)
         known = [v for v in shares.values() if v is not None]
-        held_out, kl = _held_out(row), _kl(row)
+        held_out, kl = held_out_average(row), retention_kl(row)
         met = {
             "in_domain": row["average"] >= mix["average"] - IN_DOMAIN_GAP - _EPS,
             "held_out": None if held_out is None or mix["held_out"] is None else held_out >= mix["held_out"] - _EPS,
@@ -145,7 +145,8 @@ def against_mix_figure(verdict: dict, rows: list[dict]):
         return None
     fig = figure(6.8, 4.6)
     ax = fig.add_subplot()
-    points = [(r["name"], 100 * r["average"], _kl(r)) for r in rows if r.get("average") is not None and _kl(r) is not None]
+    points = [(r["name"], 100 * r["average"], retention_kl(r)) for r in rows
+              if r.get("average") is not None and retention_kl(r) is not None]
     singles = [(x, y) for name, x, y in points if is_single_adapter(name)]
     if singles:
         ax.plot(*zip(*singles), "o", color="0.75", label="one adapter alone")
