@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from loradem.evaluate.paired import compare_rows, recipe_references
 from loradem.evaluate.side_by_side import held_out_figure, main, markdown, suite_rows
+from loradem.recipe import load_recipe
+from test_pipeline import _rows
 
 COST = {"train_tokens": 100, "train_seconds": 600.0, "search_seconds": 0.0, "total_seconds": 600.0}
 
@@ -108,3 +112,34 @@ def test_no_figure_without_exact_match_averages():
     loss = {"recipe": "l", "metric": {"x": "loss"}, "rows": [_row("base", {"x": 2.0}), _row("mix", {"x": 1.0})]}
     assert held_out_figure([("l", loss)]) is None
     assert "| `mix` | 1.000 |" in markdown([("l", loss)])
+
+
+def test_close_merges_get_paired_intervals_from_the_recipes_answers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for task in ("addition", "sort"):
+        (tmp_path / "data" / f"{task}.jsonl").write_text(_rows(task, 30))
+    (tmp_path / "data" / "held.jsonl").write_text(_rows("reverse", 10))
+    recipe = {"name": "tiny", "base": "smollm2-135m",
+              "sources": [{"name": "addition", "data": "data/addition.jsonl", "validation": 4, "test": 8},
+                          {"name": "sort", "data": "data/sort.jsonl", "validation": 4, "test": 6}],
+              "eval": {"held_out": [{"name": "held", "data": "data/held.jsonl"}]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    refs = recipe_references(load_recipe("tiny.yaml"))
+
+    def half(answers):
+        return [a if i < len(answers) // 2 else "wrong" for i, a in enumerate(answers)]
+
+    report = {"recipe": "tiny", "recipe_path": "tiny.yaml", "metric": {"addition": "exact_match", "sort": "exact_match"},
+              "rows": [_row("mix", {"addition": 0.5, "sort": 0.5}, {"held": 0.5}),
+                       _row("dem-regmean", {"addition": 1.0, "sort": 1.0}, {"held": 1.0})],
+              "predictions": {"mix": {s: half(a) for s, a in refs["test"].items()}, "dem-regmean": refs["test"]},
+              "held_out": {"predictions": {"mix": {t: half(a) for t, a in refs["held_out"].items()},
+                                           "dem-regmean": refs["held_out"]}}}
+    text = markdown([("tiny", report)])
+    # every row `mix` got wrong, `dem-regmean` got right: +50 points on both measures, as paired.py computes them
+    expected = compare_rows(report, refs, "mix", "dem-regmean")
+    low, high = (f"{100 * expected['in_domain'][k]:+.1f}" for k in ("low", "high"))
+    assert f"- `dem-regmean`: in-domain +50.0 (95% CI {low} to {high}) against `mix`; held-out +50.0 (95% CI " in text
+    del report["recipe_path"]
+    assert "Paired intervals not computed: report.json names no recipe." in markdown([("tiny", report)])

@@ -16,7 +16,11 @@ weights as `uniform`) is listed once, and named under the table.
 
 Where a suite has a mix row, the column `vs mix` says which of the four criteria of report.md's "Against data
 mixing" a merge misses (`loradem/evaluate/against_mix.py`): in-domain within 5 points of the best mix, held-out
-at least the best mix's, KL at most the lowest mix's, at least 90% of each of its adapters' own scores.
+at least the best mix's, KL at most the lowest mix's, at least 90% of each of its adapters' own scores. A yes/no
+on 60 rows a task cannot tell a small gap from noise, so each merge that misses at most one criterion also gets
+its paired 95% intervals against the best mix (`loradem/evaluate/paired.py`: in-domain against the best
+in-domain mix, held-out against the best held-out mix), from the predictions in report.json and the answers of
+the recipe it names (`recipe_path`, relative to where the command runs; its data must be what the run scored).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from typing import Optional, Sequence
 from loradem.errors import LorademError
 from loradem.evaluate.against_mix import (CRITERIA, IN_DOMAIN_GAP, MIX_ROWS, against_mix, held_out_average, is_merge,
                                           is_single_adapter, retention_kl)
+from loradem.evaluate.paired import compare_rows, recipe_references
 from loradem.evaluate.report import average_metric, check_rows, format_value
 from loradem.files import atomic_write_files, read_json
 from loradem.machine import summary as machine_summary
 from loradem.plots import figure, png_bytes, styled
+from loradem.recipe import load_recipe
 
 OWN = "own adapters"
 ZOOM = 20.0  # points of in-domain average below the in-domain bar that the figure still shows
@@ -108,6 +114,42 @@ def _vs_mix(entry: Optional[dict]) -> str:
     return "**all four**" if not entry["missed"] else "misses " + ", ".join(_SHORT[c] for c in entry["missed"])
 
 
+def _points(x: float) -> str:
+    return f"{round(100 * x, 1) or 0.0:+.1f}"  # no "-0.0" for a difference that rounds to nothing
+
+
+def _interval(r: dict) -> str:
+    return f"{_points(r['difference'])} (95% CI {_points(r['low'])} to {_points(r['high'])})"
+
+
+def interval_lines(report: dict, rows: dict[str, dict]) -> list[str]:
+    """For each merge missing at most one criterion: its paired differences from the best mix, in-domain and
+    held-out, with 95% intervals; one line saying why when the recipe's answers cannot be read."""
+    verdict = against_mix(report["rows"], report["metric"])
+    close = [n for n, e in rows.items() if e["missed"] is not None and len(e["missed"]) <= 1]
+    if not verdict or not close:
+        return []
+    mix = verdict["mix"]
+    try:
+        if not report.get("recipe_path"):
+            raise LorademError("report.json names no recipe")
+        references = recipe_references(load_recipe(report["recipe_path"]))
+        lines = []
+        for name in close:
+            parts = []
+            r = compare_rows(report, references, mix["row"], name).get("in_domain")
+            if r:
+                parts.append(f"in-domain {_interval(r)} against `{mix['row']}`")
+            r = compare_rows(report, references, mix["held_out_row"], name).get("held_out") if mix["held_out_row"] else None
+            if r:
+                parts.append(f"held-out {_interval(r)} against `{mix['held_out_row']}`")
+            if parts:
+                lines.append(f"- `{name}`: " + "; ".join(parts))
+    except LorademError as exc:
+        return [f"Paired intervals not computed: {exc}."]
+    return ["Paired differences from the best mix, in points (`python -m loradem.evaluate.paired`):", *lines] if lines else []
+
+
 def markdown(reports: list[tuple[str, dict]], png: Optional[str] = None) -> str:
     """The side-by-side table of `reports` ([(label, report.json)]), with each suite's best mix and machine."""
     suites = []
@@ -150,6 +192,7 @@ def markdown(reports: list[tuple[str, dict]], png: Optional[str] = None) -> str:
         goal = [n for n, e in rows.items() if e["missed"] == []]
         if mixes:
             lines.append("Meets all four: " + (", ".join(f"`{n}`" for n in goal) if goal else "none") + ".")
+            lines += interval_lines(report, rows)
         if same:
             lines.append("One model under several names: " + "; ".join(
                 f"`{first}` = " + ", ".join(f"`{o}`" for o in others) for first, others in same.items()) + ".")
