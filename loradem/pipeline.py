@@ -93,6 +93,9 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
         sp, tr, lo = splits[s.name], recipe.train_for(s), recipe.lora_for(s)
         print(f"{s.name:<16}{sp.format:<19}{len(sp.train):>7}{len(sp.validation):>6}{len(sp.test):>6}  "
               f"{s.metric:<12}{tr.learning_rate:>9.2g}{tr.max_steps or 0:>7}{lo.r:>4}")
+    for line in _adapter_lines(recipe):
+        print(line)
+    print(_merges_line(recipe))
     for v in recipe.variants:
         print(f"variant {v.name!r}: {format_overrides(v.overrides())} (outputs in {recipe.variant(v.name).out_dir}/)")
     for label, r in (("", recipe), *variant_recipes(recipe).items()):
@@ -123,6 +126,35 @@ def check(recipe_path: str | Path, *, baseline: str | None = None) -> Recipe:
         print(line)
     print("ok")
     return recipe
+
+
+def _adapter_lines(recipe: Recipe) -> list[str]:
+    """What `check` says about adapters that are not plain LoRA on the sources' rows: LoRI-style subspaces, anchors."""
+    lines = []
+    lori = [s.name for s in recipe.sources if recipe.lora_for(s).subspace == "lori"]
+    if lori:
+        densities = sorted({recipe.lora_for(s).density for s in recipe.sources if s.name in lori})
+        lines.append(f"LoRI-style adapters for {', '.join(lori)}: A frozen and shared, "
+                     f"{'/'.join(f'{d:.0%}' for d in densities)} of each B trained under the source's own mask")
+    if recipe.anchor.enabled:
+        lines.append(f"anchored adapters: {recipe.anchor.fraction:.0%} of each source's rows are anchor prompts "
+                     f"({Path(recipe.anchor.data).name}, loss {recipe.anchor.loss})")
+    return lines
+
+
+def _merges_line(recipe: Recipe) -> str:
+    """The merges a run scores and the one it folds into runs/<name>/model."""
+    search = recipe.search
+    merges = ["uniform", "sum", f"dem (searched: {search.n_trials} {search.sampler} trials, weights in "
+                                f"[{search.low:g}, {search.high:g}])"]
+    if recipe.learn.enabled:
+        merges.append(f"dem-learned (per-{recipe.learn.granularity} weights, {recipe.learn.steps} steps)")
+    if recipe.regmean.enabled:
+        alpha = recipe.regmean.alpha
+        merges.append(f"dem-regmean ({recipe.regmean.activations} activations, alpha "
+                      f"{'/'.join(f'{a:g}' for a in alpha) if isinstance(alpha, list) else f'{alpha:g}'})")
+    folded = {"search": "dem", "learned": "dem-learned", "regmean": "dem-regmean"}[recipe.assemble.weights]
+    return f"merges: {', '.join(merges)}; {recipe.out_dir}/model folds {folded}"
 
 
 # ---- train -----------------------------------------------------------------

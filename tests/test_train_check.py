@@ -125,3 +125,22 @@ def test_check_loads_none_of_the_ml_libraries(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_check_says_which_adapters_and_merges_a_run_makes(tmp_path, capsys):
+    sources = [chat_source(tmp_path), chat_source(tmp_path, "other")]
+    pipeline.check(recipe_file(tmp_path, sources))
+    out = capsys.readouterr().out
+    assert "merges: uniform, sum, dem (searched: 12 tpe trials, weights in [0, 1.5]); " in out
+    assert "/model folds dem\n" in out
+    assert "LoRI" not in out and "anchored adapters" not in out
+    pipeline.check(recipe_file(tmp_path, sources, lora={"subspace": "lori", "density": 0.2},
+                               anchor={"enabled": True, "fraction": 0.1, "loss": "kl"},
+                               learn={"enabled": True, "steps": 7}, regmean={"enabled": True, "alpha": [0.5, 0.9]},
+                               assemble={"weights": "regmean"}, search={"n_trials": 3, "sampler": "random", "high": 2.0}))
+    out = capsys.readouterr().out
+    assert "LoRI-style adapters for addition, other: A frozen and shared, 20% of each B trained under the source's own mask" in out
+    assert "anchored adapters: 10% of each source's rows are anchor prompts (builtin, loss kl)" in out
+    assert ("merges: uniform, sum, dem (searched: 3 random trials, weights in [0, 2]), dem-learned (per-module weights, "
+            "7 steps), dem-regmean (base activations, alpha 0.5/0.9); ") in out
+    assert "/model folds dem-regmean\n" in out
