@@ -63,7 +63,7 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
 
 
 def make_job(out: Path, *, batch_size: int = 1, **settings) -> RegMeanJob:
-    return RegMeanJob(name="t", settings=RegMeanSettings(**{"enabled": True, "rows_per_source": 8, **settings}), out_dir=out,
+    return RegMeanJob(name="t", settings=RegMeanSettings(**{"enabled": True, "rows_per_source": 8, "alpha": 0.9, **settings}), out_dir=out,
                       seed=0, max_length=MAX_LENGTH, batch_size=batch_size)
 
 
@@ -393,10 +393,15 @@ def test_alpha_candidates_keep_the_lowest_validation_loss_and_equal_that_single_
 
 
 def test_alpha_candidates_without_validation_rows_are_refused(tiny_base, adapters, tmp_path):
-    with pytest.raises(LorademError, match=r"regmean.alpha: several candidates are chosen between on validation rows, and no source has any"):
+    with pytest.raises(LorademError, match=r"^regmean.alpha: the candidates \[0.5, 0.9\] \(a list, as the default is\) are "
+                                           r"chosen between on validation rows, and no source has any; give one alpha, e.g. 0.99$"):
         regmean_merge(make_job(tmp_path / "auto", alpha=[0.5, 0.9]), tiny_base, adapters, TRAIN,
                       validation={s: [] for s in SOURCES}, log=lambda _: None)
     assert not (tmp_path / "auto").exists()
+
+
+def test_the_default_alpha_is_the_candidates_measured_on_both_suites():
+    assert RegMeanSettings(enabled=True).alpha == [0.9, 0.99]
 
 
 @pytest.mark.parametrize("alpha, problem", [([0.5, 0.5], "expected distinct alphas"), ([0.5, 1.5], "less than or equal to 1"),

@@ -383,8 +383,8 @@ def regmean_merge(job: RegMeanJob, base_dir: Path, adapters: dict[str, Path], tr
     if len(alphas(job.settings)) > 1:
         validation = {s: list(r) for s, r in (validation or {}).items() if s in adapters and r}
         if not validation:
-            raise LorademError("regmean.alpha: several candidates are chosen between on validation rows, and no "
-                               "source has any; give one alpha")
+            raise LorademError(f"regmean.alpha: the candidates {alphas(job.settings)} (a list, as the default is) are "
+                               "chosen between on validation rows, and no source has any; give one alpha, e.g. 0.99")
     else:
         validation = None
     rows = sample_rows(job, sources, train)
