@@ -118,7 +118,7 @@ def lines(result: dict[str, dict], a: str, b: str) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loradem.evaluate.paired",
-        description="Row B minus row A of a finished report, paired on the same test rows, with a 95%% interval: "
+        description="Row B minus row A of a finished report, paired on the same test rows, with a 95% interval: "
                     "in-domain (the sources' test rows) and held-out (the recipe's held-out tasks).")
     parser.add_argument("recipe", help="the recipe whose report to read (runs/<name>/report.json)")
     parser.add_argument("a", help="a report row, e.g. mix-tuned")

@@ -264,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m loradem.evaluate.side_by_side",
         description="Several finished runs' reports (runs/<name>/report.json) in one markdown table: each mix and "
                     "merge's in-domain, held-out and KL scores and its cost, one group of columns per run, which of "
-                    "the against-mix criteria each merge misses, and paired 95%% intervals against the best mix for "
+                    "the against-mix criteria each merge misses, and paired 95% intervals against the best mix for "
                     "the merges that miss at most one (they read the recipe each report names, for its answers).")
     parser.add_argument("runs", nargs="+", help="run folders, e.g. runs/demo-options runs/formats-options")
     parser.add_argument("--out", help="write the table to this file and its figure beside it (<name>.png), instead of "
