@@ -53,6 +53,14 @@ def _lines(text):
     return {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
 
 
+def test_rows_with_equal_scores_but_other_weights_are_two_models():
+    report = _suite_b()
+    for name, w in (("uniform", 0.5), ("sum", 1.0)):  # the same scores, folded with other weights
+        report["rows"].append({**_row(name, {"z": 0.0}, {"u": 0.0}), "weights": {"z": w}})
+    rows, same = suite_rows(report)
+    assert "uniform" in rows and "sum" in rows and same == {}
+
+
 def test_rows_per_suite_with_own_adapters_duplicates_and_the_goal():
     rows, same = suite_rows(_suite_a())
     assert list(rows) == ["base", "own adapters", "mix", "dem", "dem-regmean", "v:dem-regmean"]

@@ -11,8 +11,8 @@ base on generic prompts and the total cost (training, search and merge, in minut
 suites by name, in the order they first appear; a suite without a row shows '–'. Single adapters are not
 listed: each adapter set (the recipe's and each variant's) has one row `own adapters`, the mean of each
 source's adapter on that source alone (what composition could keep). A variant's row that is the very model
-of an earlier row (every measure equal, e.g. `rm-anchor:uniform`, which folds the recipe's adapters by the same
-weights as `uniform`) is listed once, and named under the table.
+of an earlier row (every measure, its weights and its cost equal, e.g. `rm-anchor:uniform`, which folds the
+recipe's adapters by the same weights as `uniform`) is listed once, and named under the table.
 
 Where a suite has a mix row, the column `vs mix` says which of the four criteria of report.md's "Against data
 mixing" a merge misses (`loradem/evaluate/against_mix.py`): in-domain within 5 points of the best mix, held-out
@@ -61,7 +61,10 @@ def load_report(run_dir: Path) -> dict:
 
 
 def _measures(row: dict) -> tuple:
-    return (row.get("per_source"), row.get("held_out"), row.get("retention"), row.get("average"))
+    """What makes two rows one model: the same scores on every measure, weights and cost (a report scores a model
+    once and gives a second row of it that row's numbers)."""
+    return (row.get("per_source"), row.get("held_out"), row.get("retention"), row.get("average"), row.get("weights"),
+            row.get("cost"))
 
 
 def suite_rows(report: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
