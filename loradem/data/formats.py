@@ -3,7 +3,8 @@
     python -m loradem.data.formats [--out recipes/data/formats] [--seed 0] [--rows 1000] [--held-out-rows 60]
 
 Writes chat.jsonl, json.jsonl, arith.jsonl and label.jsonl, and heldout/<task>.jsonl for each held-out task
-below, each a `messages` JSONL file (one user turn, one assistant turn, no system message). Every answer is a few tokens, scored by exact match:
+below, each a `messages` JSONL file (one user turn, one assistant turn, no system message). Every answer is a
+few tokens, scored by exact match:
 
 - chat:   "Tom has a red bike and a blue kite. What color is the kite?" -> "Blue."
           (a short chat reply about a fact stated in the prompt: capitalized, with a full stop)

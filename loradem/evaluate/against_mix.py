@@ -96,7 +96,7 @@ def against_mix(rows: list[dict], metrics: dict[str, str]) -> Optional[dict]:
     return {"mix": mix, "merges": merges}
 
 
-def _pct(x: Optional[float]) -> str:
+def percent(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
@@ -109,10 +109,10 @@ def against_mix_lines(verdict: Optional[dict]) -> list[str]:
     if not verdict:
         return []
     mix, merges = verdict["mix"], verdict["merges"]
-    bars = [f"in-domain average at least {_pct(mix['average'] - IN_DOMAIN_GAP)} (`{mix['row']}` {_pct(mix['average'])} "
+    bars = [f"in-domain average at least {percent(mix['average'] - IN_DOMAIN_GAP)} (`{mix['row']}` {percent(mix['average'])} "
             f"less {100 * IN_DOMAIN_GAP:.0f} points)"]
     if mix["held_out"] is not None:
-        bars.append(f"held-out average at least {_pct(mix['held_out'])} (`{mix['held_out_row']}`)")
+        bars.append(f"held-out average at least {percent(mix['held_out'])} (`{mix['held_out_row']}`)")
     if mix["kl"] is not None:
         bars.append(f"retention KL at most {mix['kl']:.4f} (`{mix['kl_row']}`)")
     bars.append(f"at least {100 * ADAPTER_SHARE:.0f}% of each source's own adapter's score on that source")
@@ -123,7 +123,7 @@ def against_mix_lines(verdict: Optional[dict]) -> list[str]:
              "|---|---:|---:|---:|---:|:-:|:-:|:-:|:-:|"]
     for m in merges:
         kl = "–" if m["kl"] is None else f"{m['kl']:.4f}"
-        lines.append(f"| `{m['row']}` | {_pct(m['average'])} | {_pct(m['held_out'])} | {kl} | {_pct(m['lowest_share'])}{'%' if m['lowest_share'] is not None else ''} | "
+        lines.append(f"| `{m['row']}` | {percent(m['average'])} | {percent(m['held_out'])} | {kl} | {percent(m['lowest_share'])}{'%' if m['lowest_share'] is not None else ''} | "
                      + " | ".join(_mark(m["met"][c]) for c in CRITERIA) + " |")
     winners = [m["row"] for m in merges if m["goal"]]
     if winners:

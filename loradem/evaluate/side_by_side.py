@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 from loradem.errors import LorademError
 from loradem.evaluate.against_mix import (CRITERIA, IN_DOMAIN_GAP, MIX_ROWS, against_mix, held_out_average, is_merge,
-                                          is_single_adapter, retention_kl)
+                                          is_single_adapter, percent, retention_kl)
 from loradem.evaluate.paired import compare_rows, recipe_references
 from loradem.evaluate.report import average_metric, check_rows, format_value
 from loradem.files import atomic_write_files, read_json
@@ -180,8 +180,8 @@ def markdown(reports: list[tuple[str, dict]], png: Optional[str] = None) -> str:
                 cells += ["–", "–", "–", "–", ""]
                 continue
             cells += [format_value(entry["in_domain"], average_metric(report["metric"])).rstrip("%"),
-                      _cell(None if entry["held_out"] is None else 100 * entry["held_out"], "{:.1f}"),
-                      _cell(entry["kl"], "{:.3f}"), _cell(entry["minutes"], "{:.1f}"), _vs_mix(entry)]
+                      percent(entry["held_out"]), _cell(entry["kl"], "{:.3f}"), _cell(entry["minutes"], "{:.1f}"),
+                      _vs_mix(entry)]
         lines.append("| " + " | ".join(cells) + " |")
     for label, report, rows, same in suites:
         lines += ["", f"**{label}** (`{report.get('recipe_path') or report.get('recipe')}`"
@@ -189,9 +189,8 @@ def markdown(reports: list[tuple[str, dict]], png: Optional[str] = None) -> str:
         mixes = [n for n in MIX_ROWS if n in rows]
         if mixes:
             lines.append("Mixes: " + "; ".join(
-                f"`{n}` in-domain {_cell(None if rows[n]['in_domain'] is None else 100 * rows[n]['in_domain'], '{:.1f}')}, held-out "
-                f"{_cell(None if rows[n]['held_out'] is None else 100 * rows[n]['held_out'], '{:.1f}')}, KL "
-                f"{_cell(rows[n]['kl'], '{:.3f}')}" for n in mixes) + ".")
+                f"`{n}` in-domain {percent(rows[n]['in_domain'])}, held-out {percent(rows[n]['held_out'])}, "
+                f"KL {_cell(rows[n]['kl'], '{:.3f}')}" for n in mixes) + ".")
         goal = [n for n, e in rows.items() if e["missed"] == []]
         if mixes:
             lines.append("Meets all four: " + (", ".join(f"`{n}`" for n in goal) if goal else "none") + ".")
