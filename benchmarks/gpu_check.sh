@@ -2,7 +2,7 @@
 # The CUDA paths in one call: train, search, learn, assemble and evaluate on the GPU, check the fold, time training.
 #
 #   bash benchmarks/gpu_check.sh                          # the embedded SmolLM2-135M (needs it in the loradem cache)
-#   bash benchmarks/gpu_check.sh --stand-in-from .gpu/smollm2 --out "$OUT/check"
+#   bash benchmarks/gpu_check.sh --stand-in-from .gpu/smollm2 --out /tmp/gpu-check
 #   bash benchmarks/gpu_check.sh --base tests/some-tiny-model --steps 2    # CPU only: what CI runs (tests/test_gpu_check.py)
 #   bash benchmarks/gpu_check.sh --compare MODEL_DIR_A MODEL_DIR_B         # the fold comparison alone
 #
@@ -21,23 +21,24 @@
 # Without CUDA it runs 1 and 2 on the CPU (same code paths, NF4 through bitsandbytes' CPU kernels) and says
 # which CUDA parts it skipped; with the default --steps 2 that takes a couple of minutes on SmolLM2.
 #
-# The device machine (docs: /work/.library/device/README.md) takes at most 64 MiB of working tree per call: neither
-# the 517 MB float32 base nor the 98 MB GGUF it is converted from travel, and its python3 has its own CUDA torch.
-# --stand-in-from DIR builds a base of the real one's exact shape with seeded random weights from DIR's config
-# and tokenizer files (a few MB; make DIR with `mkdir -p .gpu/smollm2 && cp ~/.cache/loradem/bases/
-# smollm2-135m-instruct/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja}
-# .gpu/smollm2/`, and `echo /.gpu/ >> .git/info/exclude`): tokens/s, QLoRA and the fold check are as valid on
-# it as on the real weights; its exact-match scores mean nothing. Python: $PYTHON, else .venv/bin/python where it
-# exists (here), else python3 (the device machine, with loradem's other dependencies carried as wheels: the
-# pinned bitsandbytes, transformers, trl, peft and optuna wheels alone are 59 MB, so the NF4 part may need
-# its own call).
-# Budget on an H200 (not measured yet: no GPU was lent when this was written): a few minutes, well inside one call.
+# A borrowed GPU machine often has its own CUDA torch, no package registry and little room for files: the
+# 517 MB float32 base and the 98 MB GGUF it is converted from may not fit. --stand-in-from DIR builds a base of
+# the real one's exact shape with seeded random weights from DIR's config and tokenizer files (a few MB; make
+# DIR with `mkdir -p .gpu/smollm2 && cp ~/.cache/loradem/bases/smollm2-135m-instruct/{config.json,
+# generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/smollm2/`, and
+# `echo /.gpu/ >> .git/info/exclude`): tokens/s, QLoRA and the fold check are as valid on it as on the real
+# weights; its exact-match scores mean nothing. Python: $PYTHON, else .venv/bin/python where it exists, else
+# python3 (such a machine's, with loradem's other dependencies installed from the ~28 MB of wheels that
+# benchmarks/offline_wheels.sh downloads).
+# Budget on an H200 (measured 2026-12-04, benchmarks/RESULTS.md): about 7 minutes; the pipeline 2 min, the fold
+# check 11 s, bench_train.py's four variants about 45 s each.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
 else PY=python3; fi
+[[ "$PY" == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # the script cds into --out
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 BASE=smollm2-135m STEPS="" LEARN_STEPS=4 BENCH_STEPS=60 OUT_DIR="" STAND_IN=""

@@ -20,9 +20,12 @@ from safetensors.torch import save_file
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
-def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True, env=env, timeout=timeout)
+def run_script(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # PYTHON relative to the working directory, as a user types it: the script cds into --out before using it
+    python = os.path.relpath(sys.executable, cwd) if cwd else sys.executable
+    env = {**os.environ, "PYTHON": python, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
 
 
 def sha(path: Path) -> str:
@@ -32,7 +35,8 @@ def sha(path: Path) -> str:
 @pytest.mark.slow
 def test_without_a_gpu_it_runs_the_pipeline_and_the_fold_check_on_the_cpu(tmp_path, tiny_base_tied):
     out = tmp_path / "check"
-    done = run_script("--base", str(tiny_base_tied), "--out", str(out), "--steps", "2", "--learn-steps", "2")
+    done = run_script("--base", str(tiny_base_tied), "--out", str(out), "--steps", "2", "--learn-steps", "2",
+                      cwd=tmp_path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "no CUDA device: running the CPU parts only" in log
