@@ -36,6 +36,7 @@ deps = text.split("dependencies = [", 1)[1].split("]", 1)[0]
 print(" ".join(re.findall(r'"([A-Za-z0-9_.-]+==[^"]+)"', deps)))
 EOF
 )
+# datasets 4.8: datasets 5 wants pyarrow >= 24, newer than such images tend to hold
 EXTRA='alembic mako colorlog sqlalchemy datasets==4.8.* dill<0.4.2 multiprocess<0.70.20 fsspec==2026.2.0
        pydantic pydantic-core annotated-types typing-inspection typing-extensions'
 PLATFORMS=()
@@ -43,12 +44,14 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
          manylinux2014_x86_64 manylinux1_x86_64 any; do PLATFORMS+=(--platform "$p"); done
 
 mkdir -p "$OUT"
+set -f  # the specs below (transformers==5.24.*) are pip's patterns, not the shell's
 # lm_eval is only imported by the lm-eval benchmarks; gguf only by GGUF bases and export
 for spec in $PINNED $EXTRA; do
   [[ $spec == lm_eval* ]] && continue
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     "${PLATFORMS[@]}" -d "$OUT" "$spec" 2>&1 | grep -v '^WARNING: Location' || true
 done
+set +f
 # pydantic-core must be the exact version pydantic asks for
 CORE=$(unzip -p "$OUT"/pydantic-2*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==//p')
 rm -f "$OUT"/pydantic_core-*.whl
