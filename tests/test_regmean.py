@@ -459,7 +459,9 @@ def test_run_with_regmean_assembles_it_and_reports_it(tiny_recipe, tiny_base, ca
     anchored = json.loads((run / "regmean" / "regmean.json").read_text())
     replies = [json.loads(f.read_text()) for f in Path("adapters/.anchors").glob("*.json")]
     assert len(replies) == 1 and anchored["anchor"]["rows"] == min(8, replies[0]["rows"])
-    assert anchored["anchor"]["generation_seconds"] == replies[0]["generation_seconds"] > 0
+    # the replies were generated in this call (calls == [12] below); the fake generator is instant, so its
+    # seconds may round to 0 on a fast machine: the record must equal the replies file, not exceed a time
+    assert anchored["anchor"]["generation_seconds"] == replies[0]["generation_seconds"] >= 0
     assert anchored["identity"] != record["identity"] and anchored["tokens"]["(anchor)"] > 0 and calls == [12]
     data["regmean"]["enabled"], data["assemble"] = False, {"weights": "search"}
     tiny_recipe.write_text(yaml.safe_dump(data))
