@@ -43,6 +43,13 @@ def report_figures(path):
     path.write_bytes(png_bytes(per_source_figure(metrics, rows)) + png_bytes(cost_vs_score_figure(metrics, rows)))
 
 
+def report_cells(path):  # past BARS_UP_TO models the per-source figure is a grid of cells
+    from loradem.evaluate.report import per_source_figure
+
+    rows = [{"name": f"m{i}", "per_source": {"add": i / 20, "rev": 2.0 + i}} for i in range(20)]
+    path.write_bytes(png_bytes(per_source_figure({"add": "exact_match", "rev": "loss"}, rows)))
+
+
 def training_curve(path):
     from loradem.train.sft import plot_curve
 
@@ -68,7 +75,7 @@ def search_plots(path):
     plot_importances(study, importances, path.with_name("importances.png"), "importances")
 
 
-@pytest.mark.parametrize("draw", [own_figure, heatmap, report_figures, training_curve, learning, search_plots])
+@pytest.mark.parametrize("draw", [own_figure, heatmap, report_figures, report_cells, training_curve, learning, search_plots])
 def test_plotting_leaves_the_users_rcparams_as_they_were(tmp_path, draw):
     matplotlib.get_backend()  # matplotlib's own once-per-process choice (made when pyplot is first imported), not a style
     with matplotlib.rc_context(USER):
@@ -96,3 +103,25 @@ def test_the_style_is_the_figures_own(tmp_path):
         theirs = Figure().subplots()
         assert theirs.title.get_fontsize() == matplotlib.font_manager.FontProperties(size="large").get_size_in_points()
         assert not theirs.xaxis.get_gridlines()[0].get_visible() and theirs.spines["top"].get_visible()
+
+
+def test_per_source_draws_bars_for_a_few_models_and_a_grid_of_values_for_many():
+    from loradem.evaluate.report import BARS_UP_TO, per_source_figure
+
+    metrics = {"add": "exact_match", "rev": "exact_match", "txt": "loss"}
+    rows = [{"name": f"m{i}", "per_source": {"add": i / 20, "rev": 1 - i / 20, "txt": 2.0 + i}} for i in range(BARS_UP_TO + 1)]
+    rows[3]["per_source"]["rev"] = None  # a source this model was not scored on: an empty cell, not a zero
+
+    few = per_source_figure(metrics, rows[:BARS_UP_TO])
+    assert [len(ax.patches) for ax in few.axes if ax.patches] == [2 * BARS_UP_TO - 1, BARS_UP_TO]
+
+    many = per_source_figure(metrics, rows)
+    match, loss = [ax for ax in many.axes if ax.images]
+    expected = np.array([[100 * r["per_source"]["add"], np.nan if r["per_source"]["rev"] is None else 100 * r["per_source"]["rev"]]
+                         for r in rows])
+    np.testing.assert_array_equal(np.asarray(match.images[0].get_array().filled(np.nan)), expected)
+    np.testing.assert_array_equal(np.asarray(loss.images[0].get_array()).ravel(), [r["per_source"]["txt"] for r in rows])
+    assert [t.get_text() for t in match.get_yticklabels()] == [r["name"] for r in rows]
+    assert [t.get_text() for t in match.get_xticklabels()] == ["add", "rev"]
+    labels = [t.get_text() for t in match.texts]
+    assert len(labels) == 2 * len(rows) - 1 and labels[:2] == ["0.0", "100.0"]

@@ -21,7 +21,7 @@ name under "recipe", each source's metric, the rows, and `extra`), report.md
 merge against the best mix when there is a mix row (`against_mix`), the
 searched weights, the facts in `extra`, the lm-eval
 benchmarks when any row has them, the command that reproduces the run),
-per_source.png (grouped bars of each source's metric per model),
+per_source.png (each source's metric per model: grouped bars, or a grid of cells past 12 models),
 cost_vs_score.png (average score against total cost, one labelled point per
 model) and, when there is a mix row and retention, against_mix.png (in-domain
 average against KL to the base, the goal's corner shaded). report.md is a view of report.json: everything it prints is in the
@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from loradem.errors import LorademError
 from loradem.evaluate.against_mix import against_mix, against_mix_figure, against_mix_lines, is_single_adapter
@@ -354,10 +356,17 @@ def markdown(run_name: str, metrics: dict[str, str], rows: list[dict], *, extra:
 
 # ---- figures --------------------------------------------------------------------
 
+BARS_UP_TO = 12  # models; past this one bar per model and source is too thin to read, so each value is a cell
+
+
 @styled
 def per_source_figure(metrics: dict[str, str], rows: list[dict]):
-    """Grouped bars, one panel per metric kind present: x = source, one bar per model."""
+    """One panel per metric kind present. Up to BARS_UP_TO models: grouped bars, x = source, one bar per model.
+    More (a recipe with variants has dozens): a grid of cells, one row per model and one column per source,
+    each cell coloured and labelled by its value."""
     kinds = [k for k in ("exact_match", "loss") if k in metrics.values()]
+    if len(rows) > BARS_UP_TO:
+        return _per_source_cells(metrics, rows, kinds)
     fig = figure(max(6.4, 2.0 + 0.35 * len(metrics) * len(rows)) + 1.8, 3.4 * len(kinds))
     for panel, kind in enumerate(kinds, start=1):
         ax = fig.add_subplot(len(kinds), 1, panel)
@@ -374,6 +383,35 @@ def per_source_figure(metrics: dict[str, str], rows: list[dict]):
         if kind == "exact_match":
             ax.set_ylim(0, 100)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def _per_source_cells(metrics: dict[str, str], rows: list[dict], kinds: list[str]):
+    columns = {kind: [s for s, m in metrics.items() if m == kind] for kind in kinds}
+    height = 1.2 + 0.24 * len(rows)
+    fig = figure(3.0 + sum(0.9 * len(c) + 1.2 for c in columns.values()), height)
+    panels = fig.subplots(1, len(kinds), squeeze=False, width_ratios=[len(columns[k]) for k in kinds])[0]
+    for ax, kind in zip(panels, kinds):
+        scale = 100.0 if kind == "exact_match" else 1.0
+        grid = np.array([[np.nan if row["per_source"][s] is None else scale * row["per_source"][s]
+                          for s in columns[kind]] for row in rows], dtype=float)
+        low, high = (0.0, 100.0) if kind == "exact_match" else (np.nanmin(grid), np.nanmax(grid))
+        # brighter is better for both kinds: exact match up, loss down
+        image = ax.imshow(grid, aspect="auto", cmap="viridis" if kind == "exact_match" else "viridis_r",
+                          vmin=low, vmax=high if high > low else low + 1.0)
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                bright = (value - low) / ((high - low) or 1.0)
+                if kind != "exact_match":
+                    bright = 1.0 - bright
+                ax.text(j, i, f"{value:.1f}" if kind == "exact_match" else f"{value:.3g}", ha="center", va="center",
+                        fontsize="x-small", color="black" if bright > 0.6 else "white")
+        ax.set_xticks(range(len(columns[kind])), columns[kind])
+        ax.xaxis.tick_top()
+        ax.set_yticks(range(len(rows)), [row["name"] for row in rows] if ax is panels[0] else [])
+        ax.grid(False)
+        ax.set_title("exact match (%)" if kind == "exact_match" else "loss (lower is better)")
+        fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
     return fig
 
 
