@@ -1,5 +1,5 @@
 # loradem — two commands do everything on a fresh machine:
-#   make demo   set up, then run recipes/demo.yaml on the embedded SmolLM2-135M (69 min on 2 idle AVX2 CPU cores)
+#   make demo   set up, then run recipes/demo.yaml on the embedded SmolLM2-135M (26 min on 2 idle AMX Xeon cores, 2-4x that on AVX2 EPYCs)
 #   make test   set up, then run the test suite (tiny models built locally; no network but PyPI)
 
 PYTHON ?= python3

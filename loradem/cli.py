@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run recipes/demo.yaml on the embedded SmolLM2-135M base",
                        description="Equivalent to `loradem run recipes/demo.yaml` (three generated "
-                       "exact-match tasks on the embedded SmolLM2-135M-Instruct, with the data-mixing baseline; measured 69 min on "
-                       "2 CPU cores).")
+                       "exact-match tasks on the embedded SmolLM2-135M-Instruct, with the data-mixing baseline; measured 26 min on "
+                       "2 CPU cores with AMX, 2-4x that on AVX2-only ones).")
     p.add_argument("--recipe", default=DEMO_RECIPE, help="demo recipe (default: %(default)s, from the working directory "
                    "or else the loradem checkout; outputs go to ./runs/ and ./adapters/)")
     p.add_argument("--rescore", action="store_true", help=RESCORE_HELP)
