@@ -62,6 +62,21 @@ def figure(width: float = 6.4, height: float = 4.0):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def labelled_cells(ax, values, label, *, fontsize="small", **imshow):
+    """`values` (2-D, NaN for none) as a grid of coloured cells on `ax`, each finite one labelled `label(value)` in
+    black or white, whichever reads on its colour; `imshow` goes to Axes.imshow (cmap, vmin, vmax). Returns the image."""
+    import numpy as np
+
+    ax.grid(False)  # grid lines would cut through the cells
+    image = ax.imshow(values, **imshow)
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            red, green, blue, _ = image.cmap(image.norm(value))
+            ax.text(j, i, label(value), ha="center", va="center", fontsize=fontsize,
+                    color="black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white")
+    return image
+
+
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     with style():

@@ -41,7 +41,7 @@ from loradem.errors import LorademError
 from loradem.evaluate.against_mix import against_mix, against_mix_figure, against_mix_lines, is_single_adapter
 from loradem.files import atomic_write_files, json_text
 from loradem.machine import summary as machine_summary
-from loradem.plots import figure, png_bytes, styled
+from loradem.plots import figure, labelled_cells, png_bytes, styled
 from loradem.recipe import format_overrides
 
 AGAINST_MIX_PNG = "against_mix.png"
@@ -395,21 +395,14 @@ def _per_source_cells(metrics: dict[str, str], rows: list[dict], kinds: list[str
         scale = 100.0 if kind == "exact_match" else 1.0
         grid = np.array([[np.nan if row["per_source"][s] is None else scale * row["per_source"][s]
                           for s in columns[kind]] for row in rows], dtype=float)
-        low, high = (0.0, 100.0) if kind == "exact_match" else (np.nanmin(grid), np.nanmax(grid))
         # brighter is better for both kinds: exact match up, loss down
-        image = ax.imshow(grid, aspect="auto", cmap="viridis" if kind == "exact_match" else "viridis_r",
-                          vmin=low, vmax=high if high > low else low + 1.0)
-        for (i, j), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                bright = (value - low) / ((high - low) or 1.0)
-                if kind != "exact_match":
-                    bright = 1.0 - bright
-                ax.text(j, i, f"{value:.1f}" if kind == "exact_match" else f"{value:.3g}", ha="center", va="center",
-                        fontsize="x-small", color="black" if bright > 0.6 else "white")
+        match = kind == "exact_match"
+        image = labelled_cells(ax, grid, "{:.1f}".format if match else "{:.3g}".format, fontsize="x-small",
+                               aspect="auto", cmap="viridis" if match else "viridis_r",
+                               **({"vmin": 0.0, "vmax": 100.0} if match else {}))
         ax.set_xticks(range(len(columns[kind])), columns[kind])
         ax.xaxis.tick_top()
         ax.set_yticks(range(len(rows)), [row["name"] for row in rows] if ax is panels[0] else [])
-        ax.grid(False)
         ax.set_title("exact match (%)" if kind == "exact_match" else "loss (lower is better)")
         fig.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
     return fig

@@ -28,7 +28,7 @@ import torch
 
 from loradem.errors import LorademError
 from loradem.model.base import resolve_base
-from loradem.plots import figure, save_png, styled
+from loradem.plots import figure, labelled_cells, save_png, styled
 from loradem.vectors.checkpoint import read_base, tied_pairs
 from loradem.vectors.lora import LoadedAdapter, load_adapter
 
@@ -210,15 +210,10 @@ def save_heatmap(names: Sequence[str], matrix: np.ndarray, path: str | Path, tit
     size = 1.2 + 0.9 * len(names)
     fig = figure(size + 1.5, size)
     ax = fig.add_subplot()
-    ax.grid(False)  # grid lines would cut through the cells
-    image = ax.imshow(values, cmap="viridis")
+    image = labelled_cells(ax, values, "{:.2f}".format, fontsize=9, cmap="viridis")
     fig.colorbar(image, ax=ax)
     ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), labels=names)
-    finite = values[np.isfinite(values)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="black" if v > middle else "white", fontsize=9)
     ax.set_title(title)
     path = Path(path)
     save_png(fig, path)
